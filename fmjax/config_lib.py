@@ -1,0 +1,123 @@
+"""Config helpers: variant parsing (`configs/x.py:k=v,flag`), the base config every stage extends, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from fmjax import sharding
+from fmjax.model import config as model_config
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `k=v,k2=v2,flag` into a ConfigDict typed by `defaults`; a bare word sets a bool to True.
+
+  An unknown key is an error that lists the known ones.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config variant {key!r} is unknown; known variants: {sorted(defaults)}.")
+    default = defaults[key]
+    if not eq:
+      if not isinstance(default, bool):
+        raise ValueError(f"config variant {key!r} needs a value: {key}=...")
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes", "on")
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def base() -> ml_collections.ConfigDict:
+  """Every section and key a stage may set. Stages change values; keys not listed here are errors."""
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "small"  # preset (fmjax/model/config.py); the fields below override it when set
+  for f in dataclasses.fields(model_config.ModelConfig):
+    c.model[f.name] = config_dict.placeholder(type(f.default))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "embedded:prose"  # where training text comes from
+  c.data.tokenizer = "bytes"  # tokenizer name
+  c.data.seed = 0  # document order
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.name = "lm"  # loss head (fmjax/objectives)
+  c.objective.z_loss = 0.0  # weight of logsumexp(logits)² (PaLM uses 1e-4)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 3e-4  # peak learning rate
+  c.optimizer.schedule = "cosine"  # cosine | wsd | constant, after a linear warmup
+  c.optimizer.warmup_steps = 100
+  c.optimizer.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio
+  c.optimizer.decay_fraction = 0.2  # wsd: fraction of post-warmup steps spent decaying
+  c.optimizer.decay_shape = "sqrt"  # wsd: linear | sqrt (1 - sqrt)
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.no_decay_regex = r"(norm|bias)"  # parameter paths without weight decay
+  c.optimizer.clip_norm = 1.0  # global-norm clipping; 0 = off
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 2000  # total optimizer steps
+  c.train.batch_size = 8  # global batch (sequences per step, over all devices and micro-batches)
+  c.train.seq_len = 256  # tokens per sequence
+  c.train.grad_accum = 1  # micro-batches per step
+  c.train.seed = 0  # parameter init and step rng
+  c.train.skip_nonfinite = False  # True: skip a step whose loss/grad is NaN/inf; False: stop with an error
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # within-slice sizes; -1 = fill
+  c.mesh.dcn_data, c.mesh.dcn_fsdp, c.mesh.dcn_tensor = -1, 1, 1  # across-slice sizes
+  c.mesh.rules = sharding.DEFAULT_RULES  # logical axis -> mesh axes; first match wins
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500  # save period in steps
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every_steps = 10  # metrics.jsonl / TensorBoard / console period
+  c.log.peak_flops = 0.0  # peak FLOP/s per device for MFU; 0 = device table, or a matmul probe on CPU
+  return c
+
+
+def resolved_model(config: ml_collections.ConfigDict) -> model_config.ModelConfig:
+  """The preset named by `config.model.name` with every explicitly set `config.model.*` field applied."""
+  overrides = {k: v for k, v in config.model.items() if k != "name"}
+  return model_config.resolve(config.model.name, overrides)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails at start, naming the key and the fix, on combinations that cannot run."""
+  t = config.train
+  if t.steps <= 0:
+    raise ValueError(f"train.steps={t.steps} must be positive.")
+  if t.grad_accum <= 0 or t.batch_size % t.grad_accum:
+    raise ValueError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}.")
+  if t.seq_len <= 0:
+    raise ValueError(f"train.seq_len={t.seq_len} must be positive.")
+  if config.log.every_steps <= 0:
+    raise ValueError(f"log.every_steps={config.log.every_steps} must be positive.")
+
+
+def check_batch(config: ml_collections.ConfigDict, batch_shards: int) -> None:
+  """The micro-batch must split evenly over the data × fsdp devices."""
+  micro = config.train.batch_size // config.train.grad_accum
+  if micro % batch_shards:
+    raise ValueError(f"the micro-batch train.batch_size/train.grad_accum = {micro} must be divisible by the "
+                     f"data×fsdp mesh size {batch_shards}; change train.batch_size, train.grad_accum or mesh.*.")
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy with the model section filled in from its preset (what `config.json` records)."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  for k, v in dataclasses.asdict(resolved_model(config)).items():
+    out.model[k] = v
+  return out

@@ -1,0 +1,97 @@
+"""Model hyper-parameters and named presets.
+
+A preset fixes a model's shape; `resolve` applies explicit overrides on top of it. Shapes of the Llama and Qwen
+presets match their Hugging Face checkpoints one to one, so imported weights map without reshaping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a Llama-family decoder."""
+
+  vocab_size: int = 512  # rows of the embedding; >= the tokenizer's vocabulary
+  d_model: int = 64  # residual stream width
+  num_layers: int = 2  # decoder blocks
+  num_heads: int = 4  # query heads
+  num_kv_heads: int = 2  # key/value heads (grouped-query attention); divides num_heads
+  head_dim: int = 16  # width of one head (Qwen3 sets it independently of d_model)
+  mlp_dim: int = 192  # SwiGLU hidden width
+  rope_theta: float = 10_000.0  # RoPE base period
+  rope_scaling_factor: float = 0.0  # Llama-3 frequency scaling factor; 0 = off
+  rope_low_freq_factor: float = 1.0  # Llama-3 scaling: wavelengths above orig/low are divided by factor
+  rope_high_freq_factor: float = 4.0  # Llama-3 scaling: wavelengths below orig/high are kept
+  rope_original_max_len: int = 8192  # Llama-3 scaling: pre-training context length
+  norm_eps: float = 1e-5  # RMSNorm epsilon
+  qkv_bias: bool = False  # bias on q/k/v projections (Qwen2)
+  qk_norm: bool = False  # RMSNorm on queries and keys per head (Qwen3)
+  tie_embeddings: bool = False  # unembedding = embedding transposed
+  init_std: float = 0.02  # normal init scale; output projections are further scaled by 1/sqrt(2 * num_layers)
+  dtype: str = "float32"  # compute dtype of activations and matmuls (logits and softmax are always float32)
+  param_dtype: str = "float32"  # storage dtype of parameters
+  scan_layers: bool = True  # nn.scan over blocks: compile time flat in depth
+  remat: str = "none"  # rematerialisation policy: none | full | dots | dots_no_batch
+  attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
+
+  def validate(self) -> "ModelConfig":
+    """Raises ValueError naming the field when the shape is impossible."""
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads="
+                       f"{self.num_kv_heads} (grouped-query attention); change one of them.")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r} is not one of {REMAT_POLICIES}.")
+    if self.attention_impl not in ("xla", "cudnn"):
+      raise ValueError(f"model.attention_impl={self.attention_impl!r}: use 'xla' (any device) or 'cudnn' (GPU).")
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model.{name}={getattr(self, name)} must be positive.")
+    return self
+
+
+_LLAMA3 = dict(vocab_size=128_256, rope_theta=500_000.0, rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+               rope_high_freq_factor=4.0, rope_original_max_len=8192, head_dim=128)
+_QWEN = dict(vocab_size=151_936, rope_theta=1_000_000.0, norm_eps=1e-6, tie_embeddings=True)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tiny: tests and `:smoke` runs.
+    "smoke": ModelConfig(),
+    # ~34M parameters: the CPU default and the fixed benchmark shape.
+    "small": ModelConfig(vocab_size=8192, d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
+                         mlp_dim=1536),
+    # ~125M (GPT-3 Small width/depth, Llama blocks).
+    "125m": ModelConfig(vocab_size=32_000, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64,
+                        mlp_dim=2048),
+    # Llama-3.2-1B.
+    "1b": ModelConfig(**{**_LLAMA3, "rope_scaling_factor": 32.0, "head_dim": 64}, d_model=2048, num_layers=16,
+                      num_heads=32, num_kv_heads=8, mlp_dim=8192, tie_embeddings=True),
+    # Llama-3.1-8B.
+    "llama3_8b": ModelConfig(**_LLAMA3, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, mlp_dim=14_336),
+    # Llama-3.1-70B.
+    "llama3_70b": ModelConfig(**_LLAMA3, d_model=8192, num_layers=80, num_heads=64, num_kv_heads=8, mlp_dim=28_672),
+    # Qwen2.5-0.5B: QKV bias, tied embeddings.
+    "qwen2_0_5b": ModelConfig(**_QWEN, d_model=896, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
+                              mlp_dim=4864, qkv_bias=True),
+    # Qwen3-0.6B: QK-norm, head_dim independent of d_model.
+    "qwen3_0_6b": ModelConfig(**_QWEN, d_model=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                              mlp_dim=3072, qk_norm=True),
+}
+
+
+def resolve(name: str, overrides: Mapping[str, Any] | None = None) -> ModelConfig:
+  """Returns preset `name` with every non-None value of `overrides` applied, validated."""
+  if name not in PRESETS:
+    raise ValueError(f"model.name={name!r} is not a preset; choose one of {sorted(PRESETS)}.")
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"model.{unknown[0]} is not a model field; known fields: {sorted(fields)}.")
+  return dataclasses.replace(PRESETS[name], **overrides).validate()

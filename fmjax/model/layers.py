@@ -1,0 +1,134 @@
+"""Decoder building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Every parameter carries logical axis names and activations get logical sharding constraints; mesh axes never appear
+here (rules in the config map logical names to mesh axes). Shapes are in names: `x_BxTxD`, `q_BxTxNxH`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fmjax.model.config import ModelConfig
+
+constrain = nn.with_logical_constraint
+ACT_BTD = ("act_batch", "act_len", "act_embed")
+
+
+def dense_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
+                std: float | None = None) -> jax.Array:
+  """A normally initialised kernel with logical axes, cast to the compute dtype."""
+  init = nn.initializers.normal(cfg.init_std if std is None else std)
+  w = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+  return w.astype(cfg.dtype)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm over the last axis, computed in float32."""
+
+  eps: float
+  dtype: str
+  param_dtype: str
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                       (x.shape[-1],), jnp.dtype(self.param_dtype))
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies [head_dim/2], with Llama-3 wavelength-dependent scaling when enabled."""
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+  if cfg.rope_scaling_factor <= 0:
+    return inv_freq
+  wavelen = 2 * math.pi / inv_freq
+  low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+  high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+  smooth = ((cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor)
+            / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+  mid = (1 - smooth) * inv_freq / cfg.rope_scaling_factor + smooth * inv_freq
+  out = jnp.where(wavelen > low_wavelen, inv_freq / cfg.rope_scaling_factor, inv_freq)
+  return jnp.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), mid, out)
+
+
+def rope_tables(positions_BxT: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """(sin, cos) [B,T,head_dim/2] in float32 for the given absolute positions."""
+  angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+  return jnp.sin(angles_BxTxF), jnp.cos(angles_BxTxF)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, sin_BxTxF: jax.Array, cos_BxTxF: jax.Array) -> jax.Array:
+  """Rotates halves (Hugging Face / Llama layout: pairs are (i, i + H/2)), in float32."""
+  x = x_BxTxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  sin, cos = sin_BxTxF[:, :, None, :], cos_BxTxF[:, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+  """[B,1,T,T] bool: query t sees key s iff s <= t and both lie in the same segment."""
+  T = segment_ids_BxT.shape[1]
+  causal_TxT = jnp.tril(jnp.ones((T, T), dtype=jnp.bool_))
+  same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+  return (same_BxTxT & causal_TxT)[:, None, :, :]
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE, optional QKV bias and QK-norm."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, mask_Bx1xTxT: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    wq = dense_param(self, "q_kernel", (D, N, H), ("embed", "heads", "head_dim"), cfg)
+    wk = dense_param(self, "k_kernel", (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
+    wv = dense_param(self, "v_kernel", (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
+    wo = dense_param(self, "o_kernel", (N, H, D), ("heads", "head_dim", "embed"), cfg,
+                     std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
+    q_BxTxNxH = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, wq)
+    k_BxTxKxH = jnp.einsum("BTD,DKH->BTKH", x_BxTxD, wk)
+    v_BxTxKxH = jnp.einsum("BTD,DKH->BTKH", x_BxTxD, wv)
+    if cfg.qkv_bias:
+      zeros = nn.initializers.zeros
+      bias = lambda name, shape, axes: self.param(  # noqa: E731
+          name, nn.with_logical_partitioning(zeros, axes), shape, jnp.dtype(cfg.param_dtype)).astype(cfg.dtype)
+      q_BxTxNxH += bias("q_bias", (N, H), ("heads", "head_dim"))
+      k_BxTxKxH += bias("k_bias", (K, H), ("kv_heads", "head_dim"))
+      v_BxTxKxH += bias("v_bias", (K, H), ("kv_heads", "head_dim"))
+    if cfg.qk_norm:
+      q_BxTxNxH = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, "head_dim", name="q_norm")(q_BxTxNxH)
+      k_BxTxKxH = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, "head_dim", name="k_norm")(k_BxTxKxH)
+    q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, sin, cos), ("act_batch", "act_len", "act_heads", None))
+    k_BxTxKxH = constrain(apply_rope(k_BxTxKxH, sin, cos), ("act_batch", "act_len", "act_kv_heads", None))
+    v_BxTxKxH = constrain(v_BxTxKxH, ("act_batch", "act_len", "act_kv_heads", None))
+    out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT,
+                                               scale=1.0 / math.sqrt(H), implementation=cfg.attention_impl)
+    return constrain(jnp.einsum("BTNH,NHD->BTD", out_BxTxNxH, wo), ACT_BTD)
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x))."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    D, F = cfg.d_model, cfg.mlp_dim
+    w_gate = dense_param(self, "gate_kernel", (D, F), ("embed", "mlp"), cfg)
+    w_up = dense_param(self, "up_kernel", (D, F), ("embed", "mlp"), cfg)
+    w_down = dense_param(self, "down_kernel", (F, D), ("mlp", "embed"), cfg,
+                         std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
+    h_BxTxF = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x_BxTxD, w_gate)) * jnp.einsum("BTD,DF->BTF", x_BxTxD, w_up)
+    h_BxTxF = constrain(h_BxTxF, ("act_batch", "act_len", "act_mlp"))
+    return constrain(jnp.einsum("BTF,FD->BTD", h_BxTxF, w_down), ACT_BTD)

@@ -1,0 +1,36 @@
+"""`lm`: next-token cross-entropy for pre-training and continuous pre-training, with optional z-loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fmjax.objectives.base import LossContext, LossOutput
+
+
+def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(negative log-likelihood, log-partition) per token, in float32."""
+  logits = logits_BxTxV.astype(jnp.float32)
+  logz_BxT = jax.nn.logsumexp(logits, axis=-1)
+  target_logit_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+  return logz_BxT - target_logit_BxT, logz_BxT
+
+
+def make(objective_cfg: Any):
+  """Returns loss(params, batch, ctx) -> (loss_sum, weight, metric_sums)."""
+  z_loss = float(objective_cfg.z_loss)
+
+  def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
+    logits = ctx.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"])
+    nll_BxT, logz_BxT = token_nll(logits, batch["targets"])
+    mask_BxT = batch["loss_mask"].astype(jnp.float32)
+    nll_sum = jnp.sum(nll_BxT * mask_BxT)
+    z_sum = jnp.sum(jnp.square(logz_BxT) * mask_BxT)
+    metrics = {"nll": nll_sum}
+    if z_loss:
+      metrics["z_loss"] = z_sum
+    return nll_sum + z_loss * z_sum, jnp.sum(mask_BxT), metrics
+
+  return loss

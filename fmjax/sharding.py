@@ -1,0 +1,109 @@
+"""Device mesh and logical-axis sharding.
+
+The mesh has axes (data, fsdp, tensor); each has a within-slice (ICI) size and an across-slice (DCN) size, and one
+size per group may be -1 to take the remaining devices. Model code names logical axes only; `config.mesh.rules` maps
+them to mesh axes, so a change of parallelism is a change of config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Parameters: FSDP over the embedding dimension, tensor parallelism over heads / MLP / vocabulary.
+# Activations: batch over data × fsdp, the tensor-parallel dimension over tensor.
+DEFAULT_RULES = (
+    ("act_batch", BATCH_AXES),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def _fill(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
+  sizes = list(sizes)
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh: at most one {what} size may be -1 (fill), got {sizes}.")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if total % known:
+      raise ValueError(f"mesh: {what} sizes {sizes} cannot fill {total} devices; make {total} divisible by {known}.")
+    sizes[sizes.index(-1)] = total // known
+  if math.prod(sizes) != total:
+    raise ValueError(f"mesh: {what} sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices but "
+                     f"{total} are available; set one of them to -1 to fill.")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the (data, fsdp, tensor) mesh from `mesh_cfg` (ICI sizes and dcn_* sizes)."""
+  devices = list(devices if devices is not None else jax.devices())
+  num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+  dcn = _fill([mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, mesh_cfg.dcn_tensor], num_slices, "dcn")
+  ici = _fill([mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor], len(devices) // num_slices, "ici")
+  if num_slices > 1:
+    arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  elif devices[0].platform == "tpu":
+    arr = mesh_utils.create_device_mesh(ici, devices)
+  else:
+    arr = np.asarray(devices).reshape(ici)
+  return Mesh(arr, MESH_AXES)
+
+
+def fit_spec(shape: Sequence[int], spec: P, mesh: Mesh, name: str = "") -> P:
+  """Drops mesh axes that do not divide their dimension (that dimension is then replicated), with a warning."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    if names and dim % size:
+      logging.warning("sharding: %s dimension %d is not divisible by mesh axes %s (size %d); replicating it.",
+                      name or "array", dim, names, size)
+      axes = None
+    out.append(axes)
+  return P(*out)
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+  """NamedShardings for a tree of abstract, logically-partitioned Flax variables (unboxed structure)."""
+  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), rules)
+  shapes = nn.unbox(abstract_boxed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x, s: NamedSharding(mesh, fit_spec(x.shape, s, mesh, jax.tree_util.keystr(path))),
+      shapes, specs, is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (global batch) axis over data × fsdp; the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's rows into global arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

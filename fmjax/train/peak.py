@@ -1,0 +1,51 @@
+"""Peak FLOP/s of the devices a run uses: a table for accelerators, a short matmul probe for CPUs."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak per chip (vendor figures), matched against `device.device_kind` in order.
+PEAK_FLOPS_PER_CHIP = (
+    ("TPU v6 lite", 918e12),  # v6e (Trillium)
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),  # v5p reports "TPU v5" on some runtimes
+    ("TPU v4", 275e12),
+    ("H200", 989e12),
+    ("H100", 989e12),  # SXM
+    ("A100", 312e12),
+)
+
+
+def cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """Best FLOP/s of a jitted float32 n³ matmul on the default device: the CPU's practical ceiling.
+
+  Virtual CPU devices (--xla_force_host_platform_device_count) share the same cores, so this figure is the peak of
+  the whole host, not of one virtual device.
+  """
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best
+
+
+def total_peak_flops(devices: list, configured_per_device: float = 0.0) -> tuple[float, str]:
+  """(peak FLOP/s of all `devices` together, where the figure came from)."""
+  if configured_per_device > 0:
+    per = configured_per_device
+    return (per if devices[0].platform == "cpu" else per * len(devices)), "configured"
+  if devices[0].platform == "cpu":
+    return cpu_matmul_peak(), "measured f32 matmul probe"
+  kind = devices[0].device_kind
+  for key, peak in PEAK_FLOPS_PER_CHIP:
+    if key in kind:
+      return peak * len(devices), f"table ({key})"
+  return 0.0, f"unknown device kind {kind!r}: set log.peak_flops to get MFU"
