@@ -53,6 +53,7 @@ def base() -> ml_collections.ConfigDict:
   c.objective.z_loss = 0.0  # weight of logsumexp(logits)² (PaLM uses 1e-4)
 
   c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"  # adamw | sgd
   c.optimizer.lr = 3e-4  # peak learning rate
   c.optimizer.schedule = "cosine"  # cosine | wsd | constant, after a linear warmup
   c.optimizer.warmup_steps = 100
@@ -121,3 +122,17 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for k, v in dataclasses.asdict(resolved_model(config)).items():
     out.model[k] = v
   return out
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:variant]` the way `--config` does, for tools and tests."""
+  import importlib.util
+  import os
+
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist (expected e.g. configs/pretrain.py).")
+  module_spec = importlib.util.spec_from_file_location(f"fmjax_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

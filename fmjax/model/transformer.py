@@ -69,3 +69,10 @@ class Transformer(nn.Module):
                               preferred_element_type=jnp.float32)
     logits_BxTxV = constrain(logits_BxTxV, ("act_batch", "act_len", "act_vocab"))
     return (logits_BxTxV, h_BxTxD) if return_hidden else logits_BxTxV
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, boxed: bool = False):
+  """Fresh parameters: a plain pytree, or with `boxed` the logically-partitioned Flax boxes (for shardings)."""
+  dummy = jnp.ones((1, 1), jnp.int32)
+  params = Transformer(cfg).init(rng, dummy, dummy, jnp.zeros_like(dummy))["params"]
+  return params if boxed else nn.unbox(params)

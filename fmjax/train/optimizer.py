@@ -53,8 +53,16 @@ def decay_mask(params: Any, no_decay_regex: str) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: not (pattern and pattern.search(path_str(p))), params)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def make_optimizer(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """Global-norm clipping (when `opt.clip_norm` > 0) followed by AdamW with a decay mask."""
-  adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                      mask=lambda p: decay_mask(p, opt.no_decay_regex))
-  return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw) if opt.clip_norm > 0 else adamw
+  """Global-norm clipping (when `opt.clip_norm` > 0), then AdamW (or plain SGD) with masked decoupled weight decay."""
+  mask = lambda p: decay_mask(p, opt.no_decay_regex)  # noqa: E731
+  if opt.name == "adamw":
+    core = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=mask)
+  elif opt.name == "sgd":
+    core = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask), optax.sgd(schedule))
+  else:
+    raise ValueError(f"optimizer.name={opt.name!r} is not one of {OPTIMIZERS}.")
+  return optax.chain(optax.clip_by_global_norm(opt.clip_norm), core) if opt.clip_norm > 0 else core

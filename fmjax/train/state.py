@@ -12,6 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from fmjax import sharding
+from fmjax.model import init_params
 
 
 @flax.struct.dataclass
@@ -23,18 +24,12 @@ class TrainState:
   frozen: Any = flax.struct.field(default_factory=dict)  # frozen trees: reference policy, teacher, LoRA base
 
 
-def abstract_params(model: nn.Module, rng: jax.Array) -> Any:
-  """Boxed (logically partitioned) abstract parameters of `model`."""
-  dummy = jnp.ones((1, 1), jnp.int32)
-  return jax.eval_shape(lambda r: model.init(r, dummy, dummy, jnp.zeros_like(dummy))["params"], rng)
-
-
 def create(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int
            ) -> tuple[TrainState, TrainState]:
   """(state, state shardings): params and optimizer state are initialised directly into their shards."""
   rng = jax.random.PRNGKey(seed)
   init_rng, state_rng = jax.random.split(rng)
-  boxed = abstract_params(model, init_rng)
+  boxed = jax.eval_shape(lambda r: init_params(model.cfg, r, boxed=True), init_rng)
   param_sh = sharding.logical_shardings(boxed, mesh, rules)
   opt_abstract = jax.eval_shape(tx.init, nn.unbox(boxed))
   repl = sharding.replicated(mesh)
@@ -42,8 +37,7 @@ def create(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules
   shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl, frozen={})
 
   def init(r):
-    dummy = jnp.ones((1, 1), jnp.int32)
-    params = nn.unbox(model.init(r, dummy, dummy, jnp.zeros_like(dummy))["params"])
+    params = init_params(model.cfg, r)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
 
   return jax.jit(init, out_shardings=shardings)(init_rng), shardings

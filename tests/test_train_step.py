@@ -1,0 +1,85 @@
+"""The sharded train step: same numbers on 1 and 8 devices, accumulation = full batch, skip of non-finite steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax import config_lib
+from fmjax.train import experiment
+
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
+
+
+def make_config(repo, mesh=(1, 1, 1), grad_accum=1, optimizer="sgd"):
+  c = config_lib.load(f"{repo}/configs/pretrain.py:smoke")
+  c.train.seq_len, c.train.batch_size, c.train.grad_accum = 32, 8, grad_accum
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+  c.optimizer.name, c.optimizer.schedule, c.optimizer.warmup_steps = optimizer, "constant", 0
+  if optimizer == "sgd":  # new params = old - grads: comparing params compares raw gradients
+    c.optimizer.lr, c.optimizer.clip_norm, c.optimizer.weight_decay = 1.0, 0.0, 0.0
+  return c
+
+
+def one_step(config, devices):
+  exp = experiment.build(config, devices=devices)
+  before = jax.device_get(exp.state.params)
+  state, metrics = exp.step_fn(exp.state, exp.next_batch())
+  return before, jax.device_get(state.params), jax.device_get(metrics), state
+
+
+def rel_err(a, b):
+  a, b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(a)]), np.concatenate(
+      [np.ravel(x) for x in jax.tree.leaves(b)])
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.fixture(scope="module")
+def single_device(repo):
+  return one_step(make_config(repo), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
+def test_step_matches_single_device(repo, single_device, mesh):
+  before1, after1, m1, _ = single_device
+  before8, after8, m8, state8 = one_step(make_config(repo, mesh), jax.devices())
+  assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state8.params))
+  jax.tree.map(np.testing.assert_array_equal, before8, before1)  # same init, whatever the sharding
+  assert abs(m8["loss"] - m1["loss"]) <= 1e-5 * abs(m1["loss"])
+  grads1 = jax.tree.map(np.subtract, before1, after1)
+  grads8 = jax.tree.map(np.subtract, before8, after8)
+  assert rel_err(grads8, grads1) <= 1e-5
+  assert rel_err(after8, after1) <= 1e-5
+  assert max(np.abs(g).max() for g in jax.tree.leaves(grads1)) > 1e-4  # the step did move the params
+
+
+def test_grad_accumulation_equals_full_batch(repo, single_device):
+  before1, after1, m1, _ = single_device
+  before4, after4, m4, _ = one_step(make_config(repo, (1, 2, 1), grad_accum=4), jax.devices()[:2])
+  assert abs(m4["loss"] - m1["loss"]) <= 1e-5 * abs(m1["loss"])
+  assert m4["tokens"] == m1["tokens"]
+  assert rel_err(jax.tree.map(np.subtract, before4, after4), jax.tree.map(np.subtract, before1, after1)) <= 1e-5
+
+
+def test_adamw_step_is_device_count_invariant(repo):
+  _, after1, m1, _ = one_step(make_config(repo, optimizer="adamw"), jax.devices()[:1])
+  _, after8, m8, _ = one_step(make_config(repo, (2, 2, 2), optimizer="adamw"), jax.devices())
+  assert abs(m8["grad_norm"] - m1["grad_norm"]) <= 1e-5 * m1["grad_norm"]
+  assert rel_err(after8, after1) <= 1e-5
+
+
+def test_nonfinite_step_is_skipped_when_configured():
+  from fmjax.train.step import make_train_step
+  import optax
+
+  params = {"w": jnp.ones(3)}
+  nan_loss = lambda p, batch, ctx: (jnp.sum(p["w"]) * jnp.nan, jnp.float32(1.0), {})  # noqa: E731
+  tx = optax.sgd(0.1)
+  from fmjax.train.state import TrainState
+
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+  new, metrics = jax.jit(make_train_step(nan_loss, None, tx, lambda s: 0.1, skip_nonfinite=True))(state, {})
+  np.testing.assert_array_equal(new.params["w"], params["w"])
+  assert int(metrics["skipped"]) == 1 and int(new.step) == 1
+  new, metrics = jax.jit(make_train_step(nan_loss, None, tx, lambda s: 0.1))(state, {})
+  assert np.isnan(new.params["w"]).all() and int(metrics["skipped"]) == 1  # the loop then stops the run
