@@ -85,7 +85,7 @@ def base() -> ml_collections.ConfigDict:
 
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 10  # metrics.jsonl / TensorBoard / console period
-  c.log.peak_flops = 0.0  # peak FLOP/s per device for MFU; 0 = device table, or a matmul probe on CPU
+  c.log.peak_flops = 0.0  # peak FLOP/s per device (on CPU: of the host) for MFU; 0 = device table / CPU probe
   return c
 
 

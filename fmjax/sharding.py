@@ -91,7 +91,7 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str
   shapes = nn.unbox(abstract_boxed)
   return jax.tree_util.tree_map_with_path(
       lambda path, x, s: NamedSharding(mesh, fit_spec(x.shape, s, mesh, jax.tree_util.keystr(path))),
-      shapes, specs, is_leaf=lambda x: isinstance(x, P) or x is None)
+      shapes, specs)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

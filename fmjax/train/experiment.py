@@ -60,16 +60,15 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
                          grad_accum=config.train.grad_accum, skip_nonfinite=config.train.skip_nonfinite, mesh=mesh)
   jitted = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  exp = Experiment(config, model_cfg, mesh, model, tokenizer, stream, state, shardings, None, 0.0,
-                   train_state.count_params(state.params), flops.train_flops_per_token(model_cfg,
-                                                                                       config.train.seq_len))
   batch_spec = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), v.dtype,
                                         sharding=sharding.batch_sharding(mesh))
                 for k, v in stream.batch(0).items()}
   t0 = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    exp.step_fn = jitted.lower(state, batch_spec).compile()
-  exp.compile_seconds = time.perf_counter() - t0
+    compiled = jitted.lower(state, batch_spec).compile()
+  exp = Experiment(config, model_cfg, mesh, model, tokenizer, stream, state, shardings, compiled,
+                   time.perf_counter() - t0, train_state.count_params(state.params),
+                   flops.train_flops_per_token(model_cfg, config.train.seq_len))
   logging.info("model %s: %s parameters, %.1f MFLOP/token (training); mesh %s; step compiled in %.1fs",
                config.model.name, f"{exp.num_params:,}", exp.flops_per_token / 1e6, dict(mesh.shape),
                exp.compile_seconds)

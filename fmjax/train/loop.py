@@ -36,11 +36,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   tokens_per_step = config.train.batch_size * config.train.seq_len
   every = config.log.every_steps
   skipped = 0
-  window_start, window_steps = time.perf_counter(), 0
-  step_seconds = None
+  window_start, window_steps = 0.0, 0
 
   def finish(step: int, metrics) -> None:
-    nonlocal skipped, window_start, window_steps, step_seconds
+    nonlocal skipped, window_start, window_steps
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     window_steps += 1
     if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
