@@ -23,6 +23,7 @@ def get_config(arg: str | None = None):
     c.optimizer.warmup_steps = 5
     c.log.every_steps = 1
     c.checkpoint.every_steps = 20
+    c.eval.every_steps = 10
   if a.steps:
     c.train.steps = a.steps
   if a.batch:

@@ -83,6 +83,10 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500  # save period in steps
 
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 200  # held-out loss period in steps (and at the last step); 0 = never
+  c.eval.batches = 4  # fixed held-out batches of train.batch_size × train.seq_len
+
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 10  # metrics.jsonl / TensorBoard / console period
   c.log.peak_flops = 0.0  # peak FLOP/s per device (on CPU: of the host) for MFU; 0 = device table / CPU probe
@@ -104,6 +108,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}.")
   if t.seq_len <= 0:
     raise ValueError(f"train.seq_len={t.seq_len} must be positive.")
+  if config.eval.every_steps < 0 or config.eval.batches <= 0:
+    raise ValueError(f"eval.every_steps={config.eval.every_steps} must be >= 0 (0 = never) and eval.batches="
+                     f"{config.eval.batches} positive.")
   if config.log.every_steps <= 0:
     raise ValueError(f"log.every_steps={config.log.every_steps} must be positive.")
 

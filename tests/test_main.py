@@ -1,6 +1,7 @@
 """End to end: `python -m fmjax.main --config=configs/pretrain.py:smoke` as a user runs it."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,6 +25,11 @@ def test_smoke_pretraining_run(repo, tmp_path):
   assert [r["step"] for r in rows] == list(range(1, 31))  # smoke logs every step; the CLI override took effect
   assert all(REQUIRED <= set(r) for r in rows)
   assert rows[-1]["loss"] < 0.9 * rows[0]["loss"]
+  assert all(r["mfu"] <= 1.0 for r in rows)  # a timing window that misses device work would break this
+  evals = [r for r in rows if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [10, 20, 30]
+  assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+  assert abs(evals[-1]["eval_perplexity"] - math.exp(evals[-1]["eval_nll"])) < 1e-3 * evals[-1]["eval_perplexity"]
   assert json.load(open(workdir / "config.json"))["model"]["d_model"] == 64
   assert os.listdir(workdir / "tensorboard")
   assert "tok/s" in proc.stderr and "ETA" in proc.stderr

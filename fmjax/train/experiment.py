@@ -9,9 +9,11 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from fmjax import config_lib, data, objectives, sharding
+from fmjax.objectives import LossContext
 from fmjax.model import ModelConfig, Transformer, flops
 from fmjax.train import optimizer as optim
 from fmjax.train import state as train_state
@@ -32,9 +34,23 @@ class Experiment:
   compile_seconds: float
   num_params: int
   flops_per_token: float
+  eval_fn: Callable | None = None  # compiled (params, batch) -> (loss_sum, weight, metric_sums)
+  eval_batches: list = dataclasses.field(default_factory=list)  # fixed held-out global batches, on device
 
   def next_batch(self) -> dict[str, jax.Array]:
     return sharding.global_batch(next(self.stream), self.mesh)
+
+  def evaluate(self, params) -> dict[str, jax.Array]:
+    """Token-mean held-out loss (and each head metric, and perplexity of the NLL) over the fixed eval batches.
+
+    Returns device scalars, so the caller need not wait for them."""
+    outs = [self.eval_fn(params, b) for b in self.eval_batches]
+    weight = jnp.maximum(sum(o[1] for o in outs), 1.0)
+    result = {"eval_loss": sum(o[0] for o in outs) / weight}
+    for k in outs[0][2]:
+      result[f"eval_{k}"] = sum(o[2][k] for o in outs) / weight
+    result["eval_perplexity"] = jnp.exp(result.get("eval_nll", result["eval_loss"]))
+    return result
 
 
 def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
@@ -56,7 +72,8 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
   state, shardings = train_state.create(model, tx, mesh, rules, config.train.seed)
 
   apply_fn = lambda p, tokens, seg, pos: model.apply({"params": p}, tokens, seg, pos)  # noqa: E731
-  step = make_train_step(objectives.get(config.objective), apply_fn, tx, schedule,
+  loss_fn = objectives.get(config.objective)
+  step = make_train_step(loss_fn, apply_fn, tx, schedule,
                          grad_accum=config.train.grad_accum, skip_nonfinite=config.train.skip_nonfinite, mesh=mesh)
   jitted = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -64,11 +81,18 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
                                         sharding=sharding.batch_sharding(mesh))
                 for k, v in stream.batch(0).items()}
   t0 = time.perf_counter()
+  eval_fn, eval_batches = None, []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = jitted.lower(state, batch_spec).compile()
+    if config.eval.every_steps:
+      eval_batches = [sharding.global_batch(b, mesh)
+                      for b in data.make_eval_batches(config, tokenizer, jax.process_index(), jax.process_count())]
+      eval_step = lambda p, b: loss_fn(p, b, LossContext(apply=apply_fn, frozen=state.frozen))  # noqa: E731
+      eval_fn = jax.jit(eval_step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
+                        out_shardings=sharding.replicated(mesh)).lower(state.params, batch_spec).compile()
   exp = Experiment(config, model_cfg, mesh, model, tokenizer, stream, state, shardings, compiled,
                    time.perf_counter() - t0, train_state.count_params(state.params),
-                   flops.train_flops_per_token(model_cfg, config.train.seq_len))
+                   flops.train_flops_per_token(model_cfg, config.train.seq_len), eval_fn, eval_batches)
   logging.info("model %s: %s parameters, %.1f MFLOP/token (training); mesh %s; step compiled in %.1fs",
                config.model.name, f"{exp.num_params:,}", exp.flops_per_token / 1e6, dict(mesh.shape),
                exp.compile_seconds)

@@ -49,7 +49,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
             "optimizer.warmup_steps, or set train.skip_nonfinite=True to skip such steps.")
       skipped += 1
       logging.warning("step %d: non-finite loss %s, update skipped (%d so far)", step, m["loss"], skipped)
-    if step % every and step != total:
+    if step % every and step != total and "eval_loss" not in m:
       return
     now = time.perf_counter()
     step_seconds = (now - window_start) / window_steps
@@ -68,6 +68,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     state, metrics = exp.step_fn(state, exp.next_batch())
     if pending is not None:
       finish(*pending)
+    if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == total):
+      jax.block_until_ready(metrics)  # the train step's time stays in its throughput window ...
+      t0 = time.perf_counter()
+      metrics = {**metrics, **jax.device_get(exp.evaluate(state.params))}
+      window_start += time.perf_counter() - t0  # ... the evaluation's does not
     pending = (step, metrics)
   if pending is not None:
     finish(*pending)
