@@ -16,6 +16,7 @@ def get_config(arg: str | None = None):
   c.model.name = a.model
   if a.smoke:
     c.model.name = "smoke" if a.model == "small" else a.model
+    c.data.vocab_size = 512
     c.train.steps = 40
     c.train.batch_size = 8
     c.train.seq_len = 128

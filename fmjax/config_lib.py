@@ -45,7 +45,9 @@ def base() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "embedded:prose"  # where training text comes from
-  c.data.tokenizer = "bytes"  # tokenizer name
+  c.data.tokenizer = "sentencepiece"  # sentencepiece | bytes (UTF-8 bytes, 259 ids)
+  c.data.tokenizer_path = ""  # a sentencepiece .model; empty = train one on data.source and cache it
+  c.data.vocab_size = 8192  # pieces of an auto-trained sentencepiece model
   c.data.seed = 0  # document order
 
   c.objective = ml_collections.ConfigDict()

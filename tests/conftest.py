@@ -1,9 +1,11 @@
 """8 forced CPU devices (set before jax is imported) and a persistent compilation cache shared by all tests."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("FMJAX_CACHE", tempfile.mkdtemp(prefix="fmjax-test-cache-"))  # tokenizers trained afresh
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/fmjax/jax-compilation-cache"))
 
 import jax  # noqa: E402

@@ -61,9 +61,7 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
   rules = tuple(tuple(r) for r in config.mesh.rules)
 
   tokenizer = data.make_tokenizer(config.data)
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={model_cfg.vocab_size}; "
-                     "set model.vocab_size to at least the tokenizer's size.")
+  data.check_vocab(tokenizer, model_cfg.vocab_size)
   stream = data.make_train_stream(config, tokenizer, jax.process_index(), jax.process_count())
 
   model = Transformer(model_cfg)

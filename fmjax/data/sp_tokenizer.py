@@ -1,0 +1,80 @@
+"""SentencePiece BPE tokenizer with byte fallback: training, caching and loading.
+
+Fixed ids: 0 = PAD, 1 = UNK, 2 = BOS, 3 = EOS, then the chat markers reserved for SFT, one id each. Normalisation
+is the identity, whitespace is kept as is and no dummy-prefix space is added, so every string round-trips exactly
+(code indentation included) and concatenated pieces of a chat template encode the same wherever they stand;
+characters outside the learned pieces fall back to UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Iterable
+
+import numpy as np
+import sentencepiece as spm
+
+CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+TRAINER_VERSION = 2  # bump whenever `train`'s settings change, so cached models are retrained
+
+
+class SentencePieceTokenizer:
+  """Encodes text to int32 ids without BOS/EOS (the pipelines add them)."""
+
+  def __init__(self, model_path: str):
+    if not os.path.isfile(model_path):
+      raise FileNotFoundError(f"tokenizer model {model_path!r} does not exist; train one with "
+                              f"`python tools/train_tokenizer.py --output={model_path}`.")
+    self.path = model_path
+    self.sp = spm.SentencePieceProcessor(model_file=model_path)
+    self.vocab_size = self.sp.get_piece_size()
+    self.pad_id, self.bos_id, self.eos_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
+    if min(self.pad_id, self.bos_id, self.eos_id) < 0:
+      raise ValueError(f"tokenizer {model_path!r} lacks a PAD, BOS or EOS id; retrain it with "
+                       "tools/train_tokenizer.py.")
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self.sp.encode(text), np.int32)
+
+  def decode(self, ids) -> str:
+    return self.sp.decode([int(i) for i in ids])
+
+
+def train(texts: Iterable[str], vocab_size: int, output: str) -> str:
+  """Trains a BPE model on `texts` (split into lines) and writes it atomically to `output`; returns `output`."""
+  lines = (line for text in texts for line in text.split("\n") if line.strip())
+  writer = tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(output)) or ".", delete=False)
+  try:
+    try:  # rare characters (outside 99.95% coverage) are left to byte fallback
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=lines, model_writer=writer, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+          character_coverage=0.9995, pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=list(CHAT_MARKERS),
+          normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+          split_digits=True, allow_whitespace_only_pieces=True, num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:
+      raise ValueError(f"training a tokenizer of vocab_size={vocab_size} failed: {e}") from e
+    writer.close()
+    os.replace(writer.name, output)  # concurrent trainers of the same model never see a half-written file
+  finally:
+    if os.path.exists(writer.name):
+      os.unlink(writer.name)
+  return output
+
+
+def fingerprint(texts: list[str], vocab_size: int) -> str:
+  """Identifies a trained model by trainer version, vocabulary size and the exact training text."""
+  h = hashlib.sha256(f"{TRAINER_VERSION}:{vocab_size}".encode())
+  for text in texts:
+    h.update(text.encode())
+    h.update(b"\0")
+  return h.hexdigest()[:12]
+
+
+def cache_dir() -> str:
+  """Where auto-trained tokenizers live: $FMJAX_CACHE/tokenizers, default ~/.cache/fmjax/tokenizers."""
+  root = os.environ.get("FMJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fmjax"))
+  path = os.path.join(root, "tokenizers")
+  os.makedirs(path, exist_ok=True)
+  return path
