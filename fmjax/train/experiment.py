@@ -31,7 +31,7 @@ class Experiment:
   state: train_state.TrainState
   state_shardings: train_state.TrainState
   step_fn: Callable  # compiled (state, batch) -> (state, metrics); donates state
-  compile_seconds: float
+  compile_seconds: float  # of the train step
   num_params: int
   flops_per_token: float
   eval_fn: Callable | None = None  # compiled (params, batch) -> (loss_sum, weight, metric_sums)
@@ -82,14 +82,15 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
   eval_fn, eval_batches = None, []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = jitted.lower(state, batch_spec).compile()
+    compile_seconds = time.perf_counter() - t0
     if config.eval.every_steps:
       eval_batches = [sharding.global_batch(b, mesh)
                       for b in data.make_eval_batches(config, tokenizer, jax.process_index(), jax.process_count())]
       eval_step = lambda p, b: loss_fn(p, b, LossContext(apply=apply_fn, frozen=state.frozen))  # noqa: E731
       eval_fn = jax.jit(eval_step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
                         out_shardings=sharding.replicated(mesh)).lower(state.params, batch_spec).compile()
-  exp = Experiment(config, model_cfg, mesh, model, tokenizer, stream, state, shardings, compiled,
-                   time.perf_counter() - t0, train_state.count_params(state.params),
+  exp = Experiment(config, model_cfg, mesh, model, tokenizer, stream, state, shardings, compiled, compile_seconds,
+                   train_state.count_params(state.params),
                    flops.train_flops_per_token(model_cfg, config.train.seq_len), eval_fn, eval_batches)
   logging.info("model %s: %s parameters, %.1f MFLOP/token (training); mesh %s; step compiled in %.1fs",
                config.model.name, f"{exp.num_params:,}", exp.flops_per_token / 1e6, dict(mesh.shape),
