@@ -56,6 +56,7 @@ def train(texts: Iterable[str], vocab_size: int, output: str) -> str:
     except RuntimeError as e:
       raise ValueError(f"training a tokenizer of vocab_size={vocab_size} failed: {e}") from e
     writer.close()
+    os.chmod(writer.name, 0o644)  # a temporary file is private; a tokenizer is not
     os.replace(writer.name, output)  # concurrent trainers of the same model never see a half-written file
   finally:
     if os.path.exists(writer.name):
