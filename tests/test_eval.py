@@ -24,7 +24,7 @@ def test_sharded_eval_equals_unsharded_recomputation(repo):
   c.train.seq_len, c.eval.batches = 32, 3
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
   exp = experiment.build(c)
-  got = jax.device_get(exp.evaluate(exp.state.params))
+  got = jax.device_get(exp.evaluate(exp.state))
   params = jax.device_get(exp.state.params)
   nll_sum = weight = 0.0
   for b in data.make_eval_batches(c, exp.tokenizer):

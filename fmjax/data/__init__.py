@@ -52,21 +52,21 @@ def documents(source: str, split: str) -> list[str]:
   return embedded.load(name, split)
 
 
-def _documents(config: Any, tokenizer: Tokenizer, split: str) -> list:
+def _encoded(config: Any, tokenizer: Tokenizer, split: str) -> list:
   return [tokenizer.encode(text) for text in documents(config.data.source, split)]
 
 
 def make_train_stream(config: Any, tokenizer: Tokenizer, process_index: int = 0,
                       process_count: int = 1) -> PackedStream:
   """The packed training stream over the train split of `config.data.source` (`embedded:<corpus>`)."""
-  return PackedStream(_documents(config, tokenizer, "train"), config.train.batch_size, config.train.seq_len,
+  return PackedStream(_encoded(config, tokenizer, "train"), config.train.batch_size, config.train.seq_len,
                       config.data.seed, tokenizer.bos_id, tokenizer.eos_id, process_index, process_count)
 
 
 def make_eval_batches(config: Any, tokenizer: Tokenizer, process_index: int = 0,
                       process_count: int = 1) -> list[dict]:
   """A fixed list of up to `config.eval.batches` held-out batches (this process's rows), never repeating a token."""
-  stream = PackedStream(_documents(config, tokenizer, "validation"), config.train.batch_size, config.train.seq_len,
+  stream = PackedStream(_encoded(config, tokenizer, "validation"), config.train.batch_size, config.train.seq_len,
                         0, tokenizer.bos_id, tokenizer.eos_id, process_index, process_count)
   n = min(config.eval.batches, stream.rows_per_epoch // config.train.batch_size)
   return [stream.batch(i) for i in range(n)]

@@ -34,22 +34,22 @@ class Experiment:
   compile_seconds: float  # of the train step
   num_params: int
   flops_per_token: float
-  eval_fn: Callable | None = None  # compiled (params, batch) -> (loss_sum, weight, metric_sums)
+  eval_fn: Callable | None = None  # compiled (state, batch) -> (loss_sum, weight, metric_sums)
   eval_batches: list = dataclasses.field(default_factory=list)  # fixed held-out global batches, on device
 
   def next_batch(self) -> dict[str, jax.Array]:
     return sharding.global_batch(next(self.stream), self.mesh)
 
-  def evaluate(self, params) -> dict[str, jax.Array]:
-    """Token-mean held-out loss (and each head metric, and perplexity of the NLL) over the fixed eval batches.
-
-    Returns device scalars, so the caller need not wait for them."""
-    outs = [self.eval_fn(params, b) for b in self.eval_batches]
+  def evaluate(self, state: train_state.TrainState) -> dict[str, jax.Array]:
+    """Token-mean held-out loss and head metrics over the fixed eval batches, plus perplexity where the head
+    reports an NLL. Returns device scalars, so the caller need not wait for them."""
+    outs = [self.eval_fn(state, b) for b in self.eval_batches]
     weight = jnp.maximum(sum(o[1] for o in outs), 1.0)
     result = {"eval_loss": sum(o[0] for o in outs) / weight}
     for k in outs[0][2]:
       result[f"eval_{k}"] = sum(o[2][k] for o in outs) / weight
-    result["eval_perplexity"] = jnp.exp(result.get("eval_nll", result["eval_loss"]))
+    if "eval_nll" in result:
+      result["eval_perplexity"] = jnp.exp(result["eval_nll"])
     return result
 
 
@@ -86,9 +86,9 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
     if config.eval.every_steps:
       eval_batches = [sharding.global_batch(b, mesh)
                       for b in data.make_eval_batches(config, tokenizer, jax.process_index(), jax.process_count())]
-      eval_step = lambda p, b: loss_fn(p, b, LossContext(apply=apply_fn, frozen=state.frozen))  # noqa: E731
-      eval_fn = jax.jit(eval_step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
-                        out_shardings=sharding.replicated(mesh)).lower(state.params, batch_spec).compile()
+      eval_step = lambda st, b: loss_fn(st.params, b, LossContext(apply=apply_fn, frozen=st.frozen))  # noqa: E731
+      eval_fn = jax.jit(eval_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                        out_shardings=sharding.replicated(mesh)).lower(state, batch_spec).compile()
   exp = Experiment(config, model_cfg, mesh, model, tokenizer, stream, state, shardings, compiled, compile_seconds,
                    train_state.count_params(state.params),
                    flops.train_flops_per_token(model_cfg, config.train.seq_len), eval_fn, eval_batches)

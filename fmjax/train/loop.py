@@ -71,7 +71,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == total):
       jax.block_until_ready(metrics)  # the train step's time stays in its throughput window ...
       t0 = time.perf_counter()
-      metrics = {**metrics, **jax.device_get(exp.evaluate(state.params))}
+      metrics = {**metrics, **jax.device_get(exp.evaluate(state))}
       window_start += time.perf_counter() - t0  # ... the evaluation's does not
     pending = (step, metrics)
   if pending is not None:
