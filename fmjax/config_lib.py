@@ -44,11 +44,21 @@ def base() -> ml_collections.ConfigDict:
     c.model[f.name] = config_dict.placeholder(type(f.default))
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "embedded:prose"  # where training text comes from
+  c.data.source = "embedded:prose"  # embedded:NAME | tfds:NAME[/CONFIG][:SPLIT] | prepared:DIR | a file glob
+  c.data.format = "auto"  # auto (by the first record's keys) | text | prompt_completion | chat | preference
+  c.data.field = "text"  # the text field of `text` records (.jsonl / .parquet / tfds / .array_record)
+  c.data.mixture = ml_collections.ConfigDict()  # name -> {source, weight[, format, field]}; replaces data.source
+  c.data.holdout = 0.1  # fraction of records held out for eval (embedded corpora: their fixed 10% split)
+  c.data.tfds_data_dir = ""  # where tfds datasets are prepared; empty = tfds's default
+  c.data.workers = 0  # tokenizing processes per source; 0 = in the training process
+  c.data.packing_bins = 16  # first-fit bins open at once when packing whole examples (non-text formats)
+  c.data.overlong = "error"  # an example longer than train.seq_len (non-text formats): error | truncate | drop
   c.data.tokenizer = "sentencepiece"  # sentencepiece | bytes (UTF-8 bytes, 259 ids)
-  c.data.tokenizer_path = ""  # a sentencepiece .model; empty = train one on data.source and cache it
+  c.data.tokenizer_path = ""  # a sentencepiece .model; empty = train one on the training sources and cache it
+  c.data.tokenizer_source = ""  # what an auto-trained tokenizer learns from; empty = the training sources
+  c.data.tokenizer_train_chars = 50_000_000  # at most this much text per source trains the tokenizer
   c.data.vocab_size = 8192  # pieces of an auto-trained sentencepiece model
-  c.data.seed = 0  # document order
+  c.data.seed = 0  # shuffle order
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "lm"  # loss head (fmjax/objectives)
@@ -87,7 +97,8 @@ def base() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 200  # held-out loss period in steps (and at the last step); 0 = never
-  c.eval.batches = 4  # fixed held-out batches of train.batch_size × train.seq_len
+  c.eval.batches = 4  # fixed held-out batches of train.batch_size × train.seq_len, per eval source
+  c.eval.sources = ml_collections.ConfigDict()  # name -> source spec (read whole); empty = held-out training data
 
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 10  # metrics.jsonl / TensorBoard / console period

@@ -27,11 +27,11 @@ def test_sharded_eval_equals_unsharded_recomputation(repo):
   got = jax.device_get(exp.evaluate(exp.state))
   params = jax.device_get(exp.state.params)
   nll_sum = weight = 0.0
-  for b in data.make_eval_batches(c, exp.tokenizer):
+  for b in data.eval_batches(c, exp.tokenizer)["default"]:
     logits = Transformer(exp.model_cfg).apply({"params": params}, b["tokens"], b["segment_ids"], b["positions"])
     nll, _ = token_nll(logits, jnp.asarray(b["targets"]))
     nll_sum += float(np.sum(np.asarray(nll, np.float64) * b["loss_mask"]))
     weight += float(b["loss_mask"].sum())
-  assert len(exp.eval_batches) == 3
+  assert len(exp.eval_batches["default"]) == 3
   np.testing.assert_allclose(got["eval_loss"], nll_sum / weight, rtol=1e-5)
   np.testing.assert_allclose(got["eval_perplexity"], np.exp(nll_sum / weight), rtol=1e-5)

@@ -102,7 +102,7 @@ def test_scanned_equals_unrolled(params, tokens):
   unrolled_cfg = dataclasses.replace(CFG, scan_layers=False)
   unrolled = {k: v for k, v in params.items() if k != "layers"}
   for i in range(CFG.num_layers):
-    unrolled[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+    unrolled[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
   assert set(init(unrolled_cfg)) == set(unrolled)
   np.testing.assert_allclose(logits(unrolled, tokens, cfg=unrolled_cfg), logits(params, tokens), atol=1e-5)
 

@@ -6,7 +6,7 @@ import sys
 import ml_collections
 import pytest
 
-from fmjax import data
+from fmjax import config_lib, data
 from fmjax.data import sp_tokenizer
 from fmjax.data.byte_tokenizer import ByteTokenizer
 
@@ -69,8 +69,8 @@ def test_train_tokenizer_tool(repo, tmp_path):
 
 def test_auto_trained_tokenizer_is_cached_under_a_fingerprint(tmp_path, monkeypatch):
   monkeypatch.setenv("FMJAX_CACHE", str(tmp_path))
-  cfg = ml_collections.ConfigDict(dict(tokenizer="sentencepiece", tokenizer_path="", source="embedded:prose",
-                                       vocab_size=512))
+  cfg = config_lib.base().data
+  cfg.vocab_size = 512
   first = data.make_tokenizer(cfg)
   assert data.make_tokenizer(cfg).path == first.path  # reused, not retrained
   cfg.vocab_size = 640

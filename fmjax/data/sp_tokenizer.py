@@ -38,6 +38,12 @@ class SentencePieceTokenizer:
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self.sp.encode(text), np.int32)
 
+  def __getstate__(self) -> dict:  # grain workers get the path and load the model themselves
+    return {"path": self.path}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__init__(state["path"])
+
   def decode(self, ids) -> str:
     return self.sp.decode([int(i) for i in ids])
 

@@ -27,7 +27,8 @@ class Experiment:
   mesh: jax.sharding.Mesh
   model: Transformer
   tokenizer: Any
-  stream: Any  # iterator of this process's rows of each global batch
+  dataset: Any  # grain dataset of this process's rows of each global batch
+  stream: Any  # its iterator (get_state / set_state)
   state: train_state.TrainState
   state_shardings: train_state.TrainState
   step_fn: Callable  # compiled (state, batch) -> (state, metrics); donates state
@@ -35,21 +36,27 @@ class Experiment:
   num_params: int
   flops_per_token: float
   eval_fn: Callable | None = None  # compiled (state, batch) -> (loss_sum, weight, metric_sums)
-  eval_batches: list = dataclasses.field(default_factory=list)  # fixed held-out global batches, on device
+  eval_batches: dict = dataclasses.field(default_factory=dict)  # eval source name -> fixed global batches, on device
 
   def next_batch(self) -> dict[str, jax.Array]:
     return sharding.global_batch(next(self.stream), self.mesh)
 
   def evaluate(self, state: train_state.TrainState) -> dict[str, jax.Array]:
-    """Token-mean held-out loss and head metrics over the fixed eval batches, plus perplexity where the head
-    reports an NLL. Returns device scalars, so the caller need not wait for them."""
-    outs = [self.eval_fn(state, b) for b in self.eval_batches]
-    weight = jnp.maximum(sum(o[1] for o in outs), 1.0)
-    result = {"eval_loss": sum(o[0] for o in outs) / weight}
-    for k in outs[0][2]:
-      result[f"eval_{k}"] = sum(o[2][k] for o in outs) / weight
-    if "eval_nll" in result:
-      result["eval_perplexity"] = jnp.exp(result["eval_nll"])
+    """Token-mean held-out loss and head metrics over each eval source's fixed batches, plus perplexity where the
+    head reports an NLL; with several sources, per source as `eval_<metric>/<name>` and over all tokens as
+    `eval_<metric>`. Returns device scalars, so the caller need not wait for them."""
+    sums = {name: [self.eval_fn(state, b) for b in batches] for name, batches in self.eval_batches.items()}
+    groups = {"": [o for outs in sums.values() for o in outs]}
+    if len(sums) > 1:
+      groups.update({f"/{name}": outs for name, outs in sums.items()})
+    result = {}
+    for suffix, outs in groups.items():
+      weight = jnp.maximum(sum(o[1] for o in outs), 1.0)
+      result[f"eval_loss{suffix}"] = sum(o[0] for o in outs) / weight
+      for k in outs[0][2]:
+        result[f"eval_{k}{suffix}"] = sum(o[2][k] for o in outs) / weight
+      if f"eval_nll{suffix}" in result:
+        result[f"eval_perplexity{suffix}"] = jnp.exp(result[f"eval_nll{suffix}"])
     return result
 
 
@@ -62,7 +69,7 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
 
   tokenizer = data.make_tokenizer(config.data)
   data.check_vocab(tokenizer, model_cfg.vocab_size)
-  stream = data.make_train_stream(config, tokenizer, jax.process_index(), jax.process_count())
+  dataset, batch_dtypes = data.train_dataset(config, tokenizer, jax.process_index(), jax.process_count())
 
   model = Transformer(model_cfg)
   schedule = optim.make_schedule(config.optimizer, config.train.steps)
@@ -75,22 +82,22 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
                          grad_accum=config.train.grad_accum, skip_nonfinite=config.train.skip_nonfinite, mesh=mesh)
   jitted = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  batch_spec = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), v.dtype,
+  batch_spec = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), dtype,
                                         sharding=sharding.batch_sharding(mesh))
-                for k, v in stream.batch(0).items()}
+                for k, dtype in batch_dtypes.items()}
   t0 = time.perf_counter()
-  eval_fn, eval_batches = None, []
+  eval_fn, eval_batches = None, {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = jitted.lower(state, batch_spec).compile()
     compile_seconds = time.perf_counter() - t0
     if config.eval.every_steps:
-      eval_batches = [sharding.global_batch(b, mesh)
-                      for b in data.make_eval_batches(config, tokenizer, jax.process_index(), jax.process_count())]
+      local = data.eval_batches(config, tokenizer, jax.process_index(), jax.process_count())
+      eval_batches = {name: [sharding.global_batch(b, mesh) for b in batches] for name, batches in local.items()}
       eval_step = lambda st, b: loss_fn(st.params, b, LossContext(apply=apply_fn, frozen=st.frozen))  # noqa: E731
       eval_fn = jax.jit(eval_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                         out_shardings=sharding.replicated(mesh)).lower(state, batch_spec).compile()
-  exp = Experiment(config, model_cfg, mesh, model, tokenizer, stream, state, shardings, compiled, compile_seconds,
-                   train_state.count_params(state.params),
+  exp = Experiment(config, model_cfg, mesh, model, tokenizer, dataset, iter(dataset), state, shardings, compiled,
+                   compile_seconds, train_state.count_params(state.params),
                    flops.train_flops_per_token(model_cfg, config.train.seq_len), eval_fn, eval_batches)
   logging.info("model %s: %s parameters, %.1f MFLOP/token (training); mesh %s; step compiled in %.1fs",
                config.model.name, f"{exp.num_params:,}", exp.flops_per_token / 1e6, dict(mesh.shape),

@@ -1,0 +1,143 @@
+"""Record formats (TRL's dataset conventions) → tokenized examples, already shifted for next-token prediction.
+
+Formats, chosen per source by `format` (`auto` picks by the first record's keys):
+  text               {FIELD: str}                                  loss on every token (and EOS)
+  prompt_completion  {"prompt": str|messages, "completion": str|messages}  loss on the completion and EOS
+  chat               {"messages": [{"role", "content"}, ...]}      loss on assistant turns (with their end marker)
+  preference         {"prompt"?, "chosen", "rejected"}  (strings or messages)  two sequences, loss on each response
+A sequence is BOS + pieces + EOS with a 0/1 weight per token (1 = the model must predict it). The example holds
+`tokens` = seq[:-1], `targets` = seq[1:], `loss_mask` = weight[1:] — so packing can never pair a token with another
+document's target. Preference examples hold those three keys twice, prefixed `chosen_` and `rejected_`.
+
+Chat template (the markers are single reserved ids of fmjax's sentencepiece tokenizers):
+  BOS <|system|>…<|end|> <|user|>…<|end|> <|assistant|>…<|end|> … EOS
+the assistant's content and its `<|end|>` carry loss, and EOS does when the conversation ends with the assistant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fmjax.data.sources import WHERE, DataError
+
+FORMATS = ("auto", "text", "prompt_completion", "chat", "preference")
+ROLES = ("system", "user", "assistant")
+END = "<|end|>"
+OVERLONG = ("error", "truncate", "drop")
+
+
+def detect(record: dict, field: str) -> str:
+  """The format a record's keys imply."""
+  if "messages" in record:
+    return "chat"
+  if "chosen" in record and "rejected" in record:
+    return "preference"
+  if "prompt" in record and "completion" in record:
+    return "prompt_completion"
+  if field in record:
+    return "text"
+  raise DataError(f"{record.get(WHERE, 'record')}: cannot tell the format from its fields "
+                  f"{sorted(k for k in record if k != WHERE)}; expected {field!r} (text; set data.field to the "
+                  "text field), prompt/completion, messages, or prompt/chosen/rejected.")
+
+
+def sequence_keys(fmt: str) -> tuple[str, ...]:
+  """Prefixes of the packed sequences a format yields."""
+  return ("chosen_", "rejected_") if fmt == "preference" else ("",)
+
+
+class Encoder:
+  """Turns a record of one format into an example dict (picklable, so it runs in grain worker processes)."""
+
+  def __init__(self, fmt: str, tokenizer: Any, field: str = "text", max_len: int = 0, overlong: str = "error"):
+    if fmt not in FORMATS[1:]:
+      raise ValueError(f"data.format={fmt!r} is unknown; use one of {FORMATS}.")
+    if overlong not in OVERLONG:
+      raise ValueError(f"data.overlong={overlong!r} is unknown; use one of {OVERLONG}.")
+    self.fmt, self.tokenizer, self.field, self.max_len, self.overlong = fmt, tokenizer, field, max_len, overlong
+
+  def __call__(self, record: dict) -> dict[str, np.ndarray] | None:
+    where = record.get(WHERE, "record")
+    if self.fmt == "text":
+      text = self._get(record, self.field, where)
+      if not isinstance(text, str):
+        raise DataError(f"{where}: field {self.field!r} is {type(text).__name__}, not text.")
+      return _example(*self._sequence([(text, 1)]))  # text is split across rows, never too long
+    if self.fmt == "preference":
+      prompt = self._turns(record.get("prompt", ""), 0, where)
+      example = {}
+      for side in ("chosen", "rejected"):
+        seq = self._sequence(prompt + self._turns(self._get(record, side, where), 1, where))
+        example.update({f"{side}_{k}": v for k, v in _example(*seq).items()})
+    elif self.fmt == "chat":
+      example = _example(*self._sequence(self._turns(self._get(record, "messages", where), None, where)))
+    else:
+      example = _example(*self._sequence(self._turns(self._get(record, "prompt", where), 0, where)
+                                         + self._turns(self._get(record, "completion", where), 1, where)))
+    return fit(example, self.max_len, self.overlong, where)
+
+  def _get(self, record: dict, key: str, where: str) -> Any:
+    if key not in record:
+      raise DataError(f"{where}: missing field {key!r} for data.format={self.fmt!r} (fields: "
+                      f"{sorted(k for k in record if k != WHERE)}); fix the data, or set data.format / data.field.")
+    return record[key]
+
+  def _turns(self, value: Any, weight: int | None, where: str) -> list[tuple[str, int]]:
+    """(text, weight) pieces for a string or a list of messages; weight None = by role (assistant = 1)."""
+    if isinstance(value, str):
+      return [(value, 1 if weight is None else weight)] if value else []
+    if not isinstance(value, list):
+      raise DataError(f"{where}: expected a string or a list of messages, got {type(value).__name__}.")
+    pieces = []
+    for n, message in enumerate(value):
+      if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise DataError(f"{where}: message {n} must be an object with 'role' and 'content'.")
+      role = message["role"]
+      if role not in ROLES:
+        raise DataError(f"{where}: message {n} has role {role!r}; roles are {ROLES}.")
+      w = (role == "assistant") if weight is None else weight
+      pieces += [(f"<|{role}|>", 0), (message["content"], int(w)), (END, int(w))]
+    return pieces
+
+  def _sequence(self, pieces: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
+    tok = self.tokenizer
+    ids = [np.asarray([tok.bos_id], np.int32)]
+    weights = [np.zeros(1, np.float32)]
+    for text, w in pieces:
+      encoded = tok.encode(text)
+      ids.append(encoded)
+      weights.append(np.full(len(encoded), w, np.float32))
+    ids.append(np.asarray([tok.eos_id], np.int32))
+    weights.append(np.asarray([pieces[-1][1] if pieces else 1], np.float32))  # EOS counts after a response
+    return np.concatenate(ids), np.concatenate(weights)
+
+
+def fit(example: dict[str, np.ndarray], max_len: int, overlong: str, where: str) -> dict[str, np.ndarray] | None:
+  """Applies the over-long policy to an example whose sequences must fit in one row of `max_len` tokens."""
+  longest = max(len(v) for k, v in example.items() if k.endswith("tokens"))
+  if not max_len or longest <= max_len:
+    return example
+  if overlong == "drop":
+    return None
+  if overlong == "truncate":
+    return {k: v[:max_len] for k, v in example.items()}
+  raise DataError(f"{where}: an example of {longest} tokens exceeds train.seq_len={max_len}; raise train.seq_len, "
+                  "or set data.overlong='truncate' (cut the end) or 'drop'.")
+
+
+def _example(ids: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+  return {"tokens": ids[:-1], "targets": ids[1:], "loss_mask": weights[1:]}
+
+
+def texts(record: dict, field: str = "text") -> list[str]:
+  """Every piece of text in a record of any format (what a tokenizer trains on)."""
+  out = []
+  for key in (field, "prompt", "completion", "chosen", "rejected", "messages"):
+    value = record.get(key)
+    if isinstance(value, str):
+      out.append(value)
+    elif isinstance(value, list):
+      out += [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
+  return out

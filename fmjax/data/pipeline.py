@@ -1,0 +1,198 @@
+"""grain pipelines from sources to global batches (the batch contract in the README).
+
+Training, per source, on each process:
+  records ─ this process's shard (every process_count-th record) ─ seeded shuffle, reshuffled every epoch ─ repeat
+  ─ encode (tokenize + format; in data.workers processes per source when > 0) ─ pack ─ mix sources by step ─ batch.
+Packing: `text` examples are concatenated in order and cut into rows of train.seq_len (concat-then-split); a
+document cut at a row's end continues at position 0 of the next row, so no token is dropped or repeated. Other formats
+(prompt/completion, chat, preference) are never cut: first-fit packs whole examples into data.packing_bins open rows
+at a time and pads the rest (an example longer than a row is handled by data.overlong). In every row `segment_ids`
+number the examples 1..k (0 = padding) and `positions` restart at 0 per example; attention never crosses segments and
+the loss mask is 0 on padding. The iterator's `get_state()` is a small dict that orbax saves with the train state.
+
+Evaluation packs the held-out records of each named eval source in order, identically on every process, into at most
+eval.batches global batches (the last one padded with empty rows), and each process keeps its rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import grain
+from absl import flags
+import numpy as np
+from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset
+
+from fmjax.data import formats, mixture
+from fmjax.data.prepared import PreparedSource
+from fmjax.data.sources import DataError, open_source
+
+MIXTURE_KEYS = ("source", "weight", "format", "field")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  name: str
+  source: str
+  format: str = "auto"
+  field: str = "text"
+  weight: str = "1"
+
+
+def train_specs(data_cfg: Any) -> list[SourceSpec]:
+  """`data.mixture` entries (name → source, weight, format, field), or the single `data.source`."""
+  if not data_cfg.mixture:
+    return [SourceSpec("default", data_cfg.source, data_cfg.format, data_cfg.field)]
+  specs = []
+  for name, entry in data_cfg.mixture.items():
+    unknown = set(entry) - set(MIXTURE_KEYS)
+    if unknown or "source" not in entry:
+      raise ValueError(f"data.mixture.{name} has keys {sorted(entry)}; it needs 'source' and may set "
+                       f"{MIXTURE_KEYS[1:]}.")
+    specs.append(SourceSpec(name, entry["source"], entry.get("format", data_cfg.format),
+                            entry.get("field", data_cfg.field), str(entry.get("weight", "1"))))
+  return specs
+
+
+def eval_specs(config: Any) -> list[tuple[SourceSpec, str]]:
+  """(spec, split) per eval source: `eval.sources` (name → source, read whole), else each training source's
+  held-out split."""
+  if config.eval.sources:
+    return [(SourceSpec(name, spec, config.data.format, config.data.field), "all")
+            for name, spec in config.eval.sources.items()]
+  return [(s, "validation") for s in train_specs(config.data)]
+
+
+def _open(spec: SourceSpec, data_cfg: Any, split: str, tokenizer: Any, seq_len: int):
+  """(records, encoder, format) of one source."""
+  records = open_source(spec.source, split, data_cfg.holdout, data_cfg.tfds_data_dir)
+  base = getattr(records, "parent", records)
+  if isinstance(base, PreparedSource):
+    base.check_tokenizer(tokenizer)
+    fmt = base.format
+    encode = _Fit(seq_len if fmt != "text" else 0, data_cfg.overlong)
+  else:
+    fmt = spec.format if spec.format != "auto" else formats.detect(records[0], spec.field)
+    encode = formats.Encoder(fmt, tokenizer, spec.field, seq_len if fmt != "text" else 0, data_cfg.overlong)
+    encode(records[0])  # a missing field or bad record shows up now, not in a worker later
+  return records, encode, fmt
+
+
+class _Fit:
+  """Applies the over-long policy to prepared examples."""
+
+  def __init__(self, max_len: int, overlong: str):
+    self.max_len, self.overlong = max_len, overlong
+
+  def __call__(self, record: dict) -> dict | None:
+    where = record.pop("_where", "record")
+    return formats.fit(record, self.max_len, self.overlong, where)
+
+
+def _pack(ds: grain.IterDataset, fmt: str, seq_len: int, bins: int, seed: int) -> grain.IterDataset:
+  keys = [p + k for p in formats.sequence_keys(fmt) for k in ("tokens", "targets", "loss_mask")]
+  lengths = {k: seq_len for k in keys}
+  if fmt == "text":
+    packed = ConcatThenSplitIterDataset(ds, length_struct=lengths)
+  else:
+    packed = FirstFitPackIterDataset(ds, length_struct=lengths, num_packing_bins=bins, seed=seed,
+                                     shuffle_bins=False)
+  return packed.map(_Contract(formats.sequence_keys(fmt)))
+
+
+class _Contract:
+  """Renames grain's packing outputs to the batch contract's keys and dtypes."""
+
+  def __init__(self, prefixes: tuple[str, ...]):
+    self.prefixes = prefixes
+
+  def __call__(self, row: dict) -> dict[str, np.ndarray]:
+    out = {}
+    for p in self.prefixes:
+      seg = row[p + "tokens_segment_ids"].astype(np.int32)
+      out[p + "tokens"] = row[p + "tokens"].astype(np.int32)
+      out[p + "targets"] = row[p + "targets"].astype(np.int32)
+      out[p + "loss_mask"] = (row[p + "loss_mask"] * (seg > 0)).astype(np.float32)
+      out[p + "segment_ids"] = seg
+      out[p + "positions"] = row[p + "tokens_positions"].astype(np.int32)
+    return out
+
+
+def _rows(records, encode, fmt: str, data_cfg: Any, seq_len: int, seed: int, process_index: int,
+          process_count: int, train: bool) -> grain.IterDataset:
+  ds = grain.MapDataset.source(records)
+  if process_count > 1:
+    ds = ds[process_index::process_count]
+    if len(ds) == 0:
+      raise DataError(f"process {process_index} of {process_count} got no records; the source has {len(records)}.")
+  if train:
+    ds = ds.shuffle(seed).repeat()
+  examples = ds.map(encode).to_iter_dataset()
+  if train and data_cfg.workers:  # tokenize in worker processes; pack and mix here, so steps map to rows exactly
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use their defaults
+      flags.FLAGS.mark_as_parsed()
+    examples = examples.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
+  return _pack(examples, fmt, seq_len, data_cfg.packing_bins, seed)
+
+
+def batch_dtypes(fmt: str) -> dict[str, np.dtype]:
+  """The batch contract's keys for a format."""
+  kinds = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32,
+           "positions": np.int32}
+  return {p + k: np.dtype(v) for p in formats.sequence_keys(fmt) for k, v in kinds.items()}
+
+
+def train_dataset(config: Any, tokenizer: Any, process_index: int = 0,
+                  process_count: int = 1) -> tuple[grain.IterDataset, dict[str, np.dtype]]:
+  """This process's rows of every training batch, batched (train.batch_size / process_count rows each), and the
+  batches' keys and dtypes."""
+  data_cfg, seq_len, batch = config.data, config.train.seq_len, config.train.batch_size
+  if batch % process_count:
+    raise ValueError(f"train.batch_size={batch} must be divisible by the process count {process_count}.")
+  specs = train_specs(data_cfg)
+  streams, fmts = [], set()
+  for k, spec in enumerate(specs):
+    records, encode, fmt = _open(spec, data_cfg, "train", tokenizer, seq_len)
+    fmts.add("preference" if fmt == "preference" else "sequence")
+    streams.append(_rows(records, encode, fmt, data_cfg, seq_len, data_cfg.seed + 1000 * k, process_index,
+                         process_count, train=True))
+  if len(fmts) > 1:
+    raise ValueError(f"data.mixture mixes preference and non-preference sources ({[s.name for s in specs]}); their "
+                     "batches have different keys. Mix sources of one kind.")
+  local = batch // process_count
+  if len(streams) == 1:
+    rows = streams[0]
+  else:
+    schedules = [mixture.Schedule(s.weight, f"data.mixture.{s.name}.weight") for s in specs]
+    rows = mixture.StepMixIterDataset(streams, schedules, local, data_cfg.seed, process_index)
+  return rows.batch(local, drop_remainder=True), batch_dtypes("preference" if "preference" in fmts else "text")
+
+
+def eval_batches(config: Any, tokenizer: Any, process_index: int = 0,
+                 process_count: int = 1) -> dict[str, list[dict[str, np.ndarray]]]:
+  """Name → this process's rows of each fixed held-out global batch of that eval source."""
+  data_cfg, seq_len, batch = config.data, config.train.seq_len, config.train.batch_size
+  local = batch // process_count
+  out = {}
+  for spec, split in eval_specs(config):
+    records, encode, fmt = _open(spec, data_cfg, split, tokenizer, seq_len)
+    rows = _take(iter(_rows(records, encode, fmt, data_cfg, seq_len, 0, 0, 1, train=False)),
+                 config.eval.batches * batch)
+    if not rows:
+      raise DataError(f"eval source {spec.name!r} ({spec.source}, {split}) holds no examples; raise data.holdout or "
+                      "name eval.sources explicitly.")
+    while len(rows) % batch:
+      rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
+    out[spec.name] = [{k: np.stack([r[k] for r in rows[i + process_index * local: i + (process_index + 1) * local]])
+                       for k in rows[0]} for i in range(0, len(rows), batch)]
+  return out
+
+
+def _take(it: Iterator, n: int) -> list:
+  out = []
+  for row in it:
+    out.append(row)
+    if len(out) == n:
+      break
+  return out
