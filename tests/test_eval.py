@@ -35,3 +35,20 @@ def test_sharded_eval_equals_unsharded_recomputation(repo):
   assert len(exp.eval_batches["default"]) == 3
   np.testing.assert_allclose(got["eval_loss"], nll_sum / weight, rtol=1e-5)
   np.testing.assert_allclose(got["eval_perplexity"], np.exp(nll_sum / weight), rtol=1e-5)
+
+
+def test_each_named_eval_source_is_logged_and_the_total_is_their_token_mean(repo, tmp_path):
+  c = config_lib.load(f"{repo}/configs/pretrain.py:smoke")
+  c.train.seq_len, c.eval.batches = 32, 2
+  c.data.tokenizer = "bytes"
+  c.model.vocab_size = 384
+  notes = tmp_path / "notes.jsonl"
+  notes.write_text("".join(f'{{"text": "note {i}: the same short line"}}\n' for i in range(300)))
+  c.data.mixture = {"prose": {"source": "embedded:prose", "weight": "0.7"}, "notes": {"source": str(notes)}}
+  exp = experiment.build(c)
+  got = jax.device_get(exp.evaluate(exp.state))
+  assert {"eval_loss", "eval_loss/prose", "eval_loss/notes", "eval_perplexity/notes"} <= set(got)
+  weights = {name: sum(float(np.sum(b["loss_mask"])) for b in batches) for name, batches in exp.eval_batches.items()}
+  total = sum(got[f"eval_loss/{n}"] * w for n, w in weights.items()) / sum(weights.values())
+  np.testing.assert_allclose(got["eval_loss"], total, rtol=1e-5)
+  assert abs(got["eval_loss/prose"] - got["eval_loss/notes"]) > 1e-3  # two different held-out sets

@@ -108,7 +108,7 @@ def test_process_shards_are_disjoint_and_cover_the_data():
 
 def test_mixture_hits_its_weights_and_follows_the_step_schedule():
   n_batches, local = 300, 8
-  streams = [rows(text_records([name * (i + 5) for i in range(20)]), train=True) for name in "abc"]
+  streams = [rows(text_records([name * (i + 60) for i in range(20)]), train=True) for name in "abc"]
   mix = mixture.StepMixIterDataset(streams, [mixture.Schedule(w) for w in ("0.5", "0.3", "0.2")], local, seed=0)
   it = iter(mix.batch(local))
   counts = np.zeros(3)
@@ -211,3 +211,15 @@ def test_eval_batches_are_fixed_padded_and_split_between_processes(tmp_path):
   train = {TOK.decode(r["tokens"]) for _, r in zip(range(40), pipeline._rows(*pipeline._open(
       pipeline.train_specs(c.data)[0], c.data, "train", TOK, 32), c.data, 32, 0, 0, 1, False))}
   assert not train & {TOK.decode(r) for b in full for r in b["tokens"]}  # held-out rows never appear in training
+
+
+def test_tokenizing_in_worker_processes_gives_the_same_batches(tmp_path):
+  c = config(write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in corpus(60)]), seq_len=16, batch=4)
+  batches = []
+  for workers in (0, 2):
+    c.data.workers = workers
+    it = iter(pipeline.train_dataset(c, TOK)[0])
+    batches.append([next(it)["tokens"] for _ in range(20)])
+    if hasattr(it, "close"):
+      it.close()
+  np.testing.assert_array_equal(np.stack(batches[0]), np.stack(batches[1]))

@@ -119,3 +119,18 @@ def test_prepared_data_gives_the_batches_of_the_raw_source(tmp_path, repo):
   meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "tokenizer": "sentencepiece:0123"}))
   with pytest.raises(ValueError, match="was tokenized with sentencepiece:0123 .* set data.tokenizer_path"):
     pipeline.train_dataset(c, tok)
+
+
+def test_prepare_data_tool_writes_a_source_the_trainer_reads(repo, tmp_path):
+  import subprocess
+  import sys
+
+  out = tmp_path / "prep"
+  run = subprocess.run([sys.executable, "tools/prepare_data.py", "--source=embedded:prose", f"--output={out}",
+                        "--config=configs/pretrain.py:smoke"], cwd=repo, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr
+  meta = json.loads((out / "meta.json").read_text())
+  assert meta["format"] == "text" and meta["examples"] == len(data.documents("embedded:prose", "all"))
+  again = subprocess.run([sys.executable, "tools/prepare_data.py", "--source=nowhere/*.jsonl", f"--output={out}2"],
+                         cwd=repo, capture_output=True, text=True)
+  assert again.returncode != 0 and "'nowhere/*.jsonl' matched no files" in again.stderr

@@ -2,6 +2,9 @@
 
   python tools/train_tokenizer.py --input=embedded:prose --vocab_size=8192 --output=/tmp/prose8k.model
   python tools/train_tokenizer.py --input='corpus/*.txt' --vocab_size=32000 --output=tok.model
+  python tools/train_tokenizer.py --input='data/*.jsonl' --field=body --vocab_size=32000 --output=tok.model
+
+--input is any data source (see fmjax/data/sources.py); its train split is used, as for auto-trained tokenizers.
 
 Use it with --config.data.tokenizer_path=/tmp/prose8k.model (and model.vocab_size = its size padded to 128).
 """
@@ -9,32 +12,25 @@ Use it with --config.data.tokenizer_path=/tmp/prose8k.model (and model.vocab_siz
 from __future__ import annotations
 
 import argparse
-import glob
 import time
-
-
-def read_texts(spec: str) -> list[str]:
-  """`embedded:<corpus>` (its train split) or a glob of UTF-8 text files."""
-  from fmjax import data
-
-  if spec.startswith("embedded:"):
-    return data.documents(spec, "train")
-  paths = sorted(glob.glob(spec))
-  if not paths:
-    raise SystemExit(f"--input={spec!r} matched no files; give a glob of text files or embedded:<corpus>.")
-  return [open(p, encoding="utf-8").read() for p in paths]
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--input", required=True, help="embedded:<corpus> or a glob of .txt files")
+  p.add_argument("--input", required=True, help="a data source: embedded:NAME, tfds:NAME, or a file glob")
+  p.add_argument("--field", default="text", help="text field of .jsonl / .parquet / tfds records")
+  p.add_argument("--max_chars", type=int, default=0, help="read at most this many characters (0 = all)")
   p.add_argument("--vocab_size", type=int, default=8192)
   p.add_argument("--output", required=True, help="path of the .model file to write")
   args = p.parse_args()
 
+  from fmjax import data
   from fmjax.data import sp_tokenizer
 
-  texts = read_texts(args.input)
+  try:
+    texts = data.documents(args.input, "train", args.field, args.max_chars)
+  except data.DataError as e:
+    raise SystemExit(f"--input: {e}") from e
   t0 = time.perf_counter()
   sp_tokenizer.train(texts, args.vocab_size, args.output)
   tok = sp_tokenizer.SentencePieceTokenizer(args.output)

@@ -29,7 +29,13 @@ def make_tokenizer(data_cfg: Any) -> Tokenizer:
   if data_cfg.tokenizer_path:
     return SentencePieceTokenizer(data_cfg.tokenizer_path)
   specs = [data_cfg.tokenizer_source] if data_cfg.tokenizer_source else [s.source for s in train_specs(data_cfg)]
-  texts = [t for spec in specs for t in documents(spec, "train", data_cfg.field, data_cfg.tokenizer_train_chars)]
+  if all(spec.startswith("prepared:") for spec in specs):  # tokenized data names its tokenizer
+    return SentencePieceTokenizer(open_source(specs[0], "all").meta["tokenizer_path"])
+  texts = [t for spec in specs if not spec.startswith("prepared:")
+           for t in documents(spec, "train", data_cfg.field, data_cfg.tokenizer_train_chars)]
+  if not any(texts):
+    raise DataError(f"the sources {specs} hold no text to train a tokenizer on; set data.tokenizer_path or "
+                    "data.tokenizer_source.")
   name = "+".join(specs).replace(":", "-").replace("/", "_").replace("*", "_")[:80]
   digest = sp_tokenizer.fingerprint(texts, data_cfg.vocab_size)
   path = os.path.join(sp_tokenizer.cache_dir(), f"{name}-bpe{data_cfg.vocab_size}-{digest}.model")

@@ -95,7 +95,8 @@ def prepare(spec: str, encoder: Any, tokenizer: Any, output: str, workers: int =
   if workers:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   t0, examples, tokens, shard, writer = time.perf_counter(), 0, 0, 0, None
-  for example in ds:
+  it = iter(ds)
+  for example in it:
     if writer is None or examples % records_per_shard == 0 and examples:
       if writer is not None:
         writer.close()
@@ -107,6 +108,8 @@ def prepare(spec: str, encoder: Any, tokenizer: Any, output: str, workers: int =
     tokens += sum(len(v) for k, v in example.items() if k.endswith("tokens"))
   if writer is not None:
     writer.close()
+  if hasattr(it, "close"):
+    it.close()  # stops grain's worker processes
   meta = {"version": VERSION, "source": spec, "format": encoder.fmt, "tokenizer": tokenizer_id(tokenizer),
           "tokenizer_path": getattr(tokenizer, "path", ""), "examples": examples, "tokens": tokens,
           "shards": shard + 1 if writer is not None else 0, "seconds": round(time.perf_counter() - t0, 2)}

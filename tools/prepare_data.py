@@ -1,0 +1,53 @@
+"""Tokenizes a data source once into ArrayRecord shards, so large runs skip tokenization (`data.source=prepared:DIR`).
+
+  python tools/prepare_data.py --source='corpus/*.jsonl' --output=/data/corpus-prepared
+  python tools/prepare_data.py --source=embedded:code --config=configs/pretrain.py --output=/tmp/code-prepared
+  python tools/prepare_data.py --source=sft.jsonl --format=chat --tokenizer_path=tok.model --output=/tmp/sft-prep
+
+The tokenizer is the one the config's run uses (its `data.tokenizer_path`, or the auto-trained one), or
+--tokenizer_path. Train with `--config.data.source=prepared:DIR` and the same tokenizer; another tokenizer is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--source", required=True, help="embedded:NAME, tfds:NAME[/CONFIG][:SPLIT], or a file glob")
+  p.add_argument("--output", required=True, help="an empty or new directory")
+  p.add_argument("--format", default="auto", help="auto | text | prompt_completion | chat | preference")
+  p.add_argument("--field", default="text", help="text field of `text` records")
+  p.add_argument("--config", default="configs/pretrain.py", help="config whose tokenizer to use")
+  p.add_argument("--tokenizer_path", default="", help="a sentencepiece .model (overrides the config's tokenizer)")
+  p.add_argument("--tfds_data_dir", default="")
+  p.add_argument("--workers", type=int, default=0, help="tokenizing processes (0 = this one)")
+  p.add_argument("--records_per_shard", type=int, default=100_000)
+  args = p.parse_args()
+
+  from absl import flags
+
+  from fmjax import config_lib, data
+  from fmjax.data import formats, prepared
+
+  flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+  data_cfg = config_lib.load(args.config).data
+  if args.tokenizer_path:
+    data_cfg.tokenizer, data_cfg.tokenizer_path = "sentencepiece", args.tokenizer_path
+  try:
+    tokenizer = data.make_tokenizer(data_cfg)
+    fmt = args.format
+    if fmt == "auto":
+      fmt = formats.detect(data.open_source(args.source, "all", tfds_data_dir=args.tfds_data_dir)[0], args.field)
+    meta = prepared.prepare(args.source, formats.Encoder(fmt, tokenizer, args.field), tokenizer, args.output,
+                            args.workers, args.records_per_shard, args.tfds_data_dir)
+  except data.DataError as e:
+    raise SystemExit(f"error: {e}") from e
+  print(f"{args.output}: {meta['examples']:,} {fmt} examples, {meta['tokens']:,} tokens in {meta['shards']} shard(s), "
+        f"{meta['seconds']:.1f} s ({meta['tokens'] / max(meta['seconds'], 1e-9):,.0f} tokens/s); tokenizer "
+        f"{meta['tokenizer']}")
+
+
+if __name__ == "__main__":
+  main()
