@@ -3,15 +3,16 @@
   python -m fmjax.main --config=configs/pretrain.py --workdir=/tmp/pt          # `small` (~34M) on a CPU
   python -m fmjax.main --config=configs/pretrain.py:smoke --workdir=/tmp/smoke  # tiny, ~30 s, every step logged
   python -m fmjax.main --config=configs/pretrain.py:model=1b --workdir=...      # any preset by name
+  python -m fmjax.main --config=configs/pretrain.py:data=embedded:code --workdir=...   # any data source
 
-Variants (`:k=v,flag`): smoke, model=<preset>, steps=N, batch=N, seq=N.
+Variants (`:k=v,flag`): smoke, model=<preset>, data=<source spec>, steps=N, batch=N, seq=N.
 """
 
 from fmjax import config_lib
 
 
 def get_config(arg: str | None = None):
-  a = config_lib.parse_arg(arg, smoke=False, model="small", steps=0, batch=0, seq=0)
+  a = config_lib.parse_arg(arg, smoke=False, model="small", data="", steps=0, batch=0, seq=0)
   c = config_lib.base()
   c.model.name = a.model
   if a.smoke:
@@ -25,6 +26,8 @@ def get_config(arg: str | None = None):
     c.log.every_steps = 1
     c.checkpoint.every_steps = 20
     c.eval.every_steps = 10
+  if a.data:
+    c.data.source = a.data
   if a.steps:
     c.train.steps = a.steps
   if a.batch:

@@ -223,3 +223,19 @@ def test_tokenizing_in_worker_processes_gives_the_same_batches(tmp_path):
     if hasattr(it, "close"):
       it.close()
   np.testing.assert_array_equal(np.stack(batches[0]), np.stack(batches[1]))
+
+
+def test_named_eval_sources_replace_the_held_out_training_data(tmp_path):
+  path = write_jsonl(tmp_path / "h.jsonl", [{"text": t} for t in corpus(30)])
+  c = config("embedded:prose", seq_len=32, batch=4)
+  assert [(s.name, split) for s, split in pipeline.eval_specs(c)] == [("default", "validation")]
+  c.eval.sources = {"prose": "embedded:prose", "mine": path}
+  assert {s.name: split for s, split in pipeline.eval_specs(c)} == {"prose": "validation", "mine": "all"}
+  c.eval.batches = 100  # more than there are: every held-out token once, the last batch padded
+  got = pipeline.eval_batches(c, TOK)
+  assert np.sum(got["mine"][-1]["segment_ids"][-1]) == 0
+  assert documents_seen(r for b in got["mine"] for r in _rows_of(b)) == [f"doc{i}" for i in range(30)]
+
+
+def _rows_of(batch):
+  return [{k: v[i] for k, v in batch.items()} for i in range(len(batch["tokens"]))]

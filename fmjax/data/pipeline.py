@@ -56,11 +56,11 @@ def train_specs(data_cfg: Any) -> list[SourceSpec]:
 
 
 def eval_specs(config: Any) -> list[tuple[SourceSpec, str]]:
-  """(spec, split) per eval source: `eval.sources` (name → source, read whole), else each training source's
-  held-out split."""
+  """(spec, split) per eval source: `eval.sources` (name → source, read whole; an embedded corpus → its held-out
+  split), else each training source's held-out split."""
   if config.eval.sources:
-    return [(SourceSpec(name, spec, config.data.format, config.data.field), "all")
-            for name, spec in config.eval.sources.items()]
+    return [(SourceSpec(name, spec, config.data.format, config.data.field),
+             "validation" if spec.startswith("embedded:") else "all") for name, spec in config.eval.sources.items()]
   return [(s, "validation") for s in train_specs(config.data)]
 
 
