@@ -239,3 +239,21 @@ def test_named_eval_sources_replace_the_held_out_training_data(tmp_path):
 
 def _rows_of(batch):
   return [{k: v[i] for k, v in batch.items()} for i in range(len(batch["tokens"]))]
+
+
+def test_orbax_saves_and_restores_the_iterator_position(tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+
+  c = config(write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in corpus(30)]), seq_len=16, batch=4)
+  it = iter(pipeline.train_dataset(c, TOK)[0])
+  for _ in range(3):
+    next(it)
+  with ocp.CheckpointManager(tmp_path / "ckpt", item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as m:
+    m.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    m.wait_until_finished()
+  expected = next(it)["tokens"]
+  fresh = iter(pipeline.train_dataset(c, TOK)[0])
+  with ocp.CheckpointManager(tmp_path / "ckpt", item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as m:
+    m.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  np.testing.assert_array_equal(next(fresh)["tokens"], expected)
