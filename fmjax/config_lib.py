@@ -124,6 +124,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.eval.every_steps < 0 or config.eval.batches <= 0:
     raise ValueError(f"eval.every_steps={config.eval.every_steps} must be >= 0 (0 = never) and eval.batches="
                      f"{config.eval.batches} positive.")
+  d = config.data
+  if not 0 <= d.holdout < 1:
+    raise ValueError(f"data.holdout={d.holdout} must be in [0, 1): the fraction of records held out for eval.")
+  if d.workers < 0 or d.packing_bins <= 0:
+    raise ValueError(f"data.workers={d.workers} must be >= 0 and data.packing_bins={d.packing_bins} positive.")
   if config.log.every_steps <= 0:
     raise ValueError(f"log.every_steps={config.log.every_steps} must be positive.")
 

@@ -52,6 +52,10 @@ def test_variant_and_model_errors_name_the_key(repo):
   c.train.grad_accum = 3
   with pytest.raises(ValueError, match="grad_accum=3"):
     config_lib.validate(c)
+  c = config_lib.load(f"{repo}/configs/pretrain.py:smoke")
+  c.data.holdout = 1.5
+  with pytest.raises(ValueError, match=r"data.holdout=1.5 must be in \[0, 1\)"):
+    config_lib.validate(c)
 
 
 def test_model_overrides_apply_on_top_of_the_preset(repo):
