@@ -78,5 +78,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     finish(*pending)
   exp.state = state
   writer.close()
+  if hasattr(exp.stream, "close"):
+    exp.stream.close()  # stops grain's worker processes, if any
   logging.info("done: %d steps in %s", total - start, workdir)
   return exp
