@@ -16,6 +16,8 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 
+from fmjax.data import cache
+
 CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 TRAINER_VERSION = 2  # bump whenever `train`'s settings change, so cached models are retrained
 
@@ -81,7 +83,4 @@ def fingerprint(texts: list[str], vocab_size: int) -> str:
 
 def cache_dir() -> str:
   """Where auto-trained tokenizers live: $FMJAX_CACHE/tokenizers, default ~/.cache/fmjax/tokenizers."""
-  root = os.environ.get("FMJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fmjax"))
-  path = os.path.join(root, "tokenizers")
-  os.makedirs(path, exist_ok=True)
-  return path
+  return cache.cache_dir("tokenizers")
