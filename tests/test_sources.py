@@ -33,10 +33,16 @@ def test_every_file_kind_yields_the_same_records(tmp_path):
   for t in TEXTS:
     writer.write(json.dumps({"text": t}).encode())
   writer.close()
+  writer = array_record_module.ArrayRecordWriter(str(tmp_path / "e.array_record"), "group_size:1")
+  writer.write(b"not json")
+  writer.close()
   for spec in ("j/*.jsonl", "t/*.txt", "d.parquet", "d.array_record"):
     src = open_source(str(tmp_path / spec), "all")
     assert texts_of(src) == TEXTS, spec
   assert open_source(str(tmp_path / "j/*.jsonl"), "all")[12][WHERE].endswith("part1.jsonl:5")  # blank lines count
+  both = open_source(str(tmp_path / "[de].array_record"), "all")
+  with pytest.raises(ValueError, match=r"e.array_record:record 0: not a JSON object"):
+    both[len(TEXTS)]
   train, val = (open_source(str(tmp_path / "d.parquet"), s, holdout=0.3) for s in ("train", "validation"))
   assert not set(texts_of(train)) & set(texts_of(val)) and sorted(texts_of(train) + texts_of(val)) == sorted(TEXTS)
   assert 3 <= len(val) <= 16

@@ -145,20 +145,24 @@ class ArrayRecordFiles:
   """`.array_record` files whose records are UTF-8 JSON objects."""
 
   def __init__(self, paths: Sequence[str]):
-    from array_record.python import array_record_data_source
+    from array_record.python import array_record_data_source, array_record_module
 
     self.paths = list(paths)
     self.ds = array_record_data_source.ArrayRecordDataSource(self.paths)
+    counts = []
+    for path in self.paths:
+      reader = array_record_module.ArrayRecordReader(path)
+      counts.append(reader.num_records())
+      reader.close()
+    self.starts = np.cumsum([0] + counts[:-1])
 
   def __len__(self) -> int:
     return len(self.ds)
 
   def __getitem__(self, i: int) -> dict:
-    return json_record(self.ds[i], self._where(i), "records of .array_record inputs are JSON objects (tokenized "
-                       "data goes through `prepared:DIR`)")
-
-  def _where(self, i: int) -> str:
-    return f"{','.join(self.paths)}[record {i}]" if len(self.paths) == 1 else f"{self.paths}[record {i}]"
+    k = int(np.searchsorted(self.starts, i, side="right") - 1)
+    return json_record(self.ds[i], f"{self.paths[k]}:record {i - self.starts[k]}", "records of .array_record "
+                       "inputs are JSON objects (tokenized data goes through `prepared:DIR`)")
 
 
 class TfdsSource:
