@@ -85,6 +85,7 @@ def base() -> ml_collections.ConfigDict:
   c.train.seq_len = 256  # tokens per sequence
   c.train.grad_accum = 1  # micro-batches per step
   c.train.seed = 0  # parameter init and step rng
+  c.train.stop_after = 0  # checkpoint and stop after this many steps of this invocation (job time slots); 0 = off
   c.train.skip_nonfinite = False  # True: skip a step whose loss/grad is NaN/inf; False: stop with an error
 
   c.mesh = ml_collections.ConfigDict()
@@ -93,7 +94,15 @@ def base() -> ml_collections.ConfigDict:
   c.mesh.rules = sharding.DEFAULT_RULES  # logical axis -> mesh axes; first match wins
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 500  # save period in steps
+  c.checkpoint.every_steps = 500  # save period in steps (and always at the last step); 0 = only at the end
+  c.checkpoint.every_minutes = 0.0  # also save when this long has passed since the last save; 0 = off
+  c.checkpoint.keep = 3  # newest checkpoints kept
+  c.checkpoint.keep_every = 0  # also keep every step that is a multiple of this, forever; 0 = none
+  c.checkpoint.async_save = True  # write in the background while training goes on
+
+  c.init_from = ml_collections.ConfigDict()
+  c.init_from.workdir = ""  # start from the params (not the optimizer) of another run's checkpoint
+  c.init_from.step = -1  # that run's step; -1 = its newest checkpoint
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 200  # held-out loss period in steps (and at the last step); 0 = never

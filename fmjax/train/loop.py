@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -11,9 +12,9 @@ import jax
 import ml_collections
 
 from fmjax import config_lib
-from fmjax.train import peak
+from fmjax.train import checkpoint, init_from, peak, preemption
+from fmjax.train import metrics as metrics_lib
 from fmjax.train.experiment import Experiment, build
-from fmjax.train.metrics import MetricsWriter
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -21,16 +22,28 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
-  """Trains `config` in `workdir`; returns the finished experiment (its `state` holds the final params)."""
+  """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one; returns the experiment (its
+  `state` holds the final params). SIGTERM saves a checkpoint at the next step boundary and returns early."""
   is_main = jax.process_index() == 0
   exp = build(config)
+  resolved = json.loads(config_lib.resolve(config).to_json_best_effort())
   if is_main:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.resolve(config).to_json_best_effort(indent=2))
+      json.dump(resolved, f, indent=2)
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+  restored = ckpt.restore_latest(checkpoint.abstract(exp.state, exp.state_shardings), exp.stream)
+  if restored is not None:
+    exp.state, resumed = restored
+    dropped = metrics_lib.truncate_after(workdir, resumed) if is_main else 0
+    logging.info("resuming from step %d (%s/%d)%s", resumed, ckpt.directory, resumed,
+                 f"; dropped {dropped} metrics rows logged after it" if dropped else "")
+  elif config.init_from.workdir:
+    exp.state = init_from.load(exp.state, exp.state_shardings, config.init_from)
   peak_flops, peak_source = peak.total_peak_flops(jax.devices(), config.log.peak_flops)
   logging.info("peak %.1f TFLOP/s over %d device(s) (%s)", peak_flops / 1e12, jax.device_count(), peak_source)
-  writer = MetricsWriter(workdir, enabled=is_main)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  stop = preemption.Watcher()
 
   total = config.train.steps
   tokens_per_step = config.train.batch_size * config.train.seq_len
@@ -64,6 +77,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   start = int(jax.device_get(state.step))
   pending = None
   window_start = time.perf_counter()
+  step = start
   for step in range(start + 1, total + 1):
     state, metrics = exp.step_fn(state, exp.next_batch())
     if pending is not None:
@@ -74,11 +88,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
       metrics = {**metrics, **jax.device_get(exp.evaluate(state))}
       window_start += time.perf_counter() - t0  # ... the evaluation's does not
     pending = (step, metrics)
+    preempted = stop.requested(step) or step - start == config.train.stop_after
+    if preempted or step == total or ckpt.due(step):
+      t0 = time.perf_counter()
+      ckpt.save(step, state, exp.stream, resolved)  # copies the state to the host, then writes in the background
+      window_start += time.perf_counter() - t0
+    if preempted:
+      break
   if pending is not None:
     finish(*pending)
+  ckpt.wait()
+  ckpt.close()
+  stop.restore()
   exp.state = state
   writer.close()
   if hasattr(exp.stream, "close"):
     exp.stream.close()  # stops grain's worker processes, if any
-  logging.info("done: %d steps in %s", total - start, workdir)
+  if step < total:
+    logging.info("stopped (%s): saved step %d to %s; run the same command again to resume",
+                 "SIGTERM" if stop.signalled else "train.stop_after", step, ckpt.directory)
+  else:
+    logging.info("done: %d steps in %s", total - start, workdir)
   return exp

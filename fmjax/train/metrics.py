@@ -15,6 +15,28 @@ def format_eta(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def truncate_after(workdir: str, step: int) -> int:
+  """Drops `metrics.jsonl` rows logged after `step` (a run resumed from an earlier checkpoint redoes those steps);
+  returns how many were dropped."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        keep.append(line)
+    except (json.JSONDecodeError, KeyError, TypeError):
+      pass  # a line cut off by a kill
+  if len(keep) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+  return len(lines) - len(keep)
+
+
 class MetricsWriter:
   """Writes on the main process only; other processes get a writer that does nothing."""
 

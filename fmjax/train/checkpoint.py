@@ -1,0 +1,88 @@
+"""Checkpoints in WORKDIR/checkpoints/<step>/: train state, data iterator position and resolved config (orbax).
+
+orbax writes a checkpoint into a temporary directory and renames it when every item is complete, so a save killed
+half-way never shows up as a step; restoring walks back from the newest step and skips one that cannot be read,
+naming it. Saves are asynchronous: the host copies the state off the device and the next steps run while it writes.
+Keep policy: the newest `checkpoint.keep` plus every step that is a multiple of `checkpoint.keep_every`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+ITEMS = ("state", "data", "config")
+
+
+def abstract(state: Any, shardings: Any) -> Any:
+  """Shapes, dtypes and target shardings of `state`: what a restore fills in, re-sharding onto this mesh."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+class Checkpointer:
+  """Decides when to save, saves, and restores the newest readable checkpoint."""
+
+  def __init__(self, workdir: str, cfg: Any):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.every_steps, self.every_seconds = cfg.every_steps, 60.0 * cfg.every_minutes
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, keep_period=cfg.keep_every or None,
+                                           enable_async_checkpointing=cfg.async_save, create=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
+    self.last_save = time.monotonic()
+
+  def due(self, step: int) -> bool:
+    """A step-period or time-interval save is due after `step` (the same answer on every process)."""
+    due = bool(self.every_steps) and step % self.every_steps == 0
+    if self.every_seconds and not due:
+      late = time.monotonic() - self.last_save >= self.every_seconds
+      if jax.process_count() > 1:  # clocks differ: process 0 decides for everyone
+        from jax.experimental import multihost_utils
+
+        late = bool(multihost_utils.broadcast_one_to_all(late))
+      due = late
+    return due
+
+  def save(self, step: int, state: Any, data_iter: Any, config: dict) -> None:
+    self.manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+        config=ocp.args.JsonSave(config)))
+    self.last_save = time.monotonic()
+
+  def restore_latest(self, target: Any, data_iter: Any) -> tuple[Any, int] | None:
+    """(state, step) of the newest readable checkpoint, with `data_iter` moved to its position; None if none.
+
+    An unreadable checkpoint is renamed `<step>.unreadable` (kept for inspection, out of the way of a new save)."""
+    unreadable, found = [], None
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, never fatal
+        path = os.path.join(self.directory, str(step))
+        logging.warning("checkpoint %s is unreadable (%s: %s); moving it to %s.unreadable and trying the one "
+                        "before it", path, type(e).__name__, (str(e).splitlines() or [""])[0][:300], path)
+        unreadable.append(path)
+        continue
+      found = (restored.state, step)
+      break
+    if unreadable:
+      if jax.process_index() == 0:
+        for path in unreadable:
+          os.replace(path, f"{path}.unreadable.{int(time.time())}")
+      self.manager.reload()
+    return found
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

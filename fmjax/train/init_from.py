@@ -1,0 +1,54 @@
+"""`init_from`: start a run from another run's parameters (not its optimizer, step or data position).
+
+This is how continuous pre-training, SFT, LoRA, DPO and distillation begin. Only the `params` subtree of the saved
+state is read, directly into this run's shardings (any mesh); shapes and dtypes must match this run's model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def checkpoint_dir(workdir: str, step: int = -1) -> str:
+  """`workdir/checkpoints/<step>` (`step` -1 = the newest committed one); errors name what exists."""
+  root = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  if not steps:
+    raise FileNotFoundError(f"init_from.workdir={workdir!r} has no checkpoints in {root}; train it first or point "
+                            "init_from.workdir at a run directory.")
+  if step == -1:
+    step = steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f"init_from.step={step} is not in {root}; it has steps {steps}.")
+  return os.path.join(root, str(step))
+
+
+def load(state: Any, shardings: Any, cfg: Any) -> Any:
+  """`state` with its params replaced by those of `cfg.workdir` at `cfg.step`."""
+  path = os.path.join(checkpoint_dir(cfg.workdir, cfg.step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(path).item_metadata.tree["params"]
+  ours = jax.tree_util.tree_flatten_with_path(state.params)[0]
+  theirs = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
+  missing = [jax.tree_util.keystr(p) for p, _ in ours if p not in theirs]
+  if missing or len(theirs) != len(ours):
+    extra = sorted(set(jax.tree_util.keystr(p) for p in theirs) - {jax.tree_util.keystr(p) for p, _ in ours})
+    raise ValueError(f"init_from {path}: the parameter trees differ (only here: {missing[:5]}, only there: "
+                     f"{extra[:5]}); init_from needs the same model architecture (model.* settings).")
+  for p, x in ours:
+    if tuple(theirs[p].shape) != tuple(x.shape) or theirs[p].dtype != x.dtype:
+      raise ValueError(f"init_from {path}: parameter {jax.tree_util.keystr(p)} is {tuple(theirs[p].shape)} "
+                       f"{theirs[p].dtype} there but {tuple(x.shape)} {x.dtype} in this model; use the same "
+                       "model.* settings (and tokenizer / model.vocab_size) as the run you start from.")
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.params,
+                        shardings.params)
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+  logging.info("initialised params from %s (optimizer state, step and data position start fresh)", path)
+  return state.replace(params=restored["params"])

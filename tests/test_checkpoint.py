@@ -1,0 +1,137 @@
+"""Checkpoints: exact resume, preemption, kills during a save, corrupted checkpoints, re-sharding, init_from."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+SMOKE = ["-m", "fmjax.main", "--config=configs/pretrain.py:smoke", "--config.train.seq_len=64",
+         "--config.eval.every_steps=0"]
+
+
+def run(repo, workdir, *flags, env=None, check=True):
+  proc = subprocess.run([sys.executable, *SMOKE, f"--workdir={workdir}", *flags], cwd=repo, capture_output=True,
+                        text=True, timeout=300, env=env)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def losses(workdir):
+  return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))]
+
+
+def params(workdir, step):
+  tree = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+  return jax.tree.leaves(tree["params"])
+
+
+@pytest.mark.slow
+def test_resume_is_exact(repo, tmp_path):
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  run(repo, straight, "--config.train.steps=12", "--config.checkpoint.every_steps=3")
+  first = run(repo, split, "--config.train.steps=12", "--config.checkpoint.every_steps=3",
+              "--config.train.stop_after=6")
+  assert "saved step 6" in first.stderr
+  second = run(repo, split, "--config.train.steps=12", "--config.checkpoint.every_steps=3")
+  assert "resuming from step 6" in second.stderr
+  assert losses(split) == losses(straight) and [s for s, _ in losses(split)] == list(range(1, 13))
+  for a, b in zip(params(straight, 12), params(split, 12), strict=True):
+    np.testing.assert_array_equal(a, b)  # bitwise
+
+
+def wait_for(predicate, timeout=120):
+  end = time.time() + timeout
+  while time.time() < end:
+    if predicate():
+      return True
+    time.sleep(0.001)
+  return False
+
+
+def logged_steps(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  return len(open(path).readlines()) if os.path.exists(path) else 0
+
+
+def committed(workdir):
+  root = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_zero_and_resume_continues(repo, tmp_path):
+  proc = subprocess.Popen([sys.executable, *SMOKE, f"--workdir={tmp_path}", "--config.train.steps=100000",
+                           "--config.checkpoint.every_steps=0"], cwd=repo, stderr=subprocess.PIPE, text=True)
+  assert wait_for(lambda: logged_steps(tmp_path) >= 3)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  (step,) = committed(tmp_path)
+  assert step >= 3 and f"saved step {step}" in err
+  again = run(repo, tmp_path, f"--config.train.steps={step + 2}")
+  assert f"resuming from step {step}" in again.stderr
+  assert [s for s, _ in losses(tmp_path)][-3:] == [step, step + 1, step + 2]
+
+
+@pytest.mark.slow
+def test_kill_during_a_save_resumes_from_the_previous_checkpoint(repo, tmp_path):
+  proc = subprocess.Popen([sys.executable, *SMOKE, f"--workdir={tmp_path}", "--config.train.steps=100000",
+                           "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=100"], cwd=repo,
+                          stderr=subprocess.DEVNULL)
+  ckpts = tmp_path / "checkpoints"
+  in_flight = lambda: ckpts.is_dir() and any("tmp" in d for d in os.listdir(ckpts)) and len(committed(tmp_path)) >= 2
+  caught = wait_for(in_flight)
+  proc.kill()
+  proc.wait()
+  assert caught, "no save in flight was seen"
+  before = committed(tmp_path)
+  again = run(repo, tmp_path, f"--config.train.steps={before[-1] + 2}")
+  assert f"resuming from step {before[-1]}" in again.stderr
+  assert committed(tmp_path)[-1] == before[-1] + 2
+
+
+@pytest.mark.slow
+def test_a_corrupted_checkpoint_is_skipped_with_a_warning(repo, tmp_path):
+  run(repo, tmp_path, "--config.train.steps=6", "--config.checkpoint.every_steps=3")
+  assert committed(tmp_path) == [3, 6]
+  for root, _, files in os.walk(tmp_path / "checkpoints" / "6" / "state"):
+    for f in files:
+      open(os.path.join(root, f), "wb").close()  # truncated to nothing
+  again = run(repo, tmp_path, "--config.train.steps=8", "--config.checkpoint.every_steps=3")
+  assert f"checkpoint {tmp_path}/checkpoints/6 is unreadable" in again.stderr
+  assert any(d.startswith("6.unreadable") for d in os.listdir(tmp_path / "checkpoints"))
+  assert "resuming from step 3" in again.stderr
+  assert [s for s, _ in losses(tmp_path)] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_resume_on_fewer_devices_reshards(repo, tmp_path):
+  first = run(repo, tmp_path, "--config.train.steps=8", "--config.train.stop_after=6")
+  assert "'fsdp': 8" in first.stderr
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  again = run(repo, tmp_path, "--config.train.steps=8", env=env)
+  assert "resuming from step 6" in again.stderr and "'fsdp': 4" in again.stderr
+  assert [s for s, _ in losses(tmp_path)] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_init_from_loads_params_and_rejects_another_shape(repo, tmp_path):
+  base, tuned, bad = tmp_path / "base", tmp_path / "tuned", tmp_path / "bad"
+  run(repo, base, "--config.train.steps=20", "--config.checkpoint.every_steps=10")
+  run(repo, tuned, "--config.train.steps=2", "--config.optimizer.warmup_steps=1", f"--config.init_from.workdir={base}",
+      "--config.init_from.step=10")
+  base_losses, tuned_losses = dict(losses(base)), dict(losses(tuned))
+  assert abs(tuned_losses[1] - base_losses[11]) < 0.3 < base_losses[1] - tuned_losses[1]  # starts where base was
+  proc = run(repo, bad, "--config.train.steps=2", "--config.optimizer.warmup_steps=1",
+             f"--config.init_from.workdir={base}", "--config.model.mlp_dim=96",
+             check=False)
+  assert proc.returncode != 0
+  assert "['down_kernel'] is (2, 192, 64) float32 there but (2, 96, 64) float32 in this model" in proc.stderr
