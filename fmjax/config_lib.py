@@ -103,6 +103,7 @@ def base() -> ml_collections.ConfigDict:
   c.init_from = ml_collections.ConfigDict()
   c.init_from.workdir = ""  # start from the params (not the optimizer) of another run's checkpoint
   c.init_from.step = -1  # that run's step; -1 = its newest checkpoint
+  c.init_from.bootstrap = ""  # with workdir empty: pre-train this config into WORKDIR/base first, start from it
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 200  # held-out loss period in steps (and at the last step); 0 = never

@@ -28,9 +28,9 @@ def checkpoint_dir(workdir: str, step: int = -1) -> str:
   return os.path.join(root, str(step))
 
 
-def load(state: Any, shardings: Any, cfg: Any) -> Any:
-  """`state` with its params replaced by those of `cfg.workdir` at `cfg.step`."""
-  path = os.path.join(checkpoint_dir(cfg.workdir, cfg.step), "state")
+def load(state: Any, shardings: Any, workdir: str, step: int = -1) -> Any:
+  """`state` with its params replaced by those of `workdir`'s checkpoint at `step` (-1 = newest)."""
+  path = os.path.join(checkpoint_dir(workdir, step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
   saved = checkpointer.metadata(path).item_metadata.tree["params"]
   ours = jax.tree_util.tree_flatten_with_path(state.params)[0]

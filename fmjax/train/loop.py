@@ -21,6 +21,18 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+def _bootstrap(spec: str, workdir: str) -> str:
+  """Pre-trains config `spec` (a path relative to the working or the repository directory) into WORKDIR/base, or
+  finds it there already; returns that directory."""
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), path)
+  base = os.path.join(workdir, "base")
+  logging.info("init_from.bootstrap: pre-training %s into %s first", spec, base)
+  train(config_lib.load(f"{path}:{variant}" if variant else path), base)
+  return base
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one; returns the experiment (its
   `state` holds the final params). SIGTERM saves a checkpoint at the next step boundary and returns early."""
@@ -38,8 +50,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     dropped = metrics_lib.truncate_after(workdir, resumed) if is_main else 0
     logging.info("resuming from step %d (%s/%d)%s", resumed, ckpt.directory, resumed,
                  f"; dropped {dropped} metrics rows logged after it" if dropped else "")
-  elif config.init_from.workdir:
-    exp.state = init_from.load(exp.state, exp.state_shardings, config.init_from)
+  elif config.init_from.workdir or config.init_from.bootstrap:
+    source = config.init_from.workdir or _bootstrap(config.init_from.bootstrap, workdir)
+    exp.state = init_from.load(exp.state, exp.state_shardings, source, config.init_from.step)
   peak_flops, peak_source = peak.total_peak_flops(jax.devices(), config.log.peak_flops)
   logging.info("peak %.1f TFLOP/s over %d device(s) (%s)", peak_flops / 1e12, jax.device_count(), peak_source)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
