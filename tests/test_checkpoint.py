@@ -135,3 +135,30 @@ def test_init_from_loads_params_and_rejects_another_shape(repo, tmp_path):
              check=False)
   assert proc.returncode != 0
   assert "['down_kernel'] is (2, 192, 64) float32 there but (2, 96, 64) float32 in this model" in proc.stderr
+
+
+def test_save_policy_by_steps_minutes_and_keep(tmp_path, monkeypatch):
+  import grain
+  import ml_collections
+
+  from fmjax.train import checkpoint
+
+  clock = [1000.0]
+  monkeypatch.setattr(checkpoint.time, "monotonic", lambda: clock[0])
+  cfg = ml_collections.ConfigDict(dict(every_steps=5, every_minutes=2.0, keep=2, keep_every=4, async_save=False))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), cfg)
+  it = iter(grain.MapDataset.range(100).to_iter_dataset())
+  saved = []
+  for step in range(1, 15):
+    clock[0] += 50.0  # 50 s per step: 2 minutes pass every 2.4 steps
+    next(it)
+    if ckpt.due(step):
+      ckpt.save(step, {"w": np.full(3, step, np.float32)}, it, {"step": step})
+      saved.append(step)
+  ckpt.wait()
+  assert saved == [3, 5, 8, 10, 13]  # 2 minutes passed at 3, 8 and 13; the step period at 5 and 10
+  assert sorted(ckpt.manager.all_steps()) == [8, 10, 13]  # newest 2, plus 8 (a multiple of keep_every=4)
+  fresh = iter(grain.MapDataset.range(100).to_iter_dataset())
+  state, step = ckpt.restore_latest({"w": jax.ShapeDtypeStruct((3,), np.float32)}, fresh)
+  assert step == 13 and np.all(np.asarray(state["w"]) == 13) and next(fresh) == 13
+  ckpt.close()
