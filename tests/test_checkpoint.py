@@ -145,7 +145,7 @@ def test_save_policy_by_steps_minutes_and_keep(tmp_path, monkeypatch):
 
   clock = [1000.0]
   monkeypatch.setattr(checkpoint.time, "monotonic", lambda: clock[0])
-  cfg = ml_collections.ConfigDict(dict(every_steps=5, every_minutes=2.0, keep=2, keep_every=4, async_save=False))
+  cfg = ml_collections.ConfigDict(dict(every_steps=5, every_minutes=2.0, keep=2, keep_every=4, async_save=True))
   ckpt = checkpoint.Checkpointer(str(tmp_path), cfg)
   it = iter(grain.MapDataset.range(100).to_iter_dataset())
   saved = []
@@ -160,5 +160,6 @@ def test_save_policy_by_steps_minutes_and_keep(tmp_path, monkeypatch):
   assert sorted(ckpt.manager.all_steps()) == [8, 10, 13]  # newest 2, plus 8 (a multiple of keep_every=4)
   fresh = iter(grain.MapDataset.range(100).to_iter_dataset())
   state, step = ckpt.restore_latest({"w": jax.ShapeDtypeStruct((3,), np.float32)}, fresh)
+  # the position saved at 13 is the one at the save, not the later one (step 14 read on while it was written)
   assert step == 13 and np.all(np.asarray(state["w"]) == 13) and next(fresh) == 13
   ckpt.close()
