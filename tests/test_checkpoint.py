@@ -163,3 +163,18 @@ def test_save_policy_by_steps_minutes_and_keep(tmp_path, monkeypatch):
   # the position saved at 13 is the one at the save, not the later one (step 14 read on while it was written)
   assert step == 13 and np.all(np.asarray(state["w"]) == 13) and next(fresh) == 13
   ckpt.close()
+
+
+@pytest.mark.slow
+def test_init_from_rejects_a_run_with_another_tokenizer(repo, tmp_path):
+  base, tuned = tmp_path / "base", tmp_path / "tuned"
+  run(repo, base, "--config.train.steps=2", "--config.optimizer.warmup_steps=1")
+  assert (base / "tokenizer.model").is_file()
+  proc = run(repo, tuned, "--config.train.steps=2", "--config.optimizer.warmup_steps=1",
+             f"--config.init_from.workdir={base}", "--config.data.vocab_size=500", check=False)
+  assert proc.returncode != 0
+  assert "was trained with tokenizer sentencepiece:" in proc.stderr
+  assert f"set --config.data.tokenizer_path={base}/tokenizer.model" in proc.stderr
+  ok = run(repo, tuned, "--config.train.steps=2", "--config.optimizer.warmup_steps=1",
+           f"--config.init_from.workdir={base}", f"--config.data.tokenizer_path={base}/tokenizer.model")
+  assert "initialised params from" in ok.stderr

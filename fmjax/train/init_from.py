@@ -6,12 +6,26 @@ state is read, directly into this run's shardings (any mesh); shapes and dtypes 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+def check_tokenizer(workdir: str, ours: dict) -> None:
+  """The run we start from must have used this run's tokenizer (same ids for the same text)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return  # not an fmjax run directory (e.g. an import); shapes are still checked
+  with open(path) as f:
+    theirs = json.load(f).get("tokenizer")
+  if theirs and theirs["id"] != ours["id"]:
+    raise ValueError(f"init_from.workdir={workdir!r} was trained with tokenizer {theirs['id']} but this run uses "
+                     f"{ours['id']}; set --config.data.tokenizer_path={os.path.join(workdir, 'tokenizer.model')} "
+                     "(its copy of that tokenizer).")
 
 
 def checkpoint_dir(workdir: str, step: int = -1) -> str:

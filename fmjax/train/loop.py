@@ -6,12 +6,14 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 
 import jax
 import ml_collections
 
 from fmjax import config_lib
+from fmjax.data import prepared
 from fmjax.train import checkpoint, init_from, peak, preemption
 from fmjax.train import metrics as metrics_lib
 from fmjax.train.experiment import Experiment, build
@@ -39,8 +41,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   is_main = jax.process_index() == 0
   exp = build(config)
   resolved = json.loads(config_lib.resolve(config).to_json_best_effort())
+  resolved["tokenizer"] = {"id": prepared.tokenizer_id(exp.tokenizer), "vocab_size": exp.tokenizer.vocab_size}
   if is_main:
     os.makedirs(workdir, exist_ok=True)
+    if getattr(exp.tokenizer, "path", None):  # the run directory carries its own tokenizer
+      shutil.copyfile(exp.tokenizer.path, os.path.join(workdir, "tokenizer.model"))
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved, f, indent=2)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
@@ -52,6 +57,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
                  f"; dropped {dropped} metrics rows logged after it" if dropped else "")
   elif config.init_from.workdir or config.init_from.bootstrap:
     source = config.init_from.workdir or _bootstrap(config.init_from.bootstrap, workdir)
+    init_from.check_tokenizer(source, resolved["tokenizer"])
     exp.state = init_from.load(exp.state, exp.state_shardings, source, config.init_from.step)
   peak_flops, peak_source = peak.total_peak_flops(jax.devices(), config.log.peak_flops)
   logging.info("peak %.1f TFLOP/s over %d device(s) (%s)", peak_flops / 1e12, jax.device_count(), peak_source)
