@@ -24,3 +24,14 @@ def repo() -> str:
 
 def pytest_configure(config):
   assert jax.device_count() == 8, "tests need 8 CPU devices; XLA_FLAGS was set too late"
+
+
+@pytest.fixture(scope="session")
+def cpu_env():
+  """Environment for a subprocess run on `devices` virtual CPU devices (default 1). Eight virtual devices on a busy
+  2-core machine can starve XLA's cross-device rendezvous, which aborts after 40 s; runs that test no sharding use
+  one."""
+  def make(devices: int = 1) -> dict:
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    return {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
+  return make

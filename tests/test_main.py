@@ -15,11 +15,11 @@ REQUIRED = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu
 
 
 @pytest.mark.slow
-def test_smoke_pretraining_run(repo, tmp_path):
+def test_smoke_pretraining_run(repo, tmp_path, cpu_env):
   workdir = tmp_path / "smoke"
   proc = subprocess.run([sys.executable, "-m", "fmjax.main", "--config=configs/pretrain.py:smoke",
                          f"--workdir={workdir}", "--config.train.steps=30"], cwd=repo, capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=300, env=cpu_env(2))
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert [r["step"] for r in rows] == list(range(1, 31))  # smoke logs every step; the CLI override took effect
