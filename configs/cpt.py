@@ -30,6 +30,7 @@ def get_config(arg: str | None = None):
   c.optimizer.warmup_steps = max(1, a.steps // 20)
   c.optimizer.schedule = "cosine"
   c.eval.every_steps = max(1, a.steps // 10)
+  c.eval.at_start = True  # step 0: the base on both domains, before any CPT
   c.checkpoint.every_steps = max(1, a.steps // 4)
   if a.smoke:
     c.model.name = "smoke" if a.model == "small" else a.model

@@ -108,6 +108,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 200  # held-out loss period in steps (and at the last step); 0 = never
   c.eval.batches = 4  # fixed held-out batches of train.batch_size × train.seq_len, per eval source
+  c.eval.at_start = False  # also evaluate the starting params (step 0), e.g. the base of a fine-tuning run
   c.eval.sources = ml_collections.ConfigDict()  # name -> source spec (read whole); empty = held-out training data
 
   c.log = ml_collections.ConfigDict()

@@ -19,9 +19,11 @@ def test_cpt_smoke_runs_standalone_and_evaluates_both_domains(repo, tmp_path, cp
                         cwd=repo, capture_output=True, text=True, timeout=300, env=cpu_env(1))
   assert proc.returncode == 0, "\n".join(l for l in proc.stderr.splitlines() if l[:1] in "EF" or "rror" in l)[-6000:]
   base, cpt = rows(tmp_path / "base"), rows(tmp_path)
-  assert cpt[0]["loss"] < base[0]["loss"] - 0.5  # it starts from the pre-trained base, not from scratch
+  assert cpt[1]["loss"] < base[0]["loss"] - 0.5  # it starts from the pre-trained base, not from scratch
   evals = [r for r in cpt if "eval_loss" in r]
-  assert [r["step"] for r in evals] == [10, 20, 30]
+  assert [r["step"] for r in evals] == [0, 10, 20, 30]  # 0: the base, before continuing
+  base_eval = [r for r in base if "eval_loss" in r][-1]["eval_loss"]  # the same held-out prose batches
+  assert abs(evals[0]["eval_loss/prose"] - base_eval) < 1e-4
   assert all({"eval_loss/code", "eval_loss/prose", "eval_perplexity/code"} <= set(r) for r in evals)
   assert evals[-1]["eval_loss/code"] < evals[0]["eval_loss/code"]
   out = tmp_path / "curves.png"

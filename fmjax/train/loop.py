@@ -95,6 +95,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   state = exp.state
   start = int(jax.device_get(state.step))
   pending = None
+  if config.eval.at_start and config.eval.every_steps and start == 0:  # the starting point, e.g. a CPT base
+    m = {k: float(v) for k, v in jax.device_get(exp.evaluate(state)).items()}
+    writer.write(0, m)
+    logging.info("step 0 (before training): %s", " | ".join(f"{k} {v:.4f}" for k, v in m.items()
+                                                             if k.startswith("eval_loss")))
   window_start = time.perf_counter()
   step = start
   for step in range(start + 1, total + 1):
