@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from fmjax.train import checkpoint
+
 
 def check_tokenizer(workdir: str, ours: dict) -> None:
   """The run we start from must have used this run's tokenizer (same ids for the same text)."""
@@ -59,8 +61,7 @@ def load(state: Any, shardings: Any, workdir: str, step: int = -1) -> Any:
       raise ValueError(f"init_from {path}: parameter {jax.tree_util.keystr(p)} is {tuple(theirs[p].shape)} "
                        f"{theirs[p].dtype} there but {tuple(x.shape)} {x.dtype} in this model; use the same "
                        "model.* settings (and tokenizer / model.vocab_size) as the run you start from.")
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.params,
-                        shardings.params)
+  target = checkpoint.abstract(state.params, shardings.params)
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
       item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
