@@ -43,16 +43,17 @@ def json_record(raw: bytes, where: str, fix: str) -> dict:
 
 
 class EmbeddedSource:
-  """A zero-download corpus split by document key (see `fmjax.data.embedded`)."""
+  """A zero-download corpus split by document key (see `fmjax.data.embedded`); records are named by key."""
 
   def __init__(self, name: str, split: str):
-    self.name, self.texts = name, embedded.load(name, split)
+    self.name, self.docs = name, embedded.load_records(name, split)
 
   def __len__(self) -> int:
-    return len(self.texts)
+    return len(self.docs)
 
   def __getitem__(self, i: int) -> dict:
-    return {"text": self.texts[i], WHERE: f"embedded:{self.name}[{i}]"}
+    key, text = self.docs[i]
+    return {"text": text, WHERE: f"embedded:{self.name}[{key}]"}
 
 
 class TextFiles:

@@ -17,9 +17,6 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "data", "config")
-
-
 def abstract(state: Any, shardings: Any) -> Any:
   """Shapes, dtypes and target shardings of `state`: what a restore fills in, re-sharding onto this mesh."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
