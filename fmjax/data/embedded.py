@@ -12,6 +12,12 @@
                  module name (`email.mime.text`; a package's `__init__.py` is the package itself).
 `code`, Python source: one document per standard-library source file that is not blank, its exact text, keyed by
   its path relative to the standard-library directory with `/` separators (`json/encoder.py`).
+`api`, the raw material of `fmjax.data.instruct` (not a corpus of `load`): one entry per public function or method
+  with a docstring, found by the rules of `doc:` (so never a class itself), keyed by its qualified name
+  (`json.dumps`), its value a compact JSON object {"module": "json", "signature": "def dumps(obj, *, ...)",
+  "doc": the docstring as `ast.get_docstring` cleans it}. The signature is `def` or `async def`, the name, the
+  arguments as `ast.unparse` writes them, and ` -> RETURN` when annotated. Where a name is defined more than once
+  (platform variants in `if` / `try` blocks), the first definition in source order is kept.
 
 Standard-library source files: the `.py` files under `sysconfig.get_paths()["stdlib"]`, walked in sorted order,
   - descending only into directories whose names are identifiers (packages), and never into `site-packages`,
@@ -25,8 +31,8 @@ Standard-library source files: the `.py` files under `sysconfig.get_paths()["std
   - that decode as UTF-8 and parse with this Python's `ast` (others are skipped silently).
 No module is imported (importing some, e.g. `antigravity` or `this`, has side effects); docstrings come from `ast`.
 
-Both corpora are deterministic for a given Python installation. Building them parses ~11 MB of source (seconds),
-so the first `load` writes them to `$FMJAX_CACHE/corpora/` (default `~/.cache/fmjax/corpora/`) as gzip'd JSON
+All three are deterministic for a given Python installation. Building them parses ~11 MB of source (seconds), so
+the first `load` writes them to `$FMJAX_CACHE/corpora/` (default `~/.cache/fmjax/corpora/`) as gzip'd JSON
 objects key -> text, named by corpus, `FORMAT_VERSION`, Python version and standard-library directory; later loads
 read that file (and, within a process, memory).
 """
@@ -52,7 +58,7 @@ from fmjax.data import cache
 
 SPLITS = ("train", "validation", "all")
 VALIDATION_FRACTION = 0.1
-FORMAT_VERSION = 1  # bump whenever the documents built change, so cached corpora are rebuilt
+FORMAT_VERSION = 2  # bump whenever the documents built change, so cached corpora are rebuilt
 MAX_FILE_BYTES = 500_000
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 
@@ -90,36 +96,52 @@ def module_name(rel: str) -> str:
   return ".".join(parts)
 
 
-def _add(entries: list[str], name: str, node: ast.AST) -> None:
+def _add(entries: list[str], name: str, node: ast.AST) -> str | None:
   doc = ast.get_docstring(node)
   if doc and doc.strip():
     entries.append(f"{name}\n{doc}")
+    return doc
+  return None
 
 
-def _walk(entries: list[str], prefix: str, body: list[ast.stmt]) -> None:
+def signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+  """`def dumps(obj, *, skipkeys=False, ...)`: the definition line of a function, without decorators or colon."""
+  keyword = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+  returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+  return f"{keyword} {node.name}({ast.unparse(node.args)}){returns}"
+
+
+def _walk(entries: list[str], prefix: str, body: list[ast.stmt], api: dict[str, str] | None, module: str) -> None:
   for node in body:
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
       if not node.name.startswith("_"):
-        _add(entries, f"{prefix}.{node.name}", node)
+        name = f"{prefix}.{node.name}"
+        doc = _add(entries, name, node)
         if isinstance(node, ast.ClassDef):
-          _walk(entries, f"{prefix}.{node.name}", node.body)
+          _walk(entries, name, node.body, api, module)
+        elif doc and api is not None and name not in api:  # the first of several platform variants wins
+          api[name] = json.dumps({"module": module, "signature": signature(node), "doc": doc},
+                                 ensure_ascii=False, separators=(",", ":"))
     elif isinstance(node, ast.If):
-      _walk(entries, prefix, node.body + node.orelse)
+      _walk(entries, prefix, node.body + node.orelse, api, module)
     elif isinstance(node, (ast.Try, ast.TryStar)):
-      _walk(entries, prefix, node.body + [s for h in node.handlers for s in h.body] + node.orelse + node.finalbody)
+      _walk(entries, prefix, node.body + [s for h in node.handlers for s in h.body] + node.orelse + node.finalbody,
+            api, module)
 
 
-def reference(module: str, tree: ast.Module) -> str:
-  """The `doc:` document of a parsed module: its docstrings under qualified-name headers ('' when it has none)."""
+def reference(module: str, tree: ast.Module, api: dict[str, str] | None = None) -> str:
+  """The `doc:` document of a parsed module: its docstrings under qualified-name headers ('' when it has none).
+  With `api`, also adds the module's `api` entries to it (qualified name -> JSON)."""
   entries: list[str] = []
   _add(entries, module, tree)
-  _walk(entries, module, tree.body)
+  _walk(entries, module, tree.body, api, module)
   return "\n\n".join(entries)
 
 
-def _build_stdlib(root: str) -> tuple[dict[str, str], dict[str, str]]:
-  """(`code` documents, `doc:` documents of `prose`) of the standard library under `root`, in one parse per file."""
-  code, docs = {}, {}
+def _build_stdlib(root: str) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+  """(`code` documents, `doc:` documents of `prose`, `api` entries) of the standard library under `root`, in one
+  parse per file."""
+  code, docs, api = {}, {}, {}
   gc_was_enabled = gc.isenabled()
   # Parsing allocates millions of AST nodes, which would trigger many full collections over the whole heap;
   # the trees hold no reference cycles, so reference counting frees them and the build runs ~2x faster without gc.
@@ -135,22 +157,22 @@ def _build_stdlib(root: str) -> tuple[dict[str, str], dict[str, str]]:
         if text.strip():  # empty `__init__.py` files make no document
           code[rel] = text
         name = module_name(rel)
-        if doc := reference(name, tree):
+        if doc := reference(name, tree, api):
           docs[f"doc:{name}"] = doc
   finally:
     if gc_was_enabled:
       gc.enable()
-  return code, docs
+  return code, docs, api
 
 
 def _build(root: str) -> dict[str, dict[str, str]]:
   """Every corpus: name -> key -> text."""
   from pydoc_data import topics  # ships with every CPython; a plain dict, no side effects
 
-  code, docs = _build_stdlib(root)
+  code, docs, api = _build_stdlib(root)
   prose = {f"topic:{k}": v for k, v in topics.topics.items() if v.strip()}
   prose.update(docs)
-  return {"prose": prose, "code": code}
+  return {"prose": prose, "code": code, "api": api}
 
 
 def cache_path(name: str, root: str | None = None) -> str:
@@ -201,6 +223,12 @@ def prose_documents() -> dict[str, str]:
 def code_documents() -> dict[str, str]:
   """The standard library's Python source files, keyed by relative path (`json/encoder.py`)."""
   return dict(_documents("code"))
+
+
+def api_entries() -> dict[str, dict[str, str]]:
+  """The standard library's public functions and methods with a docstring: qualified name -> {"module",
+  "signature", "doc"} (see the module docstring)."""
+  return {name: json.loads(entry) for name, entry in _documents("api").items()}
 
 
 CORPORA = {"prose": prose_documents, "code": code_documents}

@@ -1,7 +1,8 @@
 """Random-access record sources: embedded corpora, tfds datasets, local files, prepared (tokenized) ArrayRecords.
 
 A source spec is one string:
-  `embedded:NAME`               a zero-download corpus (`prose`, `code`)
+  `embedded:NAME`               a zero-download corpus: `prose`, `code` (text), `instruct` (chat records;
+                                `instruct/TASK` for one task: explain, summarize, name)
   `tfds:NAME[/CONFIG][:SPLIT]`  a tfds dataset read through `tfds.data_source` (ArrayRecord; SPLIT default `train`)
   `prepared:DIR`                records tokenized once by `tools/prepare_data.py`
   a glob of files               `.txt` (one document per file), `.jsonl` (one record per line), `.parquet` (one
@@ -13,6 +14,7 @@ by a hash of the record index (embedded corpora use their own key-based split), 
 
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import os
@@ -20,8 +22,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fmjax.data import embedded
+from fmjax.data import embedded, instruct
 
+EMBEDDED = ("code", "instruct", "prose")
 FILE_KINDS = (".txt", ".jsonl", ".parquet", ".array_record")
 WHERE = "_where"  # key of a record's location, for error messages
 
@@ -43,17 +46,27 @@ def json_record(raw: bytes, where: str, fix: str) -> dict:
 
 
 class EmbeddedSource:
-  """A zero-download corpus split by document key (see `fmjax.data.embedded`); records are named by key."""
+  """A zero-download corpus split by record key (see `fmjax.data.embedded` and `fmjax.data.instruct`): `{"text"}`
+  records for `prose` and `code`, `{"messages", "task"}` records for `instruct`; each is named by its key."""
 
   def __init__(self, name: str, split: str):
-    self.name, self.docs = name, embedded.load_records(name, split)
+    corpus, _, task = name.partition("/")
+    if corpus not in EMBEDDED or (task and corpus != "instruct"):
+      raise ValueError(f"data source 'embedded:{name}' is unknown; embedded corpora: {list(EMBEDDED)}.")
+    self.name = name
+    if corpus == "instruct":
+      if task and task not in instruct.TASKS:
+        raise ValueError(f"data source 'embedded:{name}': task {task!r} is unknown; tasks: {list(instruct.TASKS)}.")
+      self.records = [(k, r) for k, r in instruct.load_records(split) if not task or r["task"] == task]
+    else:
+      self.records = [(key, {"text": text}) for key, text in embedded.load_records(name, split)]
 
   def __len__(self) -> int:
-    return len(self.docs)
+    return len(self.records)
 
   def __getitem__(self, i: int) -> dict:
-    key, text = self.docs[i]
-    return {"text": text, WHERE: f"embedded:{self.name}[{key}]"}
+    key, record = self.records[i]
+    return {**copy.deepcopy(record), WHERE: f"embedded:{self.name}[{key}]"}  # callers may edit their record
 
 
 class TextFiles:
