@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import ml_collections
@@ -10,6 +11,7 @@ from ml_collections import config_dict
 
 from fmjax import sharding
 from fmjax.model import config as model_config
+from fmjax.model import lora as lora_lib
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -53,6 +55,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.workers = 0  # tokenizing processes per source; 0 = in the training process
   c.data.packing_bins = 16  # first-fit bins open at once when packing whole examples (non-text formats)
   c.data.overlong = "error"  # an example longer than train.seq_len (non-text formats): error | truncate | drop
+  c.data.chat_template = "fmjax"  # messages → text: fmjax | chatml | llama3 | plain, or a '{role}…{content}…' string
   c.data.tokenizer = "sentencepiece"  # sentencepiece | bytes (UTF-8 bytes, 259 ids)
   c.data.tokenizer_path = ""  # a sentencepiece .model; empty = train one on the training sources and cache it
   c.data.tokenizer_source = ""  # what an auto-trained tokenizer learns from; empty = the training sources
@@ -63,6 +66,7 @@ def base() -> ml_collections.ConfigDict:
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "lm"  # loss head (fmjax/objectives)
   c.objective.z_loss = 0.0  # weight of logsumexp(logits)² (PaLM uses 1e-4)
+  c.objective.completion_only = True  # sft: loss on responses only (False: on every real token of an example)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | sgd
@@ -105,6 +109,13 @@ def base() -> ml_collections.ConfigDict:
   c.init_from.step = -1  # that run's step; -1 = its newest checkpoint
   c.init_from.bootstrap = ""  # with workdir empty: pre-train this config into WORKDIR/base first, start from it
 
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # 0 = off (every parameter trains); r > 0: train rank-r adapters over a frozen base
+  c.lora.alpha = 16.0  # adapter scale s = alpha / rank
+  c.lora.dropout = 0.0  # dropout on the adapters' input while training
+  c.lora.targets = lora_lib.DEFAULT_TARGETS  # regex searched in parameter paths, e.g. 'layers/attn/q_kernel'
+  c.lora.rslora = False  # rank-stabilised scale alpha / sqrt(rank)
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 200  # held-out loss period in steps (and at the last step); 0 = never
   c.eval.batches = 4  # fixed held-out batches of train.batch_size × train.seq_len, per eval source
@@ -117,10 +128,48 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+def finetune(init_from: str, smoke: bool, model: str, steps: int, lr: float, data: str) -> ml_collections.ConfigDict:
+  """The base of the fine-tuning stages (SFT, LoRA, ...): start from the params of pre-trained run `init_from` with
+  its tokenizer, evaluate the held-out split from step 0 on. With no `init_from`, the default pre-training config
+  (`smoke`: its smoke variant) first trains a base into WORKDIR/base."""
+  c = base()
+  c.model.name = model
+  c.data.source = data
+  c.init_from.workdir = init_from
+  if init_from:
+    c.data.tokenizer_path = os.path.join(init_from, "tokenizer.model")  # the copy every run directory carries
+  else:
+    c.init_from.bootstrap = "configs/pretrain.py:smoke" if smoke else "configs/pretrain.py"
+    c.data.tokenizer_source = "embedded:prose"  # the tokenizer that pre-training trains (and caches)
+  c.train.steps = steps
+  c.optimizer.lr = lr
+  c.optimizer.warmup_steps = max(1, steps // 20)
+  c.optimizer.weight_decay = 0.0
+  c.data.overlong = "drop"  # an example longer than a row is skipped, not cut (a cut response would teach no stop)
+  c.eval.every_steps = max(1, steps // 10)
+  c.eval.at_start = True  # step 0: the base itself
+  c.checkpoint.every_steps = max(1, steps // 4)
+  if smoke:
+    c.model.name = "smoke" if model == "small" else model
+    c.data.vocab_size = 512
+    c.train.seq_len = 256  # nearly every embedded instruction fits in 256 pieces of the 512-piece tokenizer
+    c.log.every_steps, c.eval.batches = 1, 2
+  return c
+
+
 def resolved_model(config: ml_collections.ConfigDict) -> model_config.ModelConfig:
   """The preset named by `config.model.name` with every explicitly set `config.model.*` field applied."""
   overrides = {k: v for k, v in config.model.items() if k != "name"}
   return model_config.resolve(config.model.name, overrides)
+
+
+def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
+  """The LoRA parameterisation of this run, or None when every parameter trains (`lora.rank` = 0)."""
+  if config.lora.rank < 0:
+    raise ValueError(f"lora.rank={config.lora.rank} must be >= 0 (0 = off).")
+  if not config.lora.rank:
+    return None
+  return lora_lib.LoraConfig(**config.lora.to_dict()).validate()
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -38,6 +38,7 @@ DEFAULT_RULES = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),
 )
 
 

@@ -74,6 +74,8 @@ def test_flops_match_a_hand_count():
   # Two layers + unembedding 8×10: 1232 matmul weights; fwd 2 FLOPs each, ×3 for fwd+bwd: 6·1232 = 7392.
   # Attention per layer and token: QKᵀ and AV, 2·T·(2·4) FLOPs each = 192, causal half = 96; ×2 layers ×3 = 576.
   assert flops.train_flops_per_token(cfg, T) == 7392 + 576
+  # Frozen weights (LoRA): no weight gradients, 4·1232 = 4928 for the weights; attention is unchanged.
+  assert flops.train_flops_per_token(cfg, T, frozen_weights=True) == 4928 + 576
 
 
 def test_reference_shape_flops_match_the_perf_notes():

@@ -19,6 +19,7 @@ def main() -> None:
   p.add_argument("--output", required=True, help="an empty or new directory")
   p.add_argument("--format", default="auto", help="auto | text | prompt_completion | chat | preference")
   p.add_argument("--field", default="text", help="text field of `text` records")
+  p.add_argument("--chat_template", default="", help="chat template of `messages` records (default: the config's)")
   p.add_argument("--config", default="configs/pretrain.py", help="config whose tokenizer to use")
   p.add_argument("--tokenizer_path", default="", help="a sentencepiece .model (overrides the config's tokenizer)")
   p.add_argument("--tfds_data_dir", default="")
@@ -40,7 +41,8 @@ def main() -> None:
     fmt = args.format
     if fmt == "auto":
       fmt = formats.detect(data.open_source(args.source, "all", tfds_data_dir=args.tfds_data_dir)[0], args.field)
-    meta = prepared.prepare(args.source, formats.Encoder(fmt, tokenizer, args.field), tokenizer, args.output,
+    encode = formats.Encoder(fmt, tokenizer, args.field, chat_template=args.chat_template or data_cfg.chat_template)
+    meta = prepared.prepare(args.source, encode, tokenizer, args.output,
                             args.workers, args.records_per_shard, args.tfds_data_dir)
   except data.DataError as e:
     raise SystemExit(f"error: {e}") from e

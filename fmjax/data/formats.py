@@ -9,7 +9,7 @@ A sequence is BOS + pieces + EOS with a 0/1 weight per token (1 = the model must
 `tokens` = seq[:-1], `targets` = seq[1:], `loss_mask` = weight[1:] — so packing can never pair a token with another
 document's target. Preference examples hold those three keys twice, prefixed `chosen_` and `rejected_`.
 
-Chat template (the markers are single reserved ids of fmjax's sentencepiece tokenizers):
+Messages go through a chat template (fmjax/data/chat.py; default: fmjax's reserved single-id markers):
   BOS <|system|>…<|end|> <|user|>…<|end|> <|assistant|>…<|end|> … EOS
 the assistant's content and its `<|end|>` carry loss, and EOS does when the conversation ends with the assistant.
 """
@@ -20,11 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from fmjax.data.chat import ROLES, ChatTemplate
 from fmjax.data.sources import WHERE, DataError
 
 FORMATS = ("auto", "text", "prompt_completion", "chat", "preference")
-ROLES = ("system", "user", "assistant")
-END = "<|end|>"
 OVERLONG = ("error", "truncate", "drop")
 
 
@@ -51,7 +50,9 @@ def sequence_keys(fmt: str) -> tuple[str, ...]:
 class Encoder:
   """Turns a record of one format into an example dict (picklable, so it runs in grain worker processes)."""
 
-  def __init__(self, fmt: str, tokenizer: Any, field: str = "text", max_len: int = 0, overlong: str = "error"):
+  def __init__(self, fmt: str, tokenizer: Any, field: str = "text", max_len: int = 0, overlong: str = "error",
+               chat_template: str = "fmjax"):
+    self.chat = ChatTemplate(chat_template)
     if fmt not in FORMATS[1:]:
       raise ValueError(f"data.format={fmt!r} is unknown; use one of {FORMATS}.")
     if overlong not in OVERLONG:
@@ -97,8 +98,7 @@ class Encoder:
       role = message["role"]
       if role not in ROLES:
         raise DataError(f"{where}: message {n} has role {role!r}; roles are {ROLES}.")
-      w = (role == "assistant") if weight is None else weight
-      pieces += [(f"<|{role}|>", 0), (message["content"], int(w)), (END, int(w))]
+      pieces += self.chat.pieces(role, message["content"], (role == "assistant") if weight is None else bool(weight))
     return pieces
 
   def _sequence(self, pieces: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -74,7 +74,8 @@ def _open(spec: SourceSpec, data_cfg: Any, split: str, tokenizer: Any, seq_len: 
     encode = _Fit(seq_len if fmt != "text" else 0, data_cfg.overlong)
   else:
     fmt = spec.format if spec.format != "auto" else formats.detect(records[0], spec.field)
-    encode = formats.Encoder(fmt, tokenizer, spec.field, seq_len if fmt != "text" else 0, data_cfg.overlong)
+    encode = formats.Encoder(fmt, tokenizer, spec.field, seq_len if fmt != "text" else 0, data_cfg.overlong,
+                             data_cfg.chat_template)
     encode(records[0])  # a missing field or bad record shows up now, not in a worker later
   return records, encode, fmt
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.model.config import ModelConfig
+from fmjax.model.lora import LoraConfig, project
 
 constrain = nn.with_logical_constraint
 ACT_BTD = ("act_batch", "act_len", "act_embed")
@@ -85,6 +86,7 @@ class Attention(nn.Module):
   """Grouped-query self-attention with RoPE, optional QKV bias and QK-norm."""
 
   cfg: ModelConfig
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, mask_Bx1xTxT: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
@@ -95,9 +97,10 @@ class Attention(nn.Module):
     wv = dense_param(self, "v_kernel", (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
     wo = dense_param(self, "o_kernel", (N, H, D), ("heads", "head_dim", "embed"), cfg,
                      std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
-    q_BxTxNxH = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, wq)
-    k_BxTxKxH = jnp.einsum("BTD,DKH->BTKH", x_BxTxD, wk)
-    v_BxTxKxH = jnp.einsum("BTD,DKH->BTKH", x_BxTxD, wv)
+    proj = lambda name, spec, x, w, axes: project(self, name, spec, x, w, axes, self.lora)  # noqa: E731
+    q_BxTxNxH = proj("q_kernel", "BTD,DNH->BTNH", x_BxTxD, wq, ("embed", "heads", "head_dim"))
+    k_BxTxKxH = proj("k_kernel", "BTD,DKH->BTKH", x_BxTxD, wk, ("embed", "kv_heads", "head_dim"))
+    v_BxTxKxH = proj("v_kernel", "BTD,DKH->BTKH", x_BxTxD, wv, ("embed", "kv_heads", "head_dim"))
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
       bias = lambda name, shape, axes: self.param(  # noqa: E731
@@ -113,13 +116,14 @@ class Attention(nn.Module):
     v_BxTxKxH = constrain(v_BxTxKxH, ("act_batch", "act_len", "act_kv_heads", None))
     out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT,
                                                scale=1.0 / math.sqrt(H), implementation=cfg.attention_impl)
-    return constrain(jnp.einsum("BTNH,NHD->BTD", out_BxTxNxH, wo), ACT_BTD)
+    return constrain(proj("o_kernel", "BTNH,NHD->BTD", out_BxTxNxH, wo, ("heads", "head_dim", "embed")), ACT_BTD)
 
 
 class SwiGLU(nn.Module):
   """down(silu(gate(x)) * up(x))."""
 
   cfg: ModelConfig
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
@@ -129,6 +133,8 @@ class SwiGLU(nn.Module):
     w_up = dense_param(self, "up_kernel", (D, F), ("embed", "mlp"), cfg)
     w_down = dense_param(self, "down_kernel", (F, D), ("mlp", "embed"), cfg,
                          std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
-    h_BxTxF = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x_BxTxD, w_gate)) * jnp.einsum("BTD,DF->BTF", x_BxTxD, w_up)
+    proj = lambda name, spec, x, w, axes: project(self, name, spec, x, w, axes, self.lora)  # noqa: E731
+    gate_BxTxF = proj("gate_kernel", "BTD,DF->BTF", x_BxTxD, w_gate, ("embed", "mlp"))
+    h_BxTxF = jax.nn.silu(gate_BxTxF) * proj("up_kernel", "BTD,DF->BTF", x_BxTxD, w_up, ("embed", "mlp"))
     h_BxTxF = constrain(h_BxTxF, ("act_batch", "act_len", "act_mlp"))
-    return constrain(jnp.einsum("BTF,FD->BTD", h_BxTxF, w_down), ACT_BTD)
+    return constrain(proj("down_kernel", "BTF,FD->BTD", h_BxTxF, w_down, ("mlp", "embed")), ACT_BTD)

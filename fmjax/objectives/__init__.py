@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from fmjax.objectives import lm
+from fmjax.objectives import lm, sft
 from fmjax.objectives.base import LossContext, LossOutput
 
-REGISTRY: dict[str, Callable[[Any], Callable[..., LossOutput]]] = {"lm": lm.make}
+REGISTRY: dict[str, Callable[[Any], Callable[..., LossOutput]]] = {"lm": lm.make, "sft": sft.make}
 
 
 def get(objective_cfg: Any) -> Callable[..., LossOutput]:

@@ -18,19 +18,24 @@ def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Arra
   return logz_BxT - target_logit_BxT, logz_BxT
 
 
+def masked_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array,
+               z_loss: float) -> LossOutput:
+  """(Σ nll + z_loss·Σ logz², Σ mask, {nll[, z_loss]} sums) over the tokens where `mask_BxT` is 1."""
+  nll_BxT, logz_BxT = token_nll(logits_BxTxV, targets_BxT)
+  nll_sum = jnp.sum(nll_BxT * mask_BxT)
+  z_sum = jnp.sum(jnp.square(logz_BxT) * mask_BxT)
+  metrics = {"nll": nll_sum}
+  if z_loss:
+    metrics["z_loss"] = z_sum
+  return nll_sum + z_loss * z_sum, jnp.sum(mask_BxT), metrics
+
+
 def make(objective_cfg: Any):
   """Returns loss(params, batch, ctx) -> (loss_sum, weight, metric_sums)."""
   z_loss = float(objective_cfg.z_loss)
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
     logits = ctx.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"])
-    nll_BxT, logz_BxT = token_nll(logits, batch["targets"])
-    mask_BxT = batch["loss_mask"].astype(jnp.float32)
-    nll_sum = jnp.sum(nll_BxT * mask_BxT)
-    z_sum = jnp.sum(jnp.square(logz_BxT) * mask_BxT)
-    metrics = {"nll": nll_sum}
-    if z_loss:
-      metrics["z_loss"] = z_sum
-    return nll_sum + z_loss * z_sum, jnp.sum(mask_BxT), metrics
+    return masked_nll(logits, batch["targets"], batch["loss_mask"].astype(jnp.float32), z_loss)
 
   return loss

@@ -33,7 +33,7 @@ class Experiment:
   state_shardings: train_state.TrainState
   step_fn: Callable  # compiled (state, batch) -> (state, metrics); donates state
   compile_seconds: float  # of the train step
-  num_params: int
+  num_params: int  # trained parameters (under LoRA: the adapters)
   flops_per_token: float
   eval_fn: Callable | None = None  # compiled (state, batch) -> (loss_sum, weight, metric_sums)
   eval_batches: dict = dataclasses.field(default_factory=dict)  # eval source name -> fixed global batches, on device
@@ -71,14 +71,14 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
   data.check_vocab(tokenizer, model_cfg.vocab_size)
   dataset, batch_dtypes = data.train_dataset(config, tokenizer, jax.process_index(), jax.process_count())
 
-  model = Transformer(model_cfg)
+  model = Transformer(model_cfg, config_lib.lora_config(config))
   schedule = optim.make_schedule(config.optimizer, config.train.steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
   state, shardings = train_state.create(model, tx, mesh, rules, config.train.seed)
 
-  apply_fn = lambda p, tokens, seg, pos: model.apply({"params": p}, tokens, seg, pos)  # noqa: E731
+  bind_apply = train_state.make_apply(model)
   loss_fn = objectives.get(config.objective)
-  step = make_train_step(loss_fn, apply_fn, tx, schedule,
+  step = make_train_step(loss_fn, bind_apply, tx, schedule,
                          grad_accum=config.train.grad_accum, skip_nonfinite=config.train.skip_nonfinite, mesh=mesh)
   jitted = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -93,13 +93,16 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
     if config.eval.every_steps:
       local = data.eval_batches(config, tokenizer, jax.process_index(), jax.process_count())
       eval_batches = {name: [sharding.global_batch(b, mesh) for b in batches] for name, batches in local.items()}
-      eval_step = lambda st, b: loss_fn(st.params, b, LossContext(apply=apply_fn, frozen=st.frozen))  # noqa: E731
+      eval_step = lambda st, b: loss_fn(st.params, b, LossContext(apply=bind_apply(st.frozen),  # noqa: E731
+                                                                   frozen=st.frozen))
       eval_fn = jax.jit(eval_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                         out_shardings=sharding.replicated(mesh)).lower(state, batch_spec).compile()
+  flops_per_token = flops.train_flops_per_token(model_cfg, config.train.seq_len, frozen_weights=model.lora is not None)
   exp = Experiment(config, model_cfg, mesh, model, tokenizer, dataset, iter(dataset), state, shardings, compiled,
-                   compile_seconds, train_state.count_params(state.params),
-                   flops.train_flops_per_token(model_cfg, config.train.seq_len), eval_fn, eval_batches)
-  logging.info("model %s: %s parameters, %.1f MFLOP/token (training); mesh %s; step compiled in %.1fs",
-               config.model.name, f"{exp.num_params:,}", exp.flops_per_token / 1e6, dict(mesh.shape),
-               exp.compile_seconds)
+                   compile_seconds, train_state.count_params(state.params), flops_per_token, eval_fn, eval_batches)
+  frozen = train_state.count_params(state.frozen)
+  logging.info("model %s: %s parameters%s, %.1f MFLOP/token (training); mesh %s; step compiled in %.1fs",
+               config.model.name, f"{exp.num_params + frozen:,}",
+               f" ({exp.num_params:,} trained: LoRA adapters)" if model.lora else "", exp.flops_per_token / 1e6,
+               dict(mesh.shape), exp.compile_seconds)
   return exp

@@ -14,7 +14,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from fmjax.model import lora
 from fmjax.train import checkpoint
+from fmjax.train import state as train_state
 
 
 def check_tokenizer(workdir: str, ours: dict) -> None:
@@ -45,11 +47,17 @@ def checkpoint_dir(workdir: str, step: int = -1) -> str:
 
 
 def load(state: Any, shardings: Any, workdir: str, step: int = -1) -> Any:
-  """`state` with its params replaced by those of `workdir`'s checkpoint at `step` (-1 = newest)."""
+  """`state` with its model weights (the params, or under LoRA the frozen base) replaced by those of `workdir`'s
+  checkpoint at `step` (-1 = newest)."""
   path = os.path.join(checkpoint_dir(workdir, step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
   saved = checkpointer.metadata(path).item_metadata.tree["params"]
-  ours = jax.tree_util.tree_flatten_with_path(state.params)[0]
+  if any(lora.is_adapter(tuple(str(getattr(k, "key", k)) for k in p))
+         for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]):
+    raise ValueError(f"init_from.workdir={workdir!r} is a LoRA run (its checkpoints hold adapters only); merge it "
+                     f"into full weights first: python tools/lora.py merge --workdir={workdir} --output=DIR, then "
+                     "init_from DIR.")
+  ours = jax.tree_util.tree_flatten_with_path(train_state.base_params(state))[0]
   theirs = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
   missing = [jax.tree_util.keystr(p) for p, _ in ours if p not in theirs]
   if missing or len(theirs) != len(ours):
@@ -61,9 +69,10 @@ def load(state: Any, shardings: Any, workdir: str, step: int = -1) -> Any:
       raise ValueError(f"init_from {path}: parameter {jax.tree_util.keystr(p)} is {tuple(theirs[p].shape)} "
                        f"{theirs[p].dtype} there but {tuple(x.shape)} {x.dtype} in this model; use the same "
                        "model.* settings (and tokenizer / model.vocab_size) as the run you start from.")
-  target = checkpoint.abstract(state.params, shardings.params)
+  target = checkpoint.abstract(train_state.base_params(state), train_state.base_params(shardings))
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
       item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
-  logging.info("initialised params from %s (optimizer state, step and data position start fresh)", path)
-  return state.replace(params=restored["params"])
+  logging.info("initialised %s from %s (optimizer state, step and data position start fresh)",
+               "the frozen LoRA base" if "base" in state.frozen else "params", path)
+  return train_state.with_base_params(state, restored["params"])

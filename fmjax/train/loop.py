@@ -49,13 +49,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved, f, indent=2)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-  restored = ckpt.restore_latest(checkpoint.abstract(exp.state, exp.state_shardings), exp.stream)
+  # Frozen trees (a LoRA base, a reference policy, a teacher) are not checkpointed: they never change, and every
+  # start rebuilds them from their source (init_from, or the seed), so a LoRA checkpoint holds only the adapters.
+  unfrozen = lambda tree: tree.replace(frozen={})  # noqa: E731
+  restored = ckpt.restore_latest(checkpoint.abstract(unfrozen(exp.state), unfrozen(exp.state_shardings)), exp.stream)
   if restored is not None:
-    exp.state, resumed = restored
+    exp.state, resumed = restored[0].replace(frozen=exp.state.frozen), restored[1]
     dropped = metrics_lib.truncate_after(workdir, resumed) if is_main else 0
     logging.info("resuming from step %d (%s/%d)%s", resumed, ckpt.directory, resumed,
                  f"; dropped {dropped} metrics rows logged after it" if dropped else "")
-  elif config.init_from.workdir or config.init_from.bootstrap:
+  frozen_base = "base" in exp.state.frozen  # LoRA: checkpoints hold the adapters, the base comes from init_from
+  if (config.init_from.workdir or config.init_from.bootstrap) and (restored is None or frozen_base):
     source = config.init_from.workdir or _bootstrap(config.init_from.bootstrap, workdir)
     init_from.check_tokenizer(source, resolved["tokenizer"])
     exp.state = init_from.load(exp.state, exp.state_shardings, source, config.init_from.step)
@@ -115,7 +119,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     preempted = stop.requested(step) or step - start == config.train.stop_after
     if preempted or step == total or ckpt.due(step):
       t0 = time.perf_counter()
-      ckpt.save(step, state, exp.stream, resolved)  # copies the state to the host, then writes in the background
+      ckpt.save(step, unfrozen(state), exp.stream, resolved)  # copied to the host, then written in the background
       window_start += time.perf_counter() - t0
     if preempted:
       break

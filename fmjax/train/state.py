@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from fmjax import sharding
-from fmjax.model import init_params
+from fmjax.model import init_params, lora
 
 
 @flax.struct.dataclass
@@ -26,21 +26,59 @@ class TrainState:
 
 def create(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int
            ) -> tuple[TrainState, TrainState]:
-  """(state, state shardings): params and optimizer state are initialised directly into their shards."""
+  """(state, state shardings): params and optimizer state are initialised directly into their shards. With LoRA
+  (`model.lora`), `params` holds only the adapters and `frozen['base']` the base weights, once; the optimizer
+  state covers the adapters alone."""
   rng = jax.random.PRNGKey(seed)
   init_rng, state_rng = jax.random.split(rng)
-  boxed = jax.eval_shape(lambda r: init_params(model.cfg, r, boxed=True), init_rng)
+  boxed = jax.eval_shape(lambda r: init_params(model.cfg, r, boxed=True, lora=model.lora), init_rng)
   param_sh = sharding.logical_shardings(boxed, mesh, rules)
-  opt_abstract = jax.eval_shape(tx.init, nn.unbox(boxed))
+  split = _split if model.lora is not None else (lambda tree: (tree, {}))
+  if model.lora is not None:
+    lora.targeted_paths(split(nn.unbox(boxed))[1]["base"], model.lora)  # a regex that selects nothing fails here
+  param_sh, frozen_sh = split(param_sh)
+  opt_abstract = jax.eval_shape(tx.init, split(nn.unbox(boxed))[0])
   repl = sharding.replicated(mesh)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_sh, transform_non_params=lambda _: repl)
-  shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl, frozen={})
+  shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl, frozen=frozen_sh)
 
   def init(r):
-    params = init_params(model.cfg, r)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+    params, frozen = split(init_params(model.cfg, r, lora=model.lora))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
+                      frozen=frozen)
 
   return jax.jit(init, out_shardings=shardings)(init_rng), shardings
+
+
+def _split(tree: Any) -> tuple[Any, dict]:
+  """(trainable adapters, {'base': the rest})."""
+  adapters, base = lora.split(tree)
+  return adapters, {"base": base}
+
+
+def base_params(state: TrainState) -> Any:
+  """The model weights that `init_from` fills: the frozen base under LoRA, else the trained params."""
+  return state.frozen["base"] if "base" in state.frozen else state.params
+
+
+def with_base_params(state: TrainState, params: Any) -> TrainState:
+  if "base" in state.frozen:
+    return state.replace(frozen={**state.frozen, "base": params})
+  return state.replace(params=params)
+
+
+def make_apply(model: nn.Module) -> Callable[..., Callable[..., jax.Array]]:
+  """`bind(frozen, rng=None) -> apply(params, tokens, segment_ids, positions) -> logits`: the model applied to the
+  trained params (under LoRA: the adapters over `frozen['base']`); with `rng`, dropout is on (training)."""
+
+  def bind(frozen: Any, rng: jax.Array | None = None):
+    def apply(params, tokens, segment_ids, positions):
+      full = lora.combine(frozen["base"], params) if "base" in frozen else params
+      return model.apply({"params": full}, tokens, segment_ids, positions,
+                         rngs=None if rng is None else {"dropout": rng})
+    return apply
+
+  return bind
 
 
 def count_params(tree: Any) -> int:

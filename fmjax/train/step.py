@@ -25,14 +25,15 @@ def split_microbatches(batch: dict[str, jax.Array], n: int, mesh) -> dict[str, j
   return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn: Callable[..., LossOutput], apply_fn: Callable[..., jax.Array],
+def make_train_step(loss_fn: Callable[..., LossOutput], bind_apply: Callable[..., Callable[..., jax.Array]],
                     tx: optax.GradientTransformation, schedule: optax.Schedule, *, grad_accum: int = 1,
                     skip_nonfinite: bool = False, mesh=None) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """Builds the pure step. Losses are (sum, weight) pairs: gradients and metrics are summed over micro-batches and
-  divided once by the total weight, so accumulation gives exactly the full-batch token mean."""
+  divided once by the total weight, so accumulation gives exactly the full-batch token mean. `bind_apply(frozen,
+  rng)` gives the model function a head calls (state.make_apply); each micro-batch gets its own dropout rng."""
 
-  def sums(params, batch, frozen):
-    ctx = LossContext(apply=apply_fn, frozen=frozen)
+  def sums(params, batch, frozen, rng):
+    ctx = LossContext(apply=bind_apply(frozen, rng), frozen=frozen)
 
     def f(p):
       loss_sum, weight, metrics = loss_fn(p, batch, ctx)
@@ -42,17 +43,19 @@ def make_train_step(loss_fn: Callable[..., LossOutput], apply_fn: Callable[..., 
     return grads, loss_sum, weight, metrics
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum == 1:
-      grads, loss_sum, weight, metric_sums = sums(state.params, batch, state.frozen)
+      grads, loss_sum, weight, metric_sums = sums(state.params, batch, state.frozen, rng)
     else:
       micro = split_microbatches(batch, grad_accum, mesh)
       first = jax.tree.map(lambda x: x[0], micro)
-      carry0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: sums(state.params, first, state.frozen)))
+      carry0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: sums(state.params, first, state.frozen, rng)))
 
-      def body(carry, mb):
-        return jax.tree.map(jnp.add, carry, sums(state.params, mb, state.frozen)), None
+      def body(carry, mb_i):
+        mb, i = mb_i
+        return jax.tree.map(jnp.add, carry, sums(state.params, mb, state.frozen, jax.random.fold_in(rng, i))), None
 
-      (grads, loss_sum, weight, metric_sums), _ = jax.lax.scan(body, carry0, micro)
+      (grads, loss_sum, weight, metric_sums), _ = jax.lax.scan(body, carry0, (micro, jnp.arange(grad_accum)))
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom

@@ -1,0 +1,40 @@
+"""Chat templates: how a list of messages becomes one token sequence, and which of its tokens carry loss.
+
+A template is one string with `{role}` and `{content}` in it, applied to every message in turn, e.g. the default
+`<|{role}|>{content}<|end|>` (fmjax's sentencepiece tokenizers reserve these markers as single ids). The text
+before `{content}` (the turn header) never carries loss; an assistant message's content and the text after it (the
+end marker, which teaches the model to stop) do. The sequence is BOS, the rendered messages, EOS; EOS carries loss
+when the conversation ends with an assistant turn. `data.chat_template` names a preset or gives a template string.
+"""
+
+from __future__ import annotations
+
+PRESETS = {
+    "fmjax": "<|{role}|>{content}<|end|>",  # reserved single-id markers of fmjax tokenizers
+    "chatml": "<|im_start|>{role}\n{content}<|im_end|>\n",  # Qwen / OpenAI ChatML
+    "llama3": "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",  # Llama 3 instruct
+    "plain": "{role}: {content}\n",  # no special tokens at all
+}
+ROLES = ("system", "user", "assistant")
+
+
+class ChatTemplate:
+  """A parsed template: `pieces(role, content, trained)` → [(text, loss weight)], `prompt(messages)` for generation."""
+
+  def __init__(self, spec: str = "fmjax"):
+    template = PRESETS.get(spec, spec)
+    if template.count("{content}") != 1 or "{role}" not in template.split("{content}")[0]:
+      raise ValueError(f"data.chat_template={spec!r} is neither a preset {sorted(PRESETS)} nor a template with "
+                       "'{role}' before one '{content}', e.g. '<|{role}|>{content}<|end|>'.")
+    self.spec = spec
+    self.header, self.footer = template.split("{content}")
+
+  def pieces(self, role: str, content: str, trained: bool) -> list[tuple[str, int]]:
+    """One message as (text, weight) pieces: header (0), content and footer (1 when `trained`)."""
+    w = int(trained)
+    return [(self.header.replace("{role}", role), 0), (content, w), (self.footer.replace("{role}", role), w)]
+
+  def prompt(self, messages: list[dict]) -> str:
+    """The text a model continues to answer `messages`: every message rendered, then the assistant's header."""
+    return "".join(t for m in messages for t, _ in self.pieces(m["role"], m["content"], False)) + \
+        self.header.replace("{role}", "assistant")

@@ -1,0 +1,34 @@
+"""`sft`: supervised / instruction fine-tuning: cross-entropy on the response tokens of prompt/completion and chat
+examples (the data's loss mask: completions, assistant turns with their end marker, and EOS), with token accuracy.
+
+With `objective.completion_only=False` every real token of an example trains (prompt included), as TRL's
+`completion_only_loss=False`; padding never does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fmjax.objectives.base import LossContext, LossOutput
+from fmjax.objectives.lm import masked_nll
+
+
+def make(objective_cfg: Any):
+  """Returns loss(params, batch, ctx) -> (loss_sum, weight, {nll, accuracy[, z_loss]} sums)."""
+  z_loss, completion_only = float(objective_cfg.z_loss), bool(objective_cfg.completion_only)
+
+  def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
+    logits_BxTxV = ctx.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"])
+    if completion_only:
+      mask_BxT = batch["loss_mask"].astype(jnp.float32)
+    else:
+      mask_BxT = (batch["segment_ids"] > 0).astype(jnp.float32)
+    loss_sum, weight, metrics = masked_nll(logits_BxTxV, batch["targets"], mask_BxT, z_loss)
+    hit_BxT = (jnp.argmax(logits_BxTxV, axis=-1) == batch["targets"]).astype(jnp.float32)
+    metrics["accuracy"] = jnp.sum(hit_BxT * mask_BxT)  # greedy next-token accuracy on the trained tokens
+    return loss_sum, weight, metrics
+
+  return loss

@@ -1,0 +1,40 @@
+"""Parameter and optimizer-state sizes of a training setup, from shapes alone (no arrays are allocated)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+
+from fmjax.model import init_params, lora, resolve
+
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+  total: int  # parameters of the model (base + adapters)
+  trainable: int  # parameters that train
+  trainable_bytes: int
+  optimizer_bytes: int  # AdamW state for the trained parameters
+  frozen_bytes: int  # weights held but not trained (the LoRA base)
+
+
+def _bytes(tree) -> int:
+  return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def footprint(model: str, rank: int = 0, targets: str = lora.DEFAULT_TARGETS,
+              param_dtype: str = "bfloat16") -> Footprint:
+  """Sizes for full fine-tuning (`rank` 0) or LoRA rank `rank` of preset `model`, via `jax.eval_shape`."""
+  cfg = resolve(model, {"param_dtype": param_dtype})
+  lora_cfg = lora.LoraConfig(rank=rank, targets=targets).validate() if rank else None
+  params = jax.eval_shape(lambda r: init_params(cfg, r, lora=lora_cfg), jax.random.PRNGKey(0))
+  trained, frozen = lora.split(params) if lora_cfg else (params, {})
+  opt = jax.eval_shape(optax.adamw(1e-4).init, trained)
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+  return Footprint(count(params), count(trained), _bytes(trained), _bytes(opt), _bytes(frozen))
+
+
+def gib(n: int) -> str:
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
