@@ -132,3 +132,28 @@ def load_records(split: str = "train") -> list[tuple[str, dict]]:
   records = build(entries)
   return [(key, records[key]) for key in sorted(records)
           if (name := key.split(":", 1)[1]) in side and split in ("all", side[name])]
+
+
+def preference_records(split: str = "train") -> list[tuple[str, dict]]:
+  """(key, record) of `embedded:preference`: for each `explain` and `summarize` record of side `split`, the prompt
+  with chosen = its own answer and rejected = the answer of the next function (in key order) of the same module
+  whose answer differs, or of the next module when it has none: plausible but wrong. Keys and split as
+  `load_records`; records are {"prompt": [user], "chosen": [assistant], "rejected": [assistant], "task"}."""
+  records = [(k, r) for k, r in load_records(split) if r["task"] in ("explain", "summarize")]
+  out = []
+  for task in ("explain", "summarize"):
+    group = [(k, r) for k, r in records if r["task"] == task]
+    modules = [k.split(":", 1)[1].rsplit(".", 1)[0] for k, _ in group]
+    answers = [r["messages"][1]["content"] for _, r in group]
+    for i, (key, record) in enumerate(group):
+      wrong = None
+      for j in (k % len(group) for k in range(i + 1, i + len(group))):
+        if answers[j] != answers[i]:
+          wrong = wrong or answers[j]  # the first other answer, if the module has no other function
+          if modules[j] == modules[i]:
+            wrong = answers[j]
+            break
+      if wrong is not None:
+        out.append((key, {"prompt": record["messages"][:1], "chosen": record["messages"][1:],
+                          "rejected": [{"role": "assistant", "content": wrong}], "task": task}))
+  return sorted(out, key=lambda kv: kv[0])

@@ -2,7 +2,7 @@
 
 A source spec is one string:
   `embedded:NAME`               a zero-download corpus: `prose`, `code` (text), `instruct` (chat records;
-                                `instruct/TASK` for one task: explain, summarize, name)
+                                `instruct/TASK` for one task: explain, summarize, name), `preference` (pairs)
   `tfds:NAME[/CONFIG][:SPLIT]`  a tfds dataset read through `tfds.data_source` (ArrayRecord; SPLIT default `train`)
   `prepared:DIR`                records tokenized once by `tools/prepare_data.py`
   a glob of files               `.txt` (one document per file), `.jsonl` (one record per line), `.parquet` (one
@@ -24,7 +24,7 @@ import numpy as np
 
 from fmjax.data import embedded, instruct
 
-EMBEDDED = ("code", "instruct", "prose")
+EMBEDDED = ("code", "instruct", "preference", "prose")
 FILE_KINDS = (".txt", ".jsonl", ".parquet", ".array_record")
 WHERE = "_where"  # key of a record's location, for error messages
 
@@ -58,6 +58,8 @@ class EmbeddedSource:
       if task and task not in instruct.TASKS:
         raise ValueError(f"data source 'embedded:{name}': task {task!r} is unknown; tasks: {list(instruct.TASKS)}.")
       self.records = [(k, r) for k, r in instruct.load_records(split) if not task or r["task"] == task]
+    elif corpus == "preference":
+      self.records = instruct.preference_records(split)
     else:
       self.records = [(key, {"text": text}) for key, text in embedded.load_records(name, split)]
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from fmjax.objectives import lm, sft
+from fmjax.objectives import lm, preference, sft
 from fmjax.objectives.base import LossContext, LossOutput
 
-REGISTRY: dict[str, Callable[[Any], Callable[..., LossOutput]]] = {"lm": lm.make, "sft": sft.make}
+REGISTRY: dict[str, Callable[[Any], Callable[..., LossOutput]]] = {"lm": lm.make, "sft": sft.make,
+                                                                   **preference.HEADS}
 
 
 def get(objective_cfg: Any) -> Callable[..., LossOutput]:

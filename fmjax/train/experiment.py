@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from fmjax import config_lib, data, objectives, sharding
-from fmjax.objectives import LossContext
 from fmjax.model import ModelConfig, Transformer, flops
 from fmjax.train import optimizer as optim
 from fmjax.train import state as train_state
@@ -74,11 +73,12 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
   model = Transformer(model_cfg, config_lib.lora_config(config))
   schedule = optim.make_schedule(config.optimizer, config.train.steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
-  state, shardings = train_state.create(model, tx, mesh, rules, config.train.seed)
-
-  bind_apply = train_state.make_apply(model)
   loss_fn = objectives.get(config.objective)
-  step = make_train_step(loss_fn, bind_apply, tx, schedule,
+  state, shardings = train_state.create(model, tx, mesh, rules, config.train.seed,
+                                        reference=getattr(loss_fn, "needs_reference", False))
+
+  context = train_state.make_context(model)
+  step = make_train_step(loss_fn, context, tx, schedule,
                          grad_accum=config.train.grad_accum, skip_nonfinite=config.train.skip_nonfinite, mesh=mesh)
   jitted = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -93,8 +93,7 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
     if config.eval.every_steps:
       local = data.eval_batches(config, tokenizer, jax.process_index(), jax.process_count())
       eval_batches = {name: [sharding.global_batch(b, mesh) for b in batches] for name, batches in local.items()}
-      eval_step = lambda st, b: loss_fn(st.params, b, LossContext(apply=bind_apply(st.frozen),  # noqa: E731
-                                                                   frozen=st.frozen))
+      eval_step = lambda st, b: loss_fn(st.params, b, context(st.frozen))  # noqa: E731
       eval_fn = jax.jit(eval_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                         out_shardings=sharding.replicated(mesh)).lower(state, batch_spec).compile()
   flops_per_token = flops.train_flops_per_token(model_cfg, config.train.seq_len, frozen_weights=model.lora is not None)

@@ -46,9 +46,9 @@ def checkpoint_dir(workdir: str, step: int = -1) -> str:
   return os.path.join(root, str(step))
 
 
-def load(state: Any, shardings: Any, workdir: str, step: int = -1) -> Any:
-  """`state` with its model weights (the params, or under LoRA the frozen base) replaced by those of `workdir`'s
-  checkpoint at `step` (-1 = newest)."""
+def load(state: Any, shardings: Any, workdir: str, step: int = -1, frozen_only: bool = False) -> Any:
+  """`state` with its model weights (the params, or under LoRA the frozen base, and a frozen reference policy)
+  replaced by those of `workdir`'s checkpoint at `step` (-1 = newest); `frozen_only` (a resume) keeps the params."""
   path = os.path.join(checkpoint_dir(workdir, step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
   saved = checkpointer.metadata(path).item_metadata.tree["params"]
@@ -73,6 +73,8 @@ def load(state: Any, shardings: Any, workdir: str, step: int = -1) -> Any:
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
       item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
-  logging.info("initialised %s from %s (optimizer state, step and data position start fresh)",
-               "the frozen LoRA base" if "base" in state.frozen else "params", path)
-  return train_state.with_base_params(state, restored["params"])
+  loaded = (["the frozen LoRA base"] if "base" in state.frozen else [] if frozen_only else ["params"]) + \
+      (["the frozen reference policy"] if "reference" in state.frozen else [])
+  logging.info("initialised %s from %s%s", " and ".join(loaded), path,
+               "" if frozen_only else " (optimizer state, step and data position start fresh)")
+  return train_state.with_base_params(state, restored["params"], frozen_only)

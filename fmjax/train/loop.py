@@ -58,11 +58,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     dropped = metrics_lib.truncate_after(workdir, resumed) if is_main else 0
     logging.info("resuming from step %d (%s/%d)%s", resumed, ckpt.directory, resumed,
                  f"; dropped {dropped} metrics rows logged after it" if dropped else "")
-  frozen_base = "base" in exp.state.frozen  # LoRA: checkpoints hold the adapters, the base comes from init_from
-  if (config.init_from.workdir or config.init_from.bootstrap) and (restored is None or frozen_base):
+  # A resume still reads the frozen trees (a LoRA base, a reference policy) from init_from: checkpoints lack them.
+  if (config.init_from.workdir or config.init_from.bootstrap) and (restored is None or exp.state.frozen):
     source = config.init_from.workdir or _bootstrap(config.init_from.bootstrap, workdir)
     init_from.check_tokenizer(source, resolved["tokenizer"])
-    exp.state = init_from.load(exp.state, exp.state_shardings, source, config.init_from.step)
+    exp.state = init_from.load(exp.state, exp.state_shardings, source, config.init_from.step,
+                               frozen_only=restored is not None)
   peak_flops, peak_source = peak.total_peak_flops(jax.devices(), config.log.peak_flops)
   logging.info("peak %.1f TFLOP/s over %d device(s) (%s)", peak_flops / 1e12, jax.device_count(), peak_source)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from fmjax import sharding
 from fmjax.model import init_params, lora
+from fmjax.objectives.base import LossContext
 
 
 @flax.struct.dataclass
@@ -24,11 +25,12 @@ class TrainState:
   frozen: Any = flax.struct.field(default_factory=dict)  # frozen trees: reference policy, teacher, LoRA base
 
 
-def create(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int
-           ) -> tuple[TrainState, TrainState]:
+def create(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int,
+           reference: bool = False) -> tuple[TrainState, TrainState]:
   """(state, state shardings): params and optimizer state are initialised directly into their shards. With LoRA
   (`model.lora`), `params` holds only the adapters and `frozen['base']` the base weights, once; the optimizer
-  state covers the adapters alone."""
+  state covers the adapters alone. With `reference` (a head that compares with the initial policy) and no LoRA,
+  `frozen['reference']` is a copy of the initial params; under LoRA the base itself is the reference."""
   rng = jax.random.PRNGKey(seed)
   init_rng, state_rng = jax.random.split(rng)
   boxed = jax.eval_shape(lambda r: init_params(model.cfg, r, boxed=True, lora=model.lora), init_rng)
@@ -47,7 +49,16 @@ def create(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
                       frozen=frozen)
 
-  return jax.jit(init, out_shardings=shardings)(init_rng), shardings
+  state = jax.jit(init, out_shardings=shardings)(init_rng)
+  if reference and model.lora is None:
+    state = state.replace(frozen={"reference": _copy(state.params)})
+    shardings = shardings.replace(frozen={"reference": param_sh})
+  return state, shardings
+
+
+def _copy(tree: Any) -> Any:
+  """New buffers (a donated state must not hold one buffer twice)."""
+  return jax.tree.map(jnp.copy, tree)
 
 
 def _split(tree: Any) -> tuple[Any, dict]:
@@ -61,24 +72,39 @@ def base_params(state: TrainState) -> Any:
   return state.frozen["base"] if "base" in state.frozen else state.params
 
 
-def with_base_params(state: TrainState, params: Any) -> TrainState:
-  if "base" in state.frozen:
-    return state.replace(frozen={**state.frozen, "base": params})
-  return state.replace(params=params)
+def with_base_params(state: TrainState, params: Any, frozen_only: bool = False) -> TrainState:
+  """`state` with the weights read from a run: the frozen base (LoRA) or, unless `frozen_only` (a resume, whose
+  trained params come from the checkpoint), the params; and the frozen reference policy, if the run has one."""
+  frozen = dict(state.frozen)
+  if "base" in frozen:
+    frozen["base"] = params
+  elif not frozen_only:
+    state = state.replace(params=params)
+  if "reference" in frozen:
+    frozen["reference"] = _copy(params)
+  return state.replace(frozen=frozen)
 
 
-def make_apply(model: nn.Module) -> Callable[..., Callable[..., jax.Array]]:
-  """`bind(frozen, rng=None) -> apply(params, tokens, segment_ids, positions) -> logits`: the model applied to the
-  trained params (under LoRA: the adapters over `frozen['base']`); with `rng`, dropout is on (training)."""
+def make_context(model: nn.Module) -> Callable[..., LossContext]:
+  """`context(frozen, rng=None) -> LossContext` for a head: `apply(params, tokens, segment_ids, positions) -> logits`
+  runs the model on the trained params (under LoRA: the adapters over `frozen['base']`; with `rng`, dropout is on),
+  and `reference(tokens, segment_ids, positions)` the frozen reference policy: `frozen['reference']`, or under LoRA
+  the base with its adapters off (no second copy of the weights)."""
+  plain = type(model)(model.cfg)  # the same network without adapters
 
-  def bind(frozen: Any, rng: jax.Array | None = None):
+  def context(frozen: Any, rng: jax.Array | None = None) -> LossContext:
     def apply(params, tokens, segment_ids, positions):
       full = lora.combine(frozen["base"], params) if "base" in frozen else params
       return model.apply({"params": full}, tokens, segment_ids, positions,
                          rngs=None if rng is None else {"dropout": rng})
-    return apply
 
-  return bind
+    reference = None
+    if "base" in frozen or "reference" in frozen:
+      weights = frozen.get("base", frozen.get("reference"))
+      reference = lambda *batch: plain.apply({"params": weights}, *batch)  # noqa: E731
+    return LossContext(apply=apply, frozen=frozen, reference=reference)
+
+  return context
 
 
 def count_params(tree: Any) -> int:

@@ -25,15 +25,15 @@ def split_microbatches(batch: dict[str, jax.Array], n: int, mesh) -> dict[str, j
   return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn: Callable[..., LossOutput], bind_apply: Callable[..., Callable[..., jax.Array]],
+def make_train_step(loss_fn: Callable[..., LossOutput], context: Callable[..., LossContext],
                     tx: optax.GradientTransformation, schedule: optax.Schedule, *, grad_accum: int = 1,
                     skip_nonfinite: bool = False, mesh=None) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """Builds the pure step. Losses are (sum, weight) pairs: gradients and metrics are summed over micro-batches and
-  divided once by the total weight, so accumulation gives exactly the full-batch token mean. `bind_apply(frozen,
-  rng)` gives the model function a head calls (state.make_apply); each micro-batch gets its own dropout rng."""
+  divided once by the total weight, so accumulation gives exactly the full-batch token mean. `context(frozen, rng)`
+  gives what a head calls (state.make_context); each micro-batch gets its own dropout rng."""
 
   def sums(params, batch, frozen, rng):
-    ctx = LossContext(apply=bind_apply(frozen, rng), frozen=frozen)
+    ctx = context(frozen, rng)
 
     def f(p):
       loss_sum, weight, metrics = loss_fn(p, batch, ctx)

@@ -1,0 +1,31 @@
+"""Preference optimization (DPO and its family) of a pre-trained or fine-tuned run on preference pairs.
+
+  python -m fmjax.main --config=configs/dpo.py:init_from=/tmp/sft --workdir=/tmp/dpo            # DPO, β = 0.1
+  python -m fmjax.main --config=configs/dpo.py:init_from=/tmp/sft,head=simpo,beta=2.0 --workdir=/tmp/simpo
+  python -m fmjax.main --config=configs/dpo.py:init_from=/tmp/sft,rank=8 --workdir=/tmp/dpo-lora   # LoRA DPO
+  python -m fmjax.main --config=configs/dpo.py:smoke --workdir=/tmp/dpo-smoke   # standalone: pre-trains a tiny base
+
+Heads: dpo (sigmoid), cdpo (label-smoothed, objective.label_smoothing), ipo, simpo (reference-free, length-
+normalised, objective.simpo_gamma), orpo (odds ratio + NLL, reference-free), kto (desirable = chosen, undesirable =
+rejected). The reference policy is the starting point: a frozen copy of the init_from params, or under LoRA the
+base itself with the adapters off (no second copy). Data: `embedded:preference` (right vs another function's
+docstring summary, zero download) or your {"prompt", "chosen", "rejected"} records.
+
+Variants (`:k=v,flag`): smoke, init_from=<workdir>, head=<name>, beta=F, rank=N (LoRA; 0 = full), data=<source>,
+steps=N, lr=F, model=<preset>.
+"""
+
+from fmjax import config_lib
+
+
+def get_config(arg: str | None = None):
+  a = config_lib.parse_arg(arg, smoke=False, init_from="", head="dpo", beta=0.1, rank=0, data="embedded:preference",
+                           steps=200, lr=5e-5, model="small")
+  c = config_lib.finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, a.data)
+  c.objective.name, c.objective.beta = a.head, a.beta
+  c.lora.rank = a.rank
+  c.train.batch_size = 8
+  if a.smoke:
+    c.train.steps, c.optimizer.lr, c.optimizer.warmup_steps = 30, 1e-3, 3
+    c.eval.every_steps, c.checkpoint.every_steps = 10, 30
+  return c

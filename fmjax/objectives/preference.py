@@ -1,0 +1,125 @@
+"""The preference heads (`dpo`, `cdpo`, `ipo`, `simpo`, `orpo`, `kto`): shared machinery and the registry entries.
+
+A preference batch holds packed chosen and rejected rows (`chosen_*`, `rejected_*`); the k-th example (segment) of
+row i on both sides is one pair. Both sides go through ONE forward pass (stacked on the batch axis); each response's
+log-probability is the sum over its loss-bearing tokens, gathered per (row, segment), so any number of pairs may
+share a row and padding contributes nothing. Heads with a reference read it through `ctx.reference` (the frozen
+initial policy, or under LoRA the base with adapters off) without gradient.
+
+Metrics (means over pairs; `eval_` on held-out data): `rewards/chosen` = β·(logπ − logπ_ref)(chosen),
+`rewards/rejected`, `rewards/margins`, `rewards/accuracy` (chosen reward > rejected reward), `logps/chosen`,
+`logps/rejected`, and `logps/accuracy` (the policy itself finds the chosen response likelier: a preference accuracy
+that is defined before training too, where rewards are all 0). Reference-free heads (simpo, orpo) report
+β·(mean token log-prob) as rewards, as TRL's CPO does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from fmjax.objectives import preference_losses as L
+from fmjax.objectives.base import LossContext, LossOutput
+from fmjax.objectives.lm import token_nll
+
+SIDES = ("chosen_", "rejected_")
+
+
+def segment_sums(values_BxT: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
+  """[B, T+1]: the sum of `values` over each (row, segment id) of the row."""
+  B, T = values_BxT.shape
+  index = (jnp.arange(B)[:, None] * (T + 1) + segment_ids_BxT).reshape(-1)
+  return jax.ops.segment_sum(values_BxT.reshape(-1), index, num_segments=B * (T + 1)).reshape(B, T + 1)
+
+
+def pair_logps(apply: Callable[..., jax.Array], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Per-pair sums over response tokens, each [B, T+1] (row, segment): `logp_c`, `logp_r`, token counts `n_c`,
+  `n_r`, and `valid` (1 where both responses exist). One forward pass over both sides."""
+  cat = lambda key: jnp.concatenate([batch["chosen_" + key], batch["rejected_" + key]])  # noqa: E731
+  logits = apply(cat("tokens"), cat("segment_ids"), cat("positions"))
+  mask = cat("loss_mask").astype(jnp.float32)
+  logp = -token_nll(logits, cat("targets"))[0] * mask
+  seg = cat("segment_ids")
+  sums, counts = segment_sums(logp, seg), segment_sums(mask, seg)
+  B = batch["chosen_tokens"].shape[0]
+  out = {"logp_c": sums[:B], "logp_r": sums[B:], "n_c": counts[:B], "n_r": counts[B:]}
+  out["valid"] = ((out["n_c"] > 0) & (out["n_r"] > 0)).astype(jnp.float32)
+  return out
+
+
+def make_head(pair_loss: Callable[..., tuple[jax.Array, dict]], reference: bool):
+  """A registry entry: `make(objective_cfg)` → loss(params, batch, ctx). `pair_loss(p, ref, cfg)` gets the policy's
+  and (if `reference`) the reference's per-pair sums and returns (loss [B,T+1], rewards (chosen, rejected))."""
+
+  def make(objective_cfg: Any):
+    def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
+      p = pair_logps(lambda *x: ctx.apply(params, *x), batch)
+      ref = None
+      if reference:
+        if ctx.reference is None:
+          raise ValueError(f"objective.name={objective_cfg.name!r} needs a reference policy, and this run has none.")
+        ref = jax.tree.map(jax.lax.stop_gradient, pair_logps(ctx.reference, batch))
+      losses, (reward_c, reward_r) = pair_loss(p, ref, objective_cfg)
+      valid = p["valid"]
+      total = lambda x: jnp.sum(jnp.where(valid > 0, x, 0.0))  # noqa: E731  (padding pairs hold 0/0 terms)
+      metrics = {"rewards/chosen": total(reward_c), "rewards/rejected": total(reward_r),
+                 "rewards/margins": total(reward_c - reward_r),
+                 "rewards/accuracy": total((reward_c > reward_r).astype(jnp.float32)),
+                 "logps/chosen": total(p["logp_c"]), "logps/rejected": total(p["logp_r"]),
+                 "logps/accuracy": total((p["logp_c"] > p["logp_r"]).astype(jnp.float32))}
+      return total(losses), jnp.sum(valid), metrics
+
+    loss.needs_reference = reference
+    return loss
+
+  return make
+
+
+def _safe(n: jax.Array) -> jax.Array:
+  return jnp.maximum(n, 1.0)  # padding pairs have no tokens
+
+
+def _dpo(label_smoothing_key: str | None):
+  def pair_loss(p, ref, cfg):
+    eps = float(cfg[label_smoothing_key]) if label_smoothing_key else 0.0
+    losses = L.dpo(p["logp_c"], p["logp_r"], ref["logp_c"], ref["logp_r"], cfg.beta, eps)
+    return losses, (cfg.beta * (p["logp_c"] - ref["logp_c"]), cfg.beta * (p["logp_r"] - ref["logp_r"]))
+  return pair_loss
+
+
+def _ipo(p, ref, cfg):
+  nc, nr = _safe(p["n_c"]), _safe(p["n_r"])
+  losses = L.ipo(p["logp_c"], p["logp_r"], ref["logp_c"], ref["logp_r"], nc, nr, cfg.beta)
+  return losses, (cfg.beta * (p["logp_c"] - ref["logp_c"]), cfg.beta * (p["logp_r"] - ref["logp_r"]))
+
+
+def _simpo(p, ref, cfg):
+  nc, nr = _safe(p["n_c"]), _safe(p["n_r"])
+  losses = L.simpo(p["logp_c"], p["logp_r"], nc, nr, cfg.beta, cfg.simpo_gamma)
+  return losses, (cfg.beta * p["logp_c"] / nc, cfg.beta * p["logp_r"] / nr)
+
+
+def _orpo(p, ref, cfg):
+  """Per pair: the chosen response's token-mean NLL plus the odds-ratio term."""
+  nc, nr = _safe(p["n_c"]), _safe(p["n_r"])
+  losses = -p["logp_c"] / nc + L.orpo(p["logp_c"], p["logp_r"], nc, nr, cfg.beta)
+  return losses, (cfg.beta * p["logp_c"] / nc, cfg.beta * p["logp_r"] / nr)
+
+
+def _kto(p, ref, cfg):
+  """Each pair's chosen response as desirable, its rejected one as undesirable; the mean of the two."""
+  both = lambda x: jnp.concatenate([x["logp_c"], x["logp_r"]])  # noqa: E731
+  z0 = L.kto_reference_point(both(p), both(ref), jnp.concatenate([p["valid"], p["valid"]]))
+  c, r = L.kto(p["logp_c"], p["logp_r"], ref["logp_c"], ref["logp_r"], cfg.beta, z0, cfg.kto_desirable_weight,
+               cfg.kto_undesirable_weight)
+  return (c + r) / 2, (cfg.beta * (p["logp_c"] - ref["logp_c"]), cfg.beta * (p["logp_r"] - ref["logp_r"]))
+
+
+HEADS = {"dpo": make_head(_dpo(None), reference=True),
+         "cdpo": make_head(_dpo("label_smoothing"), reference=True),
+         "ipo": make_head(_ipo, reference=True),
+         "simpo": make_head(_simpo, reference=False),
+         "orpo": make_head(_orpo, reference=False),
+         "kto": make_head(_kto, reference=True)}
