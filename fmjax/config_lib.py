@@ -72,6 +72,14 @@ def base() -> ml_collections.ConfigDict:
   c.objective.simpo_gamma = 0.5  # simpo: target reward margin
   c.objective.kto_desirable_weight = 1.0  # kto: weight of desirable (chosen) responses
   c.objective.kto_undesirable_weight = 1.0  # kto: weight of undesirable (rejected) responses
+  c.objective.teacher = ""  # distill: the teacher's run directory (frozen; same tokenizer)
+  c.objective.teacher_step = -1  # distill: the teacher's checkpoint step; -1 = newest
+  c.objective.teacher_bootstrap = ""  # distill, with no teacher: pre-train this config into WORKDIR/teacher first
+  c.objective.divergence = "forward_kl"  # distill: forward_kl | reverse_kl | jsd
+  c.objective.jsd_beta = 0.5  # distill, jsd: weight of the teacher in the mixture
+  c.objective.temperature = 1.0  # distill: softmax temperature of both (the divergence is scaled by T²)
+  c.objective.alpha = 0.5  # distill: weight of the hard-label cross-entropy; 1 − alpha on the divergence
+  c.objective.top_k = 0  # distill: compare on the teacher's top-k tokens only; 0 = the whole vocabulary
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | sgd

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from fmjax.objectives import lm, preference, sft
+from fmjax.objectives import distill, lm, preference, sft
 from fmjax.objectives.base import LossContext, LossOutput
 
-REGISTRY: dict[str, Callable[[Any], Callable[..., LossOutput]]] = {"lm": lm.make, "sft": sft.make,
-                                                                   **preference.HEADS}
+REGISTRY: dict[str, Callable[[Any], Callable[..., LossOutput]]] = {
+    "lm": lm.make, "sft": sft.make, **preference.HEADS, "distill": distill.make}
 
 
 def get(objective_cfg: Any) -> Callable[..., LossOutput]:

@@ -19,3 +19,4 @@ class LossContext:
   apply: Callable[..., jax.Array]  # apply(params, tokens, segment_ids, positions) -> logits [B,T,V] float32
   frozen: Any = None  # frozen trees the head declared (reference policy, teacher)
   reference: Callable[..., jax.Array] | None = None  # reference(tokens, segment_ids, positions) -> logits
+  teacher: Callable[..., jax.Array] | None = None  # teacher(tokens, segment_ids, positions) -> logits

@@ -14,7 +14,9 @@ import ml_collections
 
 from fmjax import config_lib, data, objectives, sharding
 from fmjax.model import ModelConfig, Transformer, flops
+from fmjax.data import prepared
 from fmjax.train import optimizer as optim
+from fmjax.train import teacher
 from fmjax.train import state as train_state
 from fmjax.train.step import make_train_step
 
@@ -77,7 +79,13 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
   state, shardings = train_state.create(model, tx, mesh, rules, config.train.seed,
                                         reference=getattr(loss_fn, "needs_reference", False))
 
-  context = train_state.make_context(model)
+  teacher_model = None
+  if getattr(loss_fn, "needs_teacher", False):  # read at every start: frozen trees are not checkpointed
+    teacher_model, teacher_params, teacher_sh = teacher.load(config, model_cfg.vocab_size,
+                                                             prepared.tokenizer_id(tokenizer), mesh, rules)
+    state = state.replace(frozen={**state.frozen, "teacher": teacher_params})
+    shardings = shardings.replace(frozen={**shardings.frozen, "teacher": teacher_sh})
+  context = train_state.make_context(model, teacher_model)
   step = make_train_step(loss_fn, context, tx, schedule,
                          grad_accum=config.train.grad_accum, skip_nonfinite=config.train.skip_nonfinite, mesh=mesh)
   jitted = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
@@ -99,9 +107,10 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
   flops_per_token = flops.train_flops_per_token(model_cfg, config.train.seq_len, frozen_weights=model.lora is not None)
   exp = Experiment(config, model_cfg, mesh, model, tokenizer, dataset, iter(dataset), state, shardings, compiled,
                    compile_seconds, train_state.count_params(state.params), flops_per_token, eval_fn, eval_batches)
-  frozen = train_state.count_params(state.frozen)
+  base = train_state.count_params(state.frozen.get("base", {}))
+  notes = ([f"{exp.num_params:,} trained: LoRA adapters"] if model.lora else []) + \
+      (["+ a frozen copy as the reference policy"] if "reference" in state.frozen else [])
   logging.info("model %s: %s parameters%s, %.1f MFLOP/token (training); mesh %s; step compiled in %.1fs",
-               config.model.name, f"{exp.num_params + frozen:,}",
-               f" ({exp.num_params:,} trained: LoRA adapters)" if model.lora else "", exp.flops_per_token / 1e6,
-               dict(mesh.shape), exp.compile_seconds)
+               config.model.name, f"{exp.num_params + base:,}", f" ({'; '.join(notes)})" if notes else "",
+               exp.flops_per_token / 1e6, dict(mesh.shape), exp.compile_seconds)
   return exp

@@ -19,62 +19,70 @@ from fmjax.train import checkpoint
 from fmjax.train import state as train_state
 
 
-def check_tokenizer(workdir: str, ours: dict) -> None:
-  """The run we start from must have used this run's tokenizer (same ids for the same text)."""
+def check_tokenizer(workdir: str, ours: dict, key: str = "init_from.workdir") -> None:
+  """The run we start from (or learn from: `key`) must have used this run's tokenizer (same ids for the same
+  text)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     return  # not an fmjax run directory (e.g. an import); shapes are still checked
   with open(path) as f:
     theirs = json.load(f).get("tokenizer")
   if theirs and theirs["id"] != ours["id"]:
-    raise ValueError(f"init_from.workdir={workdir!r} was trained with tokenizer {theirs['id']} but this run uses "
+    raise ValueError(f"{key}={workdir!r} was trained with tokenizer {theirs['id']} but this run uses "
                      f"{ours['id']}; set --config.data.tokenizer_path={os.path.join(workdir, 'tokenizer.model')} "
                      "(its copy of that tokenizer).")
 
 
-def checkpoint_dir(workdir: str, step: int = -1) -> str:
+def checkpoint_dir(workdir: str, step: int = -1, key: str = "init_from") -> str:
   """`workdir/checkpoints/<step>` (`step` -1 = the newest committed one); errors name what exists."""
   root = os.path.join(workdir, "checkpoints")
   steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
   if not steps:
-    raise FileNotFoundError(f"init_from.workdir={workdir!r} has no checkpoints in {root}; train it first or point "
-                            "init_from.workdir at a run directory.")
+    raise FileNotFoundError(f"{key}.workdir={workdir!r} has no checkpoints in {root}; train it first or point "
+                            f"{key}.workdir at a run directory.")
   if step == -1:
     step = steps[-1]
   if step not in steps:
-    raise FileNotFoundError(f"init_from.step={step} is not in {root}; it has steps {steps}.")
+    raise FileNotFoundError(f"{key}.step={step} is not in {root}; it has steps {steps}.")
   return os.path.join(root, str(step))
+
+
+def read(workdir: str, step: int, target: Any, key: str = "init_from") -> Any:
+  """The params of `workdir`'s checkpoint at `step`, restored straight into `target` (abstract arrays with
+  shardings); another tree, shape or dtype, or a LoRA run's adapters, is an error naming the parameter and the fix."""
+  path = os.path.join(checkpoint_dir(workdir, step, key), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(path).item_metadata.tree["params"]
+  if any(lora.is_adapter(tuple(str(getattr(k, "key", k)) for k in p))
+         for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]):
+    raise ValueError(f"{key}.workdir={workdir!r} is a LoRA run (its checkpoints hold adapters only); merge it "
+                     f"into full weights first: python tools/lora.py merge --workdir={workdir} --output=DIR, then "
+                     "use DIR.")
+  ours = jax.tree_util.tree_flatten_with_path(target)[0]
+  theirs = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
+  missing = [jax.tree_util.keystr(p) for p, _ in ours if p not in theirs]
+  if missing or len(theirs) != len(ours):
+    extra = sorted(set(jax.tree_util.keystr(p) for p in theirs) - {jax.tree_util.keystr(p) for p, _ in ours})
+    raise ValueError(f"{key} {path}: the parameter trees differ (only here: {missing[:5]}, only there: "
+                     f"{extra[:5]}); {key} needs the same model architecture (model.* settings).")
+  for p, x in ours:
+    if tuple(theirs[p].shape) != tuple(x.shape) or theirs[p].dtype != x.dtype:
+      raise ValueError(f"{key} {path}: parameter {jax.tree_util.keystr(p)} is {tuple(theirs[p].shape)} "
+                       f"{theirs[p].dtype} there but {tuple(x.shape)} {x.dtype} in this model; use the same "
+                       "model.* settings (and tokenizer / model.vocab_size) as the run you start from.")
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+  return restored["params"]
 
 
 def load(state: Any, shardings: Any, workdir: str, step: int = -1, frozen_only: bool = False) -> Any:
   """`state` with its model weights (the params, or under LoRA the frozen base, and a frozen reference policy)
   replaced by those of `workdir`'s checkpoint at `step` (-1 = newest); `frozen_only` (a resume) keeps the params."""
-  path = os.path.join(checkpoint_dir(workdir, step), "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  saved = checkpointer.metadata(path).item_metadata.tree["params"]
-  if any(lora.is_adapter(tuple(str(getattr(k, "key", k)) for k in p))
-         for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]):
-    raise ValueError(f"init_from.workdir={workdir!r} is a LoRA run (its checkpoints hold adapters only); merge it "
-                     f"into full weights first: python tools/lora.py merge --workdir={workdir} --output=DIR, then "
-                     "init_from DIR.")
-  ours = jax.tree_util.tree_flatten_with_path(train_state.base_params(state))[0]
-  theirs = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
-  missing = [jax.tree_util.keystr(p) for p, _ in ours if p not in theirs]
-  if missing or len(theirs) != len(ours):
-    extra = sorted(set(jax.tree_util.keystr(p) for p in theirs) - {jax.tree_util.keystr(p) for p, _ in ours})
-    raise ValueError(f"init_from {path}: the parameter trees differ (only here: {missing[:5]}, only there: "
-                     f"{extra[:5]}); init_from needs the same model architecture (model.* settings).")
-  for p, x in ours:
-    if tuple(theirs[p].shape) != tuple(x.shape) or theirs[p].dtype != x.dtype:
-      raise ValueError(f"init_from {path}: parameter {jax.tree_util.keystr(p)} is {tuple(theirs[p].shape)} "
-                       f"{theirs[p].dtype} there but {tuple(x.shape)} {x.dtype} in this model; use the same "
-                       "model.* settings (and tokenizer / model.vocab_size) as the run you start from.")
   target = checkpoint.abstract(train_state.base_params(state), train_state.base_params(shardings))
-  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+  params = read(workdir, step, target)
   loaded = (["the frozen LoRA base"] if "base" in state.frozen else [] if frozen_only else ["params"]) + \
       (["the frozen reference policy"] if "reference" in state.frozen else [])
-  logging.info("initialised %s from %s%s", " and ".join(loaded), path,
+  logging.info("initialised %s from %s%s", " and ".join(loaded), os.path.join(checkpoint_dir(workdir, step), "state"),
                "" if frozen_only else " (optimizer state, step and data position start fresh)")
-  return train_state.with_base_params(state, restored["params"], frozen_only)
+  return train_state.with_base_params(state, params, frozen_only)

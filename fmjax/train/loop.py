@@ -23,14 +23,15 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-def _bootstrap(spec: str, workdir: str) -> str:
-  """Pre-trains config `spec` (a path relative to the working or the repository directory) into WORKDIR/base, or
+def _bootstrap(spec: str, workdir: str, into: str = "base") -> str:
+  """Pre-trains config `spec` (a path relative to the working or the repository directory) into WORKDIR/`into`, or
   finds it there already; returns that directory."""
   path, _, variant = spec.partition(":")
   if not os.path.isfile(path):
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), path)
-  base = os.path.join(workdir, "base")
-  logging.info("init_from.bootstrap: pre-training %s into %s first", spec, base)
+  base = os.path.join(workdir, into)
+  logging.info("%s: pre-training %s into %s first", "init_from.bootstrap" if into == "base" else
+               "objective.teacher_bootstrap", spec, base)
   train(config_lib.load(f"{path}:{variant}" if variant else path), base)
   return base
 
@@ -39,6 +40,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one; returns the experiment (its
   `state` holds the final params). SIGTERM saves a checkpoint at the next step boundary and returns early."""
   is_main = jax.process_index() == 0
+  if config.objective.teacher_bootstrap and not config.objective.teacher:
+    config.objective.teacher = _bootstrap(config.objective.teacher_bootstrap, workdir, "teacher")
   exp = build(config)
   resolved = json.loads(config_lib.resolve(config).to_json_best_effort())
   resolved["tokenizer"] = {"id": prepared.tokenizer_id(exp.tokenizer), "vocab_size": exp.tokenizer.vocab_size}

@@ -85,11 +85,12 @@ def with_base_params(state: TrainState, params: Any, frozen_only: bool = False) 
   return state.replace(frozen=frozen)
 
 
-def make_context(model: nn.Module) -> Callable[..., LossContext]:
+def make_context(model: nn.Module, teacher: nn.Module | None = None) -> Callable[..., LossContext]:
   """`context(frozen, rng=None) -> LossContext` for a head: `apply(params, tokens, segment_ids, positions) -> logits`
   runs the model on the trained params (under LoRA: the adapters over `frozen['base']`; with `rng`, dropout is on),
-  and `reference(tokens, segment_ids, positions)` the frozen reference policy: `frozen['reference']`, or under LoRA
-  the base with its adapters off (no second copy of the weights)."""
+  `reference(tokens, segment_ids, positions)` the frozen reference policy: `frozen['reference']`, or under LoRA
+  the base with its adapters off (no second copy of the weights), and `teacher(...)` the `teacher` model on
+  `frozen['teacher']`."""
   plain = type(model)(model.cfg)  # the same network without adapters
 
   def context(frozen: Any, rng: jax.Array | None = None) -> LossContext:
@@ -102,7 +103,10 @@ def make_context(model: nn.Module) -> Callable[..., LossContext]:
     if "base" in frozen or "reference" in frozen:
       weights = frozen.get("base", frozen.get("reference"))
       reference = lambda *batch: plain.apply({"params": weights}, *batch)  # noqa: E731
-    return LossContext(apply=apply, frozen=frozen, reference=reference)
+    teach = None
+    if teacher is not None:
+      teach = lambda *batch: teacher.apply({"params": frozen["teacher"]}, *batch)  # noqa: E731
+    return LossContext(apply=apply, frozen=frozen, reference=reference, teacher=teach)
 
   return context
 
