@@ -68,6 +68,7 @@ def base() -> ml_collections.ConfigDict:
   c.objective.z_loss = 0.0  # weight of logsumexp(logits)² (PaLM uses 1e-4)
   c.objective.completion_only = True  # sft: loss on responses only (False: on every real token of an example)
   c.objective.beta = 0.1  # preference heads: inverse temperature of the implicit reward
+  c.objective.reference = "model"  # preference heads: model (frozen, live) | precomputed (ref_*_logps in the data)
   c.objective.label_smoothing = 0.1  # cdpo: probability that a preference label is flipped
   c.objective.simpo_gamma = 0.5  # simpo: target reward margin
   c.objective.kto_desirable_weight = 1.0  # kto: weight of desirable (chosen) responses

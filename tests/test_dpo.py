@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from fmjax import config_lib
+from fmjax.data import instruct
 
 METRICS = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "logps/chosen",
            "logps/rejected", "logps/accuracy"}
@@ -44,6 +45,26 @@ def test_dpo_smoke_full_and_lora_start_at_ln2_and_resume_keeps_the_policy(repo, 
       "--config.train.steps=5")
   lora_rows = rows(lora)
   assert abs(lora_rows[1]["loss"] - math.log(2)) < 1e-3  # adapters at B = 0: policy = the base = the reference
+
+
+@pytest.mark.slow
+def test_precomputed_reference_logps_equal_the_live_reference(repo, tmp_path, cpu_env):
+  env, base = cpu_env(1), tmp_path / "dpo" / "base"
+  run(repo, env, "--config=configs/pretrain.py:smoke", f"--workdir={base}", "--config.train.steps=10")
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps(r) + "\n" for _, r in instruct.preference_records("validation")[:60]))
+  tool = subprocess.run([sys.executable, "tools/precompute_ref_logps.py", f"--workdir={base}", f"--source={pairs}",
+                         f"--output={tmp_path / 'ref'}", "--holdout=0.25"], cwd=repo, capture_output=True, text=True,
+                        env=env, timeout=300)
+  assert tool.returncode == 0, tool.stderr[-3000:]
+  assert (tmp_path / "ref" / "train.jsonl").is_file() and (tmp_path / "ref" / "validation.jsonl").is_file()
+  proc = run(repo, env, f"--config=configs/dpo.py:smoke,init_from={base},ref_logps={tmp_path / 'ref'}",
+             f"--workdir={tmp_path / 'pre'}", "--config.train.steps=5")
+  assert "reference" not in [l for l in proc.stderr.splitlines() if "parameters" in l][0]  # no copy in memory
+  step0, step1 = rows(tmp_path / "pre")[:2]
+  # policy = the reference run at the start: the precomputed columns must equal its live log-probs
+  assert abs(step1["loss"] - math.log(2)) < 1e-4 and abs(step0["eval_loss"] - math.log(2)) < 1e-4
+  assert max(abs(step1["rewards/chosen"]), abs(step1["rewards/rejected"]), abs(step0["eval_rewards/chosen"])) < 1e-4
 
 
 def test_dpo_config_variants(repo):

@@ -42,9 +42,18 @@ def detect(record: dict, field: str) -> str:
                   "text field), prompt/completion, messages, or prompt/chosen/rejected.")
 
 
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")  # precomputed reference log-probs (TRL's column names)
+
+
 def sequence_keys(fmt: str) -> tuple[str, ...]:
   """Prefixes of the packed sequences a format yields."""
-  return ("chosen_", "rejected_") if fmt == "preference" else ("",)
+  return ("chosen_", "rejected_") if fmt.startswith("preference") else ("",)
+
+
+def features(fmt: str) -> tuple[str, ...]:
+  """Per-token arrays of each packed sequence: `preference+ref` (preference records with REF_KEYS) adds
+  `ref_logps`, the pair's reference log-prob at the sequence's first position and 0 elsewhere."""
+  return ("tokens", "targets", "loss_mask") + (("ref_logps",) if fmt.endswith("+ref") else ())
 
 
 class Encoder:
@@ -72,6 +81,12 @@ class Encoder:
       for side in ("chosen", "rejected"):
         seq = self._sequence(prompt + self._turns(self._get(record, side, where), 1, where))
         example.update({f"{side}_{k}": v for k, v in _example(*seq).items()})
+        if f"ref_{side}_logps" in record:
+          value = record[f"ref_{side}_logps"]
+          if not isinstance(value, (int, float)):
+            raise DataError(f"{where}: ref_{side}_logps must be a number, got {type(value).__name__}.")
+          example[f"{side}_ref_logps"] = np.zeros(len(example[f"{side}_tokens"]), np.float32)
+          example[f"{side}_ref_logps"][0] = value
     elif self.fmt == "chat":
       example = _example(*self._sequence(self._turns(self._get(record, "messages", where), None, where)))
     else:

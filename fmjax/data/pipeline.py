@@ -77,6 +77,8 @@ def _open(spec: SourceSpec, data_cfg: Any, split: str, tokenizer: Any, seq_len: 
     encode = formats.Encoder(fmt, tokenizer, spec.field, seq_len if fmt != "text" else 0, data_cfg.overlong,
                              data_cfg.chat_template)
     encode(records[0])  # a missing field or bad record shows up now, not in a worker later
+  if fmt == "preference" and (all(k in records[0] for k in formats.REF_KEYS) or "chosen_ref_logps" in records[0]):
+    fmt = "preference+ref"  # precomputed reference log-probs travel with the pairs
   return records, encode, fmt
 
 
@@ -92,7 +94,7 @@ class _Fit:
 
 
 def _pack(ds: grain.IterDataset, fmt: str, seq_len: int, bins: int, seed: int) -> grain.IterDataset:
-  keys = [p + k for p in formats.sequence_keys(fmt) for k in ("tokens", "targets", "loss_mask")]
+  keys = [p + k for p in formats.sequence_keys(fmt) for k in formats.features(fmt)]
   lengths = {k: seq_len for k in keys}
   if fmt == "text":
     packed = ConcatThenSplitIterDataset(ds, length_struct=lengths)
@@ -117,6 +119,8 @@ class _Contract:
       out[p + "loss_mask"] = (row[p + "loss_mask"] * (seg > 0)).astype(np.float32)
       out[p + "segment_ids"] = seg
       out[p + "positions"] = row[p + "tokens_positions"].astype(np.int32)
+      if p + "ref_logps" in row:
+        out[p + "ref_logps"] = (row[p + "ref_logps"] * (seg > 0)).astype(np.float32)
     return out
 
 
@@ -140,8 +144,9 @@ def _rows(records, encode, fmt: str, data_cfg: Any, seq_len: int, seed: int, pro
 def batch_dtypes(fmt: str) -> dict[str, np.dtype]:
   """The batch contract's keys for a format."""
   kinds = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32,
-           "positions": np.int32}
-  return {p + k: np.dtype(v) for p in formats.sequence_keys(fmt) for k, v in kinds.items()}
+           "positions": np.int32, "ref_logps": np.float32}
+  keys = set(formats.features(fmt)) | {"segment_ids", "positions"}
+  return {p + k: np.dtype(v) for p in formats.sequence_keys(fmt) for k, v in kinds.items() if k in keys}
 
 
 def train_dataset(config: Any, tokenizer: Any, process_index: int = 0,
@@ -155,19 +160,20 @@ def train_dataset(config: Any, tokenizer: Any, process_index: int = 0,
   streams, fmts = [], set()
   for k, spec in enumerate(specs):
     records, encode, fmt = _open(spec, data_cfg, "train", tokenizer, seq_len)
-    fmts.add("preference" if fmt == "preference" else "sequence")
+    fmts.add(fmt if fmt.startswith("preference") else "sequence")
     streams.append(_rows(records, encode, fmt, data_cfg, seq_len, data_cfg.seed + 1000 * k, process_index,
                          process_count, train=True))
   if len(fmts) > 1:
-    raise ValueError(f"data.mixture mixes preference and non-preference sources ({[s.name for s in specs]}); their "
-                     "batches have different keys. Mix sources of one kind.")
+    raise ValueError(f"data.mixture mixes sources whose batches have different keys ({sorted(fmts)}: preference or "
+                     f"not, with or without precomputed ref_*_logps) in {[s.name for s in specs]}. Mix sources of one "
+                     "kind.")
   local = batch // process_count
   if len(streams) == 1:
     rows = streams[0]
   else:
     schedules = [mixture.Schedule(s.weight, f"data.mixture.{s.name}.weight") for s in specs]
     rows = mixture.StepMixIterDataset(streams, schedules, local, data_cfg.seed, process_index)
-  return rows.batch(local, drop_remainder=True), batch_dtypes("preference" if "preference" in fmts else "text")
+  return rows.batch(local, drop_remainder=True), batch_dtypes(fmts.pop().replace("sequence", "text"))
 
 
 def eval_batches(config: Any, tokenizer: Any, process_index: int = 0,

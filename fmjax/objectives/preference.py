@@ -4,7 +4,8 @@ A preference batch holds packed chosen and rejected rows (`chosen_*`, `rejected_
 row i on both sides is one pair. Both sides go through ONE forward pass (stacked on the batch axis); each response's
 log-probability is the sum over its loss-bearing tokens, gathered per (row, segment), so any number of pairs may
 share a row and padding contributes nothing. Heads with a reference read it through `ctx.reference` (the frozen
-initial policy, or under LoRA the base with adapters off) without gradient.
+initial policy, or under LoRA the base with adapters off) without gradient, or, with `objective.reference =
+'precomputed'`, from the batch's `chosen_ref_logps` / `rejected_ref_logps` columns, so no reference is in memory.
 
 Metrics (means over pairs; `eval_` on held-out data): `rewards/chosen` = β·(logπ − logπ_ref)(chosen),
 `rewards/rejected`, `rewards/margins`, `rewards/accuracy` (chosen reward > rejected reward), `logps/chosen`,
@@ -57,9 +58,13 @@ def make_head(pair_loss: Callable[..., tuple[jax.Array, dict]], reference: bool)
     def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
       p = pair_logps(lambda *x: ctx.apply(params, *x), batch)
       ref = None
-      if reference:
+      if reference and "chosen_ref_logps" in batch:  # precomputed (tools/precompute_ref_logps.py)
+        ref = {f"logp_{s[0]}": segment_sums(batch[s + "ref_logps"], batch[s + "segment_ids"]) for s in SIDES}
+      elif reference:
         if ctx.reference is None:
-          raise ValueError(f"objective.name={objective_cfg.name!r} needs a reference policy, and this run has none.")
+          raise ValueError(f"objective.name={objective_cfg.name!r} with objective.reference='precomputed' needs "
+                           "ref_chosen_logps / ref_rejected_logps in the data: write them with "
+                           "tools/precompute_ref_logps.py, or set objective.reference='model'.")
         ref = jax.tree.map(jax.lax.stop_gradient, pair_logps(ctx.reference, batch))
       losses, (reward_c, reward_r) = pair_loss(p, ref, objective_cfg)
       valid = p["valid"]
@@ -71,7 +76,10 @@ def make_head(pair_loss: Callable[..., tuple[jax.Array, dict]], reference: bool)
                  "logps/accuracy": total((p["logp_c"] > p["logp_r"]).astype(jnp.float32))}
       return total(losses), jnp.sum(valid), metrics
 
-    loss.needs_reference = reference
+    if objective_cfg.reference not in ("model", "precomputed"):
+      raise ValueError(f"objective.reference={objective_cfg.reference!r}: use 'model' (a frozen reference policy) "
+                       "or 'precomputed' (log-prob columns in the data).")
+    loss.needs_reference = reference and objective_cfg.reference == "model"
     return loss
 
   return make
