@@ -46,6 +46,15 @@ def test_dpo_smoke_full_and_lora_start_at_ln2_and_resume_keeps_the_policy(repo, 
   lora_rows = rows(lora)
   assert abs(lora_rows[1]["loss"] - math.log(2)) < 1e-3  # adapters at B = 0: policy = the base = the reference
 
+  unpaired = tmp_path / "unpaired.jsonl"  # each pair as two labelled responses: KTO's unpaired format
+  unpaired.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"})
+                              + "\n" for _, r in instruct.preference_records("validation")[:80]
+                              for side in ("chosen", "rejected")))
+  run(repo, env, f"--config=configs/dpo.py:smoke,head=kto,init_from={full / 'base'},data={unpaired}",
+      f"--workdir={tmp_path / 'kto'}", "--config.train.steps=5")
+  kto = rows(tmp_path / "kto")
+  assert abs(kto[1]["loss"] - 0.5) < 1e-3 and {"kl", "desirable_fraction", "rewards/desirable"} <= set(kto[1])
+
 
 @pytest.mark.slow
 def test_precomputed_reference_logps_equal_the_live_reference(repo, tmp_path, cpu_env):

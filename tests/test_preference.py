@@ -137,3 +137,42 @@ def test_embedded_preference_pairs_are_right_vs_another_functions_answer():
   api = embedded.api_entries()
   module = lambda key: api[key.split(":", 1)[1]]["module"]  # noqa: E731
   assert not {module(k) for k, _ in train} & {module(k) for k, _ in held}  # held out by module, as embedded:instruct
+
+
+def test_kto_on_unpaired_records_matches_each_response_alone():
+  records = [{"prompt": f"q{i}: ", "completion": " yes" * (i % 3 + 1), "label": i % 3 != 0, WHERE: f"u{i}"}
+             for i in range(10)]
+  assert formats.detect(records[0], "text") == "unpaired"
+  c = config_lib.base()
+  rows = list(pipeline._rows(records, formats.Encoder("unpaired", TOK, "text", 48), "unpaired", c.data, 48, 0, 0, 1,
+                             train=False))
+  batch = batch_of(rows, pad=5)
+  assert set(batch) == set(pipeline.batch_dtypes("unpaired")) and "label" in batch
+  cfg = config_lib.base().objective
+  cfg.name, cfg.beta, cfg.kto_undesirable_weight = "kto", 0.5, 1.5
+  policy, reference = fake_model(1), fake_model(2)
+  ctx = LossContext(apply=lambda params, *x: policy(*x), reference=reference)
+  loss_sum, weight, metrics = objectives.get(cfg)(None, {k: jnp.asarray(v) for k, v in batch.items()}, ctx)
+  r, labels = [], []  # each response alone, float64
+  for i in range(batch["tokens"].shape[0]):
+    for s in np.unique(batch["segment_ids"][i][batch["segment_ids"][i] > 0]):
+      sel = batch["segment_ids"][i] == s
+      tokens, targets, mask = batch["tokens"][i][sel], batch["targets"][i][sel], batch["loss_mask"][i][sel]
+      lp = [np.sum(np.take_along_axis(log_softmax_np(m(tokens, None, np.arange(len(tokens)))), targets[:, None],
+                                      -1)[:, 0] * mask) for m in (policy, reference)]
+      r.append(lp[0] - lp[1])
+      labels.append(batch["label"][i][sel][0] > 0)
+  r, labels = np.asarray(r), np.asarray(labels)
+  z0 = max(r.mean(), 0.0)
+  sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+  losses = np.where(labels, 1 - sig(0.5 * (r - z0)), 1.5 * (1 - sig(0.5 * (z0 - r))))
+  assert float(weight) == 10 and labels.sum() == 6
+  np.testing.assert_allclose(float(loss_sum) / float(weight), losses.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["kl"]) / float(weight), z0, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="label must be true"):
+    formats.Encoder("unpaired", TOK)({"prompt": "p", "completion": "c", "label": "yes"})
+
+
+def log_softmax_np(logits):
+  x = np.asarray(logits, np.float64)
+  return x - np.logaddexp.reduce(x, axis=-1, keepdims=True)

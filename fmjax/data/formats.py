@@ -23,7 +23,7 @@ import numpy as np
 from fmjax.data.chat import ROLES, ChatTemplate
 from fmjax.data.sources import WHERE, DataError
 
-FORMATS = ("auto", "text", "prompt_completion", "chat", "preference")
+FORMATS = ("auto", "text", "prompt_completion", "chat", "preference", "unpaired")
 OVERLONG = ("error", "truncate", "drop")
 
 
@@ -33,13 +33,15 @@ def detect(record: dict, field: str) -> str:
     return "chat"
   if "chosen" in record and "rejected" in record:
     return "preference"
+  if "completion" in record and "label" in record:
+    return "unpaired"
   if "prompt" in record and "completion" in record:
     return "prompt_completion"
   if field in record:
     return "text"
   raise DataError(f"{record.get(WHERE, 'record')}: cannot tell the format from its fields "
                   f"{sorted(k for k in record if k != WHERE)}; expected {field!r} (text; set data.field to the "
-                  "text field), prompt/completion, messages, or prompt/chosen/rejected.")
+                  "text field), prompt/completion, messages, prompt/chosen/rejected or prompt/completion/label.")
 
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")  # precomputed reference log-probs (TRL's column names)
@@ -52,8 +54,10 @@ def sequence_keys(fmt: str) -> tuple[str, ...]:
 
 def features(fmt: str) -> tuple[str, ...]:
   """Per-token arrays of each packed sequence: `preference+ref` (preference records with REF_KEYS) adds
-  `ref_logps`, the pair's reference log-prob at the sequence's first position and 0 elsewhere."""
-  return ("tokens", "targets", "loss_mask") + (("ref_logps",) if fmt.endswith("+ref") else ())
+  `ref_logps`, the pair's reference log-prob at the sequence's first position and 0 elsewhere; `unpaired` adds
+  `label`, +1 (desirable) or −1 (undesirable) at the first position."""
+  extra = ("ref_logps",) if fmt.endswith("+ref") else ("label",) if fmt == "unpaired" else ()
+  return ("tokens", "targets", "loss_mask") + extra
 
 
 class Encoder:
@@ -92,6 +96,12 @@ class Encoder:
     else:
       example = _example(*self._sequence(self._turns(self._get(record, "prompt", where), 0, where)
                                          + self._turns(self._get(record, "completion", where), 1, where)))
+      if self.fmt == "unpaired":
+        label = self._get(record, "label", where)
+        if not isinstance(label, bool):
+          raise DataError(f"{where}: label must be true (desirable) or false (undesirable), got {label!r}.")
+        example["label"] = np.zeros(len(example["tokens"]), np.float32)
+        example["label"][0] = 1.0 if label else -1.0
     return fit(example, self.max_len, self.overlong, where)
 
   def _get(self, record: dict, key: str, where: str) -> Any:

@@ -119,8 +119,9 @@ class _Contract:
       out[p + "loss_mask"] = (row[p + "loss_mask"] * (seg > 0)).astype(np.float32)
       out[p + "segment_ids"] = seg
       out[p + "positions"] = row[p + "tokens_positions"].astype(np.int32)
-      if p + "ref_logps" in row:
-        out[p + "ref_logps"] = (row[p + "ref_logps"] * (seg > 0)).astype(np.float32)
+      for extra in ("ref_logps", "label"):
+        if p + extra in row:
+          out[p + extra] = (row[p + extra] * (seg > 0)).astype(np.float32)
     return out
 
 
@@ -144,7 +145,7 @@ def _rows(records, encode, fmt: str, data_cfg: Any, seq_len: int, seed: int, pro
 def batch_dtypes(fmt: str) -> dict[str, np.dtype]:
   """The batch contract's keys for a format."""
   kinds = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32,
-           "positions": np.int32, "ref_logps": np.float32}
+           "positions": np.int32, "ref_logps": np.float32, "label": np.float32}
   keys = set(formats.features(fmt)) | {"segment_ids", "positions"}
   return {p + k: np.dtype(v) for p in formats.sequence_keys(fmt) for k, v in kinds.items() if k in keys}
 
@@ -160,7 +161,7 @@ def train_dataset(config: Any, tokenizer: Any, process_index: int = 0,
   streams, fmts = [], set()
   for k, spec in enumerate(specs):
     records, encode, fmt = _open(spec, data_cfg, "train", tokenizer, seq_len)
-    fmts.add(fmt if fmt.startswith("preference") else "sequence")
+    fmts.add(fmt if fmt.startswith("preference") or fmt == "unpaired" else "sequence")
     streams.append(_rows(records, encode, fmt, data_cfg, seq_len, data_cfg.seed + 1000 * k, process_index,
                          process_count, train=True))
   if len(fmts) > 1:

@@ -1,5 +1,8 @@
 """The preference heads (`dpo`, `cdpo`, `ipo`, `simpo`, `orpo`, `kto`): shared machinery and the registry entries.
 
+`kto` also reads unpaired records ({"prompt", "completion", "label"}: TRL's unpaired preference format): each packed
+example is one response, desirable (label true) or undesirable; see `_kto_unpaired`.
+
 A preference batch holds packed chosen and rejected rows (`chosen_*`, `rejected_*`); the k-th example (segment) of
 row i on both sides is one pair. Both sides go through ONE forward pass (stacked on the batch axis); each response's
 log-probability is the sum over its loss-bearing tokens, gathered per (row, segment), so any number of pairs may
@@ -125,9 +128,45 @@ def _kto(p, ref, cfg):
   return (c + r) / 2, (cfg.beta * (p["logp_c"] - ref["logp_c"]), cfg.beta * (p["logp_r"] - ref["logp_r"]))
 
 
+def _kto_unpaired(params, batch: dict[str, jax.Array], ctx: LossContext, cfg: Any) -> LossOutput:
+  """KTO on unpaired records (`label` +1 desirable / −1 undesirable per example): the mean over responses of
+  λ_D·(1 − σ(β·(r − z0))) or λ_U·(1 − σ(β·(z0 − r))), r = logπ − logπ_ref summed over the completion."""
+  inputs = (batch["tokens"], batch["segment_ids"], batch["positions"])
+  mask, seg = batch["loss_mask"].astype(jnp.float32), batch["segment_ids"]
+  sums = lambda logits: segment_sums(-token_nll(logits, batch["targets"])[0] * mask, seg)  # noqa: E731
+  if ctx.reference is None:
+    raise ValueError("objective.name='kto' on unpaired records needs a reference model: set "
+                     "objective.reference='model' (precomputed log-probs are read for preference pairs only).")
+  logp, ref = sums(ctx.apply(params, *inputs)), jax.lax.stop_gradient(sums(ctx.reference(*inputs)))
+  label = segment_sums(batch["label"], seg)
+  good = (label > 0) & (segment_sums(mask, seg) > 0)
+  bad = (label < 0) & (segment_sums(mask, seg) > 0)
+  valid = (good | bad).astype(jnp.float32)
+  z0 = L.kto_reference_point(logp, ref, valid)
+  c, r = L.kto(logp, logp, ref, ref, cfg.beta, z0, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+  reward = cfg.beta * (logp - ref)
+  total = lambda x, where: jnp.sum(jnp.where(where, x, 0.0))  # noqa: E731
+  metrics = {"rewards/desirable": total(reward, good), "rewards/undesirable": total(reward, bad),
+             "desirable_fraction": total(1.0, good), "kl": z0 * jnp.sum(valid)}
+  return total(c, good) + total(r, bad), jnp.sum(valid), metrics
+
+
+def _make_kto(objective_cfg: Any):
+  """`kto` on preference pairs (chosen = desirable, rejected = undesirable) or on unpaired labelled records."""
+  paired = make_head(_kto, reference=True)(objective_cfg)
+
+  def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
+    if "label" in batch:
+      return _kto_unpaired(params, batch, ctx, objective_cfg)
+    return paired(params, batch, ctx)
+
+  loss.needs_reference = objective_cfg.reference == "model"
+  return loss
+
+
 HEADS = {"dpo": make_head(_dpo(None), reference=True),
          "cdpo": make_head(_dpo("label_smoothing"), reference=True),
          "ipo": make_head(_ipo, reference=True),
          "simpo": make_head(_simpo, reference=False),
          "orpo": make_head(_orpo, reference=False),
-         "kto": make_head(_kto, reference=True)}
+         "kto": _make_kto}
