@@ -121,6 +121,14 @@ def test_distill_smoke_learns_from_its_teacher_and_refuses_another_tokenizer(rep
   rows = [json.loads(line) for line in open(tmp_path / "student" / "metrics.jsonl")]
   assert rows[-1]["divergence"] < 0.5 * rows[0]["divergence"] and rows[-1]["nll"] < rows[0]["nll"]
   teacher = tmp_path / "student" / "teacher"
+  shape = ["--config.model.d_model=64", "--config.model.num_layers=2", "--config.model.num_heads=4",
+           "--config.model.num_kv_heads=2", "--config.model.mlp_dim=192"]  # the teacher's own shape
+  lora = run(f"--config=configs/distill.py:smoke,teacher={teacher}", f"--workdir={tmp_path / 'lora'}",
+             f"--config.init_from.workdir={teacher}", "--config.lora.rank=4", "--config.eval.at_start=True",
+             "--config.train.steps=4", *shape)
+  assert lora.returncode == 0, lora.stderr[-3000:]
+  step0 = json.loads(open(tmp_path / "lora" / "metrics.jsonl").readline())
+  assert step0["step"] == 0 and abs(step0["eval_divergence"]) < 1e-6  # a LoRA student over the teacher (B = 0)
   bad = run("--config=configs/distill.py:smoke", f"--config.objective.teacher={teacher}",
             "--config.data.tokenizer_path=", "--config.data.vocab_size=500", f"--workdir={tmp_path / 'bad'}")
   assert bad.returncode != 0 and f"objective.teacher='{teacher}' was trained with tokenizer" in bad.stderr
