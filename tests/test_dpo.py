@@ -46,6 +46,14 @@ def test_dpo_smoke_full_and_lora_start_at_ln2_and_resume_keeps_the_policy(repo, 
   lora_rows = rows(lora)
   assert abs(lora_rows[1]["loss"] - math.log(2)) < 1e-3  # adapters at B = 0: policy = the base = the reference
 
+  easy = tmp_path / "easy.jsonl"  # a preference any model can learn: the same answer always preferred
+  easy.write_text("".join(json.dumps({"prompt": f"Question {i}: is it good?", "chosen": " Yes, it is good.",
+                                      "rejected": " No idea, maybe bad."}) + "\n" for i in range(200)))
+  run(repo, env, f"--config=configs/dpo.py:smoke,init_from={full / 'base'},data={easy}", f"--workdir={tmp_path / 'e'}",
+      "--config.train.steps=10")
+  learned = rows(tmp_path / "e")[-1]
+  assert learned["eval_loss"] < 0.1 and learned["eval_rewards/accuracy"] == 1.0 and learned["rewards/margins"] > 1
+
   unpaired = tmp_path / "unpaired.jsonl"  # each pair as two labelled responses: KTO's unpaired format
   unpaired.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"})
                               + "\n" for _, r in instruct.preference_records("validation")[:80]
