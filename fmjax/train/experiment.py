@@ -36,6 +36,7 @@ class Experiment:
   compile_seconds: float  # of the train step
   num_params: int  # trained parameters (under LoRA: the adapters)
   flops_per_token: float
+  sequences_per_row: int = 1  # 2 for preference batches: a chosen and a rejected row both train
   eval_fn: Callable | None = None  # compiled (state, batch) -> (loss_sum, weight, metric_sums)
   eval_batches: dict = dataclasses.field(default_factory=dict)  # eval source name -> fixed global batches, on device
 
@@ -106,7 +107,8 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
                         out_shardings=sharding.replicated(mesh)).lower(state, batch_spec).compile()
   flops_per_token = flops.train_flops_per_token(model_cfg, config.train.seq_len, frozen_weights=model.lora is not None)
   exp = Experiment(config, model_cfg, mesh, model, tokenizer, dataset, iter(dataset), state, shardings, compiled,
-                   compile_seconds, train_state.count_params(state.params), flops_per_token, eval_fn, eval_batches)
+                   compile_seconds, train_state.count_params(state.params), flops_per_token,
+                   2 if "chosen_tokens" in batch_dtypes else 1, eval_fn, eval_batches)
   base = train_state.count_params(state.frozen.get("base", {}))
   notes = ([f"{exp.num_params:,} trained: LoRA adapters"] if model.lora else []) + \
       (["+ a frozen copy as the reference policy"] if "reference" in state.frozen else [])

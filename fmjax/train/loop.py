@@ -73,7 +73,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   stop = preemption.Watcher()
 
   total = config.train.steps
-  tokens_per_step = config.train.batch_size * config.train.seq_len
+  tokens_per_step = config.train.batch_size * config.train.seq_len * exp.sequences_per_row
   every = config.log.every_steps
   skipped = 0
   window_start, window_steps = 0.0, 0
