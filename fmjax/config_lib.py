@@ -47,7 +47,7 @@ def base() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "embedded:prose"  # embedded:NAME | tfds:NAME[/CONFIG][:SPLIT] | prepared:DIR | a file glob
-  c.data.format = "auto"  # auto (by the first record's keys) | text | prompt_completion | chat | preference
+  c.data.format = "auto"  # auto (by the first record's keys) | text | prompt_completion | chat | preference | unpaired
   c.data.field = "text"  # the text field of `text` records (.jsonl / .parquet / tfds / .array_record)
   c.data.mixture = ml_collections.ConfigDict()  # name -> {source, weight[, format, field]}; replaces data.source
   c.data.holdout = 0.1  # fraction of records held out for eval (embedded corpora: their fixed 10% split)

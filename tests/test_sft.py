@@ -30,7 +30,8 @@ def packed_rows(records, fmt="chat", seq_len=160, template="fmjax"):
 
 def examples(row):
   seg = row["segment_ids"]
-  return [{k: row[k][seg == s] for k in ("tokens", "targets", "loss_mask", "positions")} for s in np.unique(seg[seg > 0])]
+  keys = ("tokens", "targets", "loss_mask", "positions")
+  return [{k: row[k][seg == s] for k in keys} for s in np.unique(seg[seg > 0])]
 
 
 @pytest.mark.parametrize("template", ["fmjax", "chatml", "llama3", "[{role}] {content} </s>\n"])

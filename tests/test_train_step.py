@@ -78,8 +78,9 @@ def test_nonfinite_step_is_skipped_when_configured():
   from fmjax.train.state import TrainState
 
   state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
-  new, metrics = jax.jit(make_train_step(nan_loss, lambda frozen, rng=None: None, tx, lambda s: 0.1, skip_nonfinite=True))(state, {})
+  context = lambda frozen, rng=None: None  # noqa: E731  (the loss ignores its context)
+  new, metrics = jax.jit(make_train_step(nan_loss, context, tx, lambda s: 0.1, skip_nonfinite=True))(state, {})
   np.testing.assert_array_equal(new.params["w"], params["w"])
   assert int(metrics["skipped"]) == 1 and int(new.step) == 1
-  new, metrics = jax.jit(make_train_step(nan_loss, lambda frozen, rng=None: None, tx, lambda s: 0.1))(state, {})
+  new, metrics = jax.jit(make_train_step(nan_loss, context, tx, lambda s: 0.1))(state, {})
   assert np.isnan(new.params["w"]).all() and int(metrics["skipped"]) == 1  # the loop then stops the run

@@ -1,7 +1,7 @@
 """A LoRA run's adapters: merge them into full weights, or export them in Hugging Face PEFT format.
 
   python tools/lora.py merge --workdir=/tmp/lora --output=/tmp/merged    # a run directory init_from accepts
-  python tools/lora.py export --workdir=/tmp/lora --output=/tmp/adapter  # adapter_model.safetensors + adapter_config.json
+  python tools/lora.py export --workdir=/tmp/lora --output=/tmp/adapter  # PEFT adapter_model.safetensors + config
 
 merge writes W + s·A·B for every adapted kernel (in the base's dtype) as a new run directory with the LoRA run's
 config (LoRA off) and tokenizer. export writes the adapters under `transformers` module names (`q_proj`, ...,
