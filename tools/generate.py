@@ -29,14 +29,13 @@ def generate(workdir: str, prompts: list[str], chat: bool, max_new_tokens: int, 
   """[(prompt, generated text)] for run `workdir`."""
   import numpy as np
 
-  from fmjax import data, sample
+  from fmjax import sample
   from fmjax.data.chat import ChatTemplate
   from fmjax.model import Transformer
   from fmjax.train import weights
 
   run = weights.load(workdir, step)
-  run.config.data.tokenizer_path = run.tokenizer_path
-  tokenizer = data.make_tokenizer(run.config.data)
+  tokenizer = run.tokenizer()
   template = ChatTemplate(run.config.data.chat_template)
   texts = [template.prompt([{"role": "user", "content": q}]) if chat else q for q in prompts]
   ids = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(t)]).astype(np.int32) for t in texts]

@@ -40,8 +40,7 @@ def main() -> None:
   from fmjax.train import weights
 
   run = weights.load(args.workdir)
-  run.config.data.tokenizer_path = run.tokenizer_path
-  tokenizer = data.make_tokenizer(run.config.data)
+  tokenizer = run.tokenizer()
   encode = formats.Encoder("preference", tokenizer, max_len=args.max_len, overlong="drop",
                            chat_template=run.config.data.chat_template)
   model = Transformer(run.model_cfg, run.lora_cfg)

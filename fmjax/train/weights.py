@@ -28,6 +28,13 @@ class RunWeights:
   step: int
   tokenizer_path: str  # the run's copy of its tokenizer ('' for the byte tokenizer)
 
+  def tokenizer(self):
+    """The run's tokenizer (its own copy of the sentencepiece model, or the byte tokenizer)."""
+    from fmjax import data
+
+    self.config.data.tokenizer_path = self.tokenizer_path
+    return data.make_tokenizer(self.config.data)
+
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's resolved config; keys added to fmjax since the run was made take their defaults."""
