@@ -45,6 +45,7 @@ def detect(record: dict, field: str) -> str:
 
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")  # precomputed reference log-probs (TRL's column names)
+PER_EXAMPLE = ("ref_logps", "label")  # per-example scalars, carried as per-token columns (see `features`)
 
 
 def sequence_keys(fmt: str) -> tuple[str, ...]:
@@ -89,8 +90,7 @@ class Encoder:
           value = record[f"ref_{side}_logps"]
           if not isinstance(value, (int, float)):
             raise DataError(f"{where}: ref_{side}_logps must be a number, got {type(value).__name__}.")
-          example[f"{side}_ref_logps"] = np.zeros(len(example[f"{side}_tokens"]), np.float32)
-          example[f"{side}_ref_logps"][0] = value
+          example[f"{side}_ref_logps"] = _at_start(len(example[f"{side}_tokens"]), value)
     elif self.fmt == "chat":
       example = _example(*self._sequence(self._turns(self._get(record, "messages", where), None, where)))
     else:
@@ -100,8 +100,7 @@ class Encoder:
         label = self._get(record, "label", where)
         if not isinstance(label, bool):
           raise DataError(f"{where}: label must be true (desirable) or false (undesirable), got {label!r}.")
-        example["label"] = np.zeros(len(example["tokens"]), np.float32)
-        example["label"][0] = 1.0 if label else -1.0
+        example["label"] = _at_start(len(example["tokens"]), 1.0 if label else -1.0)
     return fit(example, self.max_len, self.overlong, where)
 
   def _get(self, record: dict, key: str, where: str) -> Any:
@@ -150,6 +149,13 @@ def fit(example: dict[str, np.ndarray], max_len: int, overlong: str, where: str)
     return {k: v[:max_len] for k, v in example.items()}
   raise DataError(f"{where}: an example of {longest} tokens exceeds train.seq_len={max_len}; raise train.seq_len, "
                   "or set data.overlong='truncate' (cut the end) or 'drop'.")
+
+
+def _at_start(length: int, value: float) -> np.ndarray:
+  """A per-example scalar as a per-token column that survives packing: `value` at position 0, zeros after."""
+  column = np.zeros(length, np.float32)
+  column[0] = value
+  return column
 
 
 def _example(ids: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:

@@ -119,7 +119,7 @@ class _Contract:
       out[p + "loss_mask"] = (row[p + "loss_mask"] * (seg > 0)).astype(np.float32)
       out[p + "segment_ids"] = seg
       out[p + "positions"] = row[p + "tokens_positions"].astype(np.int32)
-      for extra in ("ref_logps", "label"):
+      for extra in formats.PER_EXAMPLE:
         if p + extra in row:
           out[p + extra] = (row[p + extra] * (seg > 0)).astype(np.float32)
     return out

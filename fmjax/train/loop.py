@@ -29,11 +29,10 @@ def _bootstrap(spec: str, workdir: str, into: str = "base") -> str:
   path, _, variant = spec.partition(":")
   if not os.path.isfile(path):
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), path)
-  base = os.path.join(workdir, into)
-  logging.info("%s: pre-training %s into %s first", "init_from.bootstrap" if into == "base" else
-               "objective.teacher_bootstrap", spec, base)
-  train(config_lib.load(f"{path}:{variant}" if variant else path), base)
-  return base
+  target = os.path.join(workdir, into)
+  logging.info("pre-training %s into %s first", spec, target)
+  train(config_lib.load(f"{path}:{variant}" if variant else path), target)
+  return target
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
