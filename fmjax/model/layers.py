@@ -2,6 +2,9 @@
 
 Every parameter carries logical axis names and activations get logical sharding constraints; mesh axes never appear
 here (rules in the config map logical names to mesh axes). Shapes are in names: `x_BxTxD`, `q_BxTxNxH`.
+
+Attention optionally reads and writes a KV cache (`k`, `v` [B,S,K,H] per layer): each new key/value goes to the slot
+of its absolute position, and a query at position p attends to the slots s <= p of its row (`cache_mask`).
 """
 
 from __future__ import annotations
@@ -82,14 +85,28 @@ def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
   return (same_BxTxT & causal_TxT)[:, None, :, :]
 
 
+def cache_mask(positions_BxT: jax.Array, cache_len: int) -> jax.Array:
+  """[B,1,T,S] bool: with a KV cache, the query at position p sees cache slots s <= p of its own row."""
+  return (jnp.arange(cache_len)[None, None, :] <= positions_BxT[:, :, None])[:, None]
+
+
+def write_cache(cache_BxSxKxH: jax.Array, x_BxTxKxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+  """The cache with row b's new entries written at slots positions[b] (slot = absolute position)."""
+  rows_Bx1 = jnp.arange(x_BxTxKxH.shape[0])[:, None]
+  return cache_BxSxKxH.at[rows_Bx1, positions_BxT].set(x_BxTxKxH.astype(cache_BxSxKxH.dtype))
+
+
 class Attention(nn.Module):
-  """Grouped-query self-attention with RoPE, optional QKV bias and QK-norm."""
+  """Grouped-query self-attention with RoPE, optional QKV bias and QK-norm. With `cache` ({'k', 'v'} [B,S,K,H]) the
+  new keys/values are written at `positions` and the queries attend to all S cache slots under the mask; it returns
+  (out, new_cache) then, else (out, None) with S = T."""
 
   cfg: ModelConfig
   lora: LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, mask_Bx1xTxT: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, mask_Bx1xTxS: jax.Array, sin: jax.Array, cos: jax.Array,
+               cache: dict | None = None, positions_BxT: jax.Array | None = None):
     cfg = self.cfg
     D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     wq = dense_param(self, "q_kernel", (D, N, H), ("embed", "heads", "head_dim"), cfg)
@@ -114,9 +131,15 @@ class Attention(nn.Module):
     q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, sin, cos), ("act_batch", "act_len", "act_heads", None))
     k_BxTxKxH = constrain(apply_rope(k_BxTxKxH, sin, cos), ("act_batch", "act_len", "act_kv_heads", None))
     v_BxTxKxH = constrain(v_BxTxKxH, ("act_batch", "act_len", "act_kv_heads", None))
-    out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT,
+    k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+    if cache is not None:
+      cache = {"k": write_cache(cache["k"], k_BxTxKxH, positions_BxT),
+               "v": write_cache(cache["v"], v_BxTxKxH, positions_BxT)}
+      k_BxSxKxH, v_BxSxKxH = cache["k"].astype(q_BxTxNxH.dtype), cache["v"].astype(q_BxTxNxH.dtype)
+    out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
                                                scale=1.0 / math.sqrt(H), implementation=cfg.attention_impl)
-    return constrain(proj("o_kernel", "BTNH,NHD->BTD", out_BxTxNxH, wo, ("heads", "head_dim", "embed")), ACT_BTD)
+    out_BxTxD = proj("o_kernel", "BTNH,NHD->BTD", out_BxTxNxH, wo, ("heads", "head_dim", "embed"))
+    return constrain(out_BxTxD, ACT_BTD), cache
 
 
 class SwiGLU(nn.Module):

@@ -1,4 +1,5 @@
-"""The Llama-family decoder: embedding, scanned pre-norm blocks, final norm, float32 logits."""
+"""The Llama-family decoder: embedding, scanned pre-norm blocks, final norm, float32 logits; optionally over a KV
+cache for decoding (`init_cache`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 
 from fmjax.model.config import ModelConfig
 from fmjax.model.lora import LoraConfig, combine, project, split
-from fmjax.model.layers import ACT_BTD, Attention, RMSNorm, SwiGLU, attention_mask, constrain, rope_tables
+from fmjax.model.layers import ACT_BTD, Attention, RMSNorm, SwiGLU, attention_mask, cache_mask, constrain, rope_tables
 
 _POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -18,49 +19,62 @@ _POLICIES = {
 
 
 class Block(nn.Module):
-  """x + attn(norm(x)), then + mlp(norm(x)). Returns (x, None) so it can be scanned."""
+  """x + attn(norm(x)), then + mlp(norm(x)). Returns (x, this layer's new cache or None) so it can be scanned."""
 
   cfg: ModelConfig
   lora: LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask, sin, cos):
+  def __call__(self, x_BxTxD, mask, sin, cos, cache=None, positions_BxT=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
-    x_BxTxD = x_BxTxD + Attention(cfg, self.lora, name="attn")(norm("attn_norm")(x_BxTxD), mask, sin, cos)
+    attn_BxTxD, cache = Attention(cfg, self.lora, name="attn")(norm("attn_norm")(x_BxTxD), mask, sin, cos, cache,
+                                                               positions_BxT)
+    x_BxTxD = x_BxTxD + attn_BxTxD
     x_BxTxD = x_BxTxD + SwiGLU(cfg, self.lora, name="mlp")(norm("mlp_norm")(x_BxTxD))
-    return constrain(x_BxTxD, ACT_BTD), None
+    return constrain(x_BxTxD, ACT_BTD), cache
 
 
 class Transformer(nn.Module):
   """`apply({'params': p}, tokens, segment_ids, positions) -> logits [B,T,V]` in float32. With `lora`, the targeted
-  projections carry low-rank adapters (fmjax/model/lora.py); LoRA dropout is active when a 'dropout' rng is given."""
+  projections carry low-rank adapters (fmjax/model/lora.py); LoRA dropout is active when a 'dropout' rng is given.
+
+  With `cache` (from `init_cache`) it returns (logits, new_cache): each row is one sequence whose new keys/values go
+  to the cache slots of their `positions`, and a token at position p attends to the slots s <= p of its row
+  (`segment_ids` are not used). Right-padded rows of different lengths thus decode together: a row's next token
+  overwrites the slot after its last one, and stale slots beyond a row's position stay masked."""
 
   cfg: ModelConfig
   lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array, positions_BxT: jax.Array,
-               return_hidden: bool = False):
+               return_hidden: bool = False, cache: dict | None = None):
     cfg = self.cfg
     embedding_VxD = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                          ("vocab", "embed")),
                                (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))
     x_BxTxD = constrain(jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(cfg.dtype), ACT_BTD)
-    mask = attention_mask(segment_ids_BxT)
+    mask = attention_mask(segment_ids_BxT) if cache is None else cache_mask(positions_BxT, cache["k"].shape[2])
     sin, cos = rope_tables(positions_BxT, cfg)
+    extra = () if cache is None else (cache, positions_BxT)  # the training forward keeps its exact signature
 
     block = Block
     if cfg.remat != "none":
       block = nn.remat(Block, policy=_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
+      in_axes = (nn.broadcast, nn.broadcast, nn.broadcast) + (() if cache is None else (0, nn.broadcast))
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxTxD, _ = stack(cfg, self.lora, name="layers")(x_BxTxD, mask, sin, cos)
+                      in_axes=in_axes, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxTxD, cache = stack(cfg, self.lora, name="layers")(x_BxTxD, mask, sin, cos, *extra)
     else:
+      layer_caches = []
       for i in range(cfg.num_layers):
-        x_BxTxD, _ = block(cfg, self.lora, name=f"layers_{i}")(x_BxTxD, mask, sin, cos)
+        extra_i = () if cache is None else (jax.tree.map(lambda c, i=i: c[i], cache), positions_BxT)
+        x_BxTxD, layer_cache = block(cfg, self.lora, name=f"layers_{i}")(x_BxTxD, mask, sin, cos, *extra_i)
+        layer_caches.append(layer_cache)
+      if cache is not None:
+        cache = jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
 
     h_BxTxD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x_BxTxD)
     if cfg.tie_embeddings:
@@ -72,7 +86,16 @@ class Transformer(nn.Module):
     logits_BxTxV = project(self, "unembed", "BTD,DV->BTV", h_BxTxD, unembed_DxV.astype(cfg.dtype), ("embed", "vocab"),
                            None if cfg.tie_embeddings else self.lora, out_dtype=jnp.float32)
     logits_BxTxV = constrain(logits_BxTxV, ("act_batch", "act_len", "act_vocab"))
-    return (logits_BxTxV, h_BxTxD) if return_hidden else logits_BxTxV
+    out = (logits_BxTxV, h_BxTxD) if return_hidden else logits_BxTxV
+    return out if cache is None else (out, cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> dict:
+  """An empty KV cache for `batch` rows of up to `max_len` positions: {'k', 'v'} [L,B,S,K,H] in `dtype` (default
+  the compute dtype), stacked over layers with or without layer scan."""
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, boxed: bool = False, lora: LoraConfig | None = None):
