@@ -16,7 +16,7 @@ top_k=N, data=<source>, steps=N, lr=F.
 
 import os
 
-from fmjax import config_lib
+from fmjax import config_lib, data
 
 
 def get_config(arg: str | None = None):
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
   c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads, c.model.mlp_dim = 256, 4, 4, 2, 768
   c.data.source = a.data
   if a.teacher:
-    c.data.tokenizer_path = os.path.join(a.teacher, "tokenizer.model")
+    c.data.tokenizer_path = data.run_tokenizer_file(a.teacher) or os.path.join(a.teacher, "tokenizer.model")
   else:
     c.objective.teacher_bootstrap = "configs/pretrain.py:smoke" if a.smoke else "configs/pretrain.py"
     c.data.tokenizer_source = "embedded:prose"  # the tokenizer pre-training trains (and caches)

@@ -6,7 +6,7 @@
 
 Loss on the responses only (completions, assistant turns and their end marker, EOS); `eval_loss` is the held-out
 response loss. Records are prompt/completion or chat `messages` (detected per source); a multi-task mixture is a
-`data.mixture` of such sources with weights. The tokenizer is the base run's (its `tokenizer.model`). With no
+`data.mixture` of such sources with weights. The tokenizer is the base run's (its `tokenizer.model`, or an import's `tokenizer.json`). With no
 `init_from`, the default pre-training run trains a base into WORKDIR/base first.
 
 Variants (`:k=v,flag`): smoke, init_from=<workdir>, data=<source spec>, steps=N, lr=F, model=<preset>.

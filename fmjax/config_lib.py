@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
+from fmjax import data as data_lib
 from fmjax import sharding
 from fmjax.model import config as model_config
 from fmjax.model import lora as lora_lib
@@ -143,15 +145,16 @@ def base() -> ml_collections.ConfigDict:
 
 
 def finetune(init_from: str, smoke: bool, model: str, steps: int, lr: float, data: str) -> ml_collections.ConfigDict:
-  """The base of the fine-tuning stages (SFT, LoRA, ...): start from the params of pre-trained run `init_from` with
-  its tokenizer, evaluate the held-out split from step 0 on. With no `init_from`, the default pre-training config
-  (`smoke`: its smoke variant) first trains a base into WORKDIR/base."""
+  """The base of the fine-tuning stages (SFT, LoRA, ...): start from the params of pre-trained (or imported) run
+  `init_from` with its tokenizer, model shape and chat template, evaluate the held-out split from step 0 on. With no
+  `init_from`, the default pre-training config (`smoke`: its smoke variant) first trains a base into WORKDIR/base."""
   c = base()
   c.model.name = model
   c.data.source = data
   c.init_from.workdir = init_from
   if init_from:
-    c.data.tokenizer_path = os.path.join(init_from, "tokenizer.model")  # the copy every run directory carries
+    # the copy every run directory carries (sentencepiece tokenizer.model, or an import's tokenizer.json)
+    c.data.tokenizer_path = data_lib.run_tokenizer_file(init_from) or os.path.join(init_from, "tokenizer.model")
   else:
     c.init_from.bootstrap = "configs/pretrain.py:smoke" if smoke else "configs/pretrain.py"
     c.data.tokenizer_source = "embedded:prose"  # the tokenizer that pre-training trains (and caches)
@@ -168,6 +171,11 @@ def finetune(init_from: str, smoke: bool, model: str, steps: int, lr: float, dat
     c.data.vocab_size = 512
     c.train.seq_len = 256  # nearly every embedded instruction fits in 256 pieces of the 512-piece tokenizer
     c.log.every_steps, c.eval.batches = 1, 2
+  if init_from and os.path.isfile(os.path.join(init_from, "config.json")):
+    with open(os.path.join(init_from, "config.json")) as f:
+      theirs = json.load(f)
+    c.model.update({k: v for k, v in theirs.get("model", {}).items() if k in c.model})  # the base's shape
+    c.data.chat_template = theirs.get("data", {}).get("chat_template", c.data.chat_template)
   return c
 
 

@@ -8,26 +8,41 @@ from typing import Any
 
 from fmjax.data import formats, sp_tokenizer
 from fmjax.data.byte_tokenizer import ByteTokenizer
+from fmjax.data.hf_tokenizer import HFTokenizer
 from fmjax.data.pipeline import eval_batches, train_dataset, train_specs
 from fmjax.data.sources import DataError, open_source
 from fmjax.data.sp_tokenizer import SentencePieceTokenizer
 
-__all__ = ["ByteTokenizer", "DataError", "SentencePieceTokenizer", "Tokenizer", "check_vocab", "documents",
-           "eval_batches", "make_tokenizer", "open_source", "train_dataset", "train_specs"]
+__all__ = ["ByteTokenizer", "DataError", "HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "check_vocab",
+           "documents", "eval_batches", "make_tokenizer", "open_source", "run_tokenizer_file",
+           "tokenizer_from_file", "train_dataset", "train_specs"]
 
-Tokenizer = ByteTokenizer | SentencePieceTokenizer
+Tokenizer = ByteTokenizer | SentencePieceTokenizer | HFTokenizer
+RUN_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # the copy a run directory carries, by kind
+
+
+def run_tokenizer_file(workdir: str) -> str:
+  """The tokenizer file run directory `workdir` carries (sentencepiece `tokenizer.model` or Hugging Face
+  `tokenizer.json`); '' when it has none (the byte tokenizer)."""
+  for name in RUN_TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(workdir, name)):
+      return os.path.join(workdir, name)
+  return ""
 
 
 def make_tokenizer(data_cfg: Any) -> Tokenizer:
-  """`bytes`, or `sentencepiece`: the model at `data.tokenizer_path`, or (path empty) a BPE model of
+  """`bytes`; `hf`: the Hugging Face tokenizer.json at `data.tokenizer_path`; or `sentencepiece`: the model at
+  `data.tokenizer_path` (a path ending in .json is read as a Hugging Face tokenizer), or (path empty) a BPE model of
   `data.vocab_size` pieces trained on the train split of `data.tokenizer_source` (default: the training sources)
   and cached on first use (seconds)."""
   if data_cfg.tokenizer == "bytes":
     return ByteTokenizer()
-  if data_cfg.tokenizer != "sentencepiece":
-    raise ValueError(f"data.tokenizer={data_cfg.tokenizer!r} is unknown; use 'bytes' or 'sentencepiece'.")
+  if data_cfg.tokenizer not in ("sentencepiece", "hf"):
+    raise ValueError(f"data.tokenizer={data_cfg.tokenizer!r} is unknown; use 'sentencepiece', 'hf' or 'bytes'.")
+  if data_cfg.tokenizer == "hf" and not data_cfg.tokenizer_path:
+    raise ValueError("data.tokenizer='hf' needs data.tokenizer_path=PATH/tokenizer.json.")
   if data_cfg.tokenizer_path:
-    return SentencePieceTokenizer(data_cfg.tokenizer_path)
+    return tokenizer_from_file(data_cfg.tokenizer_path)
   specs = [data_cfg.tokenizer_source] if data_cfg.tokenizer_source else [s.source for s in train_specs(data_cfg)]
   if all(spec.startswith("prepared:") for spec in specs):  # tokenized data names its tokenizer
     return SentencePieceTokenizer(open_source(specs[0], "all").meta["tokenizer_path"])
@@ -45,8 +60,19 @@ def make_tokenizer(data_cfg: Any) -> Tokenizer:
   return SentencePieceTokenizer(path)
 
 
+def tokenizer_from_file(path: str) -> SentencePieceTokenizer | HFTokenizer:
+  """A Hugging Face tokenizer for a `.json` file, else a sentencepiece model."""
+  return HFTokenizer(path) if path.endswith(".json") else SentencePieceTokenizer(path)
+
+
 def check_vocab(tokenizer: Tokenizer, model_vocab: int, multiple: int = 128) -> None:
-  """The model's vocabulary must be the tokenizer's, padded up to a multiple of `multiple` (for sharding)."""
+  """The model's vocabulary must be the tokenizer's, padded up to a multiple of `multiple` (for sharding); an
+  imported model's (Hugging Face tokenizer) only needs to hold every id: its checkpoint fixes the padding."""
+  if isinstance(tokenizer, HFTokenizer):
+    if model_vocab < tokenizer.vocab_size:
+      raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but model.vocab_size="
+                       f"{model_vocab}; use the model this tokenizer came with.")
+    return
   padded = -(-tokenizer.vocab_size // multiple) * multiple
   if model_vocab != padded:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={model_vocab}; set "

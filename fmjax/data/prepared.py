@@ -45,6 +45,8 @@ def tokenizer_id(tokenizer: Any) -> str:
   path = getattr(tokenizer, "path", None)
   if path is None:
     return f"{type(tokenizer).__name__}:{tokenizer.vocab_size}"
+  if hasattr(tokenizer, "fingerprint"):
+    return f"hf:{tokenizer.fingerprint()}"
   with open(path, "rb") as f:
     return f"sentencepiece:{hashlib.sha256(f.read()).hexdigest()[:16]}"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from typing import Iterable
 
@@ -48,6 +49,12 @@ class SentencePieceTokenizer:
 
   def decode(self, ids) -> str:
     return self.sp.decode([int(i) for i in ids])
+
+  def save(self, directory: str) -> None:
+    """Copies the model file into `directory` as tokenizer.model."""
+    target = os.path.join(directory, "tokenizer.model")
+    if os.path.abspath(self.path) != os.path.abspath(target):
+      shutil.copyfile(self.path, target)
 
 
 def train(texts: Iterable[str], vocab_size: int, output: str) -> str:

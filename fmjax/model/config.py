@@ -63,6 +63,8 @@ _QWEN = dict(vocab_size=151_936, rope_theta=1_000_000.0, norm_eps=1e-6, tie_embe
 PRESETS: dict[str, ModelConfig] = {
     # Tiny: tests and `:smoke` runs.
     "smoke": ModelConfig(),
+    # Every field given explicitly (`model.*`), as an imported Hugging Face model's config.json does.
+    "custom": ModelConfig(),
     # ~34M parameters: the CPU default and the fixed benchmark shape.
     "small": ModelConfig(vocab_size=8192, d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
                          mlp_dim=1536),

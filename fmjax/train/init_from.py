@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from fmjax import data
 from fmjax.model import lora
 from fmjax.train import checkpoint
 from fmjax.train import state as train_state
@@ -29,7 +30,7 @@ def check_tokenizer(workdir: str, ours: dict, key: str = "init_from.workdir") ->
     theirs = json.load(f).get("tokenizer")
   if theirs and theirs["id"] != ours["id"]:
     raise ValueError(f"{key}={workdir!r} was trained with tokenizer {theirs['id']} but this run uses "
-                     f"{ours['id']}; set --config.data.tokenizer_path={os.path.join(workdir, 'tokenizer.model')} "
+                     f"{ours['id']}; set --config.data.tokenizer_path={data.run_tokenizer_file(workdir) or 'PATH'} "
                      "(its copy of that tokenizer).")
 
 

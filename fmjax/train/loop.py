@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 
 import jax
@@ -46,8 +45,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   resolved["tokenizer"] = {"id": prepared.tokenizer_id(exp.tokenizer), "vocab_size": exp.tokenizer.vocab_size}
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-    if getattr(exp.tokenizer, "path", None):  # the run directory carries its own tokenizer
-      shutil.copyfile(exp.tokenizer.path, os.path.join(workdir, "tokenizer.model"))
+    if hasattr(exp.tokenizer, "save"):  # the run directory carries its own tokenizer
+      exp.tokenizer.save(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved, f, indent=2)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)

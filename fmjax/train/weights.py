@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -14,7 +13,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fmjax import config_lib
+from fmjax import config_lib, data
 from fmjax.model import ModelConfig, init_params, lora
 from fmjax.train import init_from
 
@@ -29,9 +28,7 @@ class RunWeights:
   tokenizer_path: str  # the run's copy of its tokenizer ('' for the byte tokenizer)
 
   def tokenizer(self):
-    """The run's tokenizer (its own copy of the sentencepiece model, or the byte tokenizer)."""
-    from fmjax import data
-
+    """The run's tokenizer (its own copy of the sentencepiece model or tokenizer.json, or the byte tokenizer)."""
     self.config.data.tokenizer_path = self.tokenizer_path
     return data.make_tokenizer(self.config.data)
 
@@ -58,6 +55,24 @@ def read_params(workdir: str, step: int = -1) -> tuple[dict, int]:
   return restored["params"], int(os.path.basename(path))
 
 
+def read_param(workdir: str, step: int, path: tuple[str, ...]) -> np.ndarray:
+  """One parameter (`path` in the params tree) of `workdir`'s checkpoint at `step`, read alone."""
+  ckpt = os.path.join(init_from.checkpoint_dir(workdir, step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  meta = checkpointer.metadata(ckpt).item_metadata.tree["params"]
+  for key in path:
+    meta = meta[key]
+  item: Any = meta
+  restore: Any = ocp.RestoreArgs(restore_type=np.ndarray)
+  for key in reversed(path):
+    item, restore = {key: item}, {key: restore}
+  restored = checkpointer.restore(ckpt, args=ocp.args.PyTreeRestore(
+      item={"params": item}, restore_args={"params": restore}, partial_restore=True))["params"]
+  for key in path:
+    restored = restored[key]
+  return restored
+
+
 def load(workdir: str, step: int = -1) -> RunWeights:
   """The weights of run `workdir`; for a LoRA run, its adapters over the base it trained on (its init_from, its
   bootstrapped WORKDIR/base, or the seed's initialisation)."""
@@ -72,8 +87,7 @@ def load(workdir: str, step: int = -1) -> RunWeights:
     else:
       base = jax.device_get(init_params(model_cfg, jax.random.split(jax.random.PRNGKey(config.train.seed))[0]))
     params = lora.combine(base, params)
-  tokenizer = os.path.join(workdir, "tokenizer.model")
-  return RunWeights(config, model_cfg, lora_cfg, params, step, tokenizer if os.path.isfile(tokenizer) else "")
+  return RunWeights(config, model_cfg, lora_cfg, params, step, data.run_tokenizer_file(workdir))
 
 
 def write_run(output: str, params: dict, config: ml_collections.ConfigDict, step: int, tokenizer_path: str) -> str:
@@ -83,9 +97,15 @@ def write_run(output: str, params: dict, config: ml_collections.ConfigDict, step
   if os.path.exists(target):
     raise FileExistsError(f"{target} exists; choose another --output.")
   os.makedirs(output, exist_ok=True)
-  ocp.PyTreeCheckpointer().save(target, {"params": params})
+  # Host arrays are written as they are (no defensive copy) and at most 1 GB at a time, so a converted checkpoint
+  # held in memory-mapped files is never copied whole into memory.
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.ArrayHandler()))
+  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=1)
+  ocp.Checkpointer(handler).save(target, args=ocp.args.PyTreeSave({"params": jax.tree.map(np.asarray, params)}))
   with open(os.path.join(output, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   if tokenizer_path:
-    shutil.copyfile(tokenizer_path, os.path.join(output, "tokenizer.model"))
+    data.tokenizer_from_file(tokenizer_path).save(output)
   return target

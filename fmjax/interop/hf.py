@@ -1,0 +1,268 @@
+"""Hugging Face checkpoints ↔ fmjax run directories (Llama, Mistral, Qwen2, Qwen3), tensor by tensor.
+
+An imported run directory is an ordinary fmjax run at step 0: `config.json` (the model's shape as `model.*`, its
+tokenizer, its chat template), `checkpoints/0/state` (the params), `tokenizer.json` + `tokenizer_config.json`, and
+`hf/` with the source's own config and tokenizer files (the template an export writes back). So `init_from`,
+`fmjax.load`, the tools and an export treat it like any other run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from fmjax import config_lib
+from fmjax.data import hf_tokenizer
+from fmjax.interop import hf_config, hf_weights, safetensors_io
+from fmjax.model.config import ModelConfig
+
+HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "chat_template.jinja")
+
+
+def is_hf_dir(path: str) -> bool:
+  """Whether `path` is a Hugging Face checkpoint directory (an HF config.json beside safetensors weights)."""
+  config = os.path.join(path, "config.json")
+  if not os.path.isfile(config) or os.path.isdir(os.path.join(path, "checkpoints")):
+    return False
+  with open(config) as f:
+    return "model_type" in json.load(f)
+
+
+def read_config(hf_dir: str) -> tuple[dict, ModelConfig]:
+  """(HF config.json, the fmjax model of it)."""
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist; --hf_dir must be a Hugging Face model directory.")
+  with open(path) as f:
+    hf = json.load(f)
+  cfg = hf_config.to_model_config(hf)
+  window = hf.get("sliding_window") if hf.get("model_type") == "mistral" else None
+  if window:
+    logging.warning("%s: Mistral sliding_window=%d; fmjax attends to the whole context, which is the same for "
+                    "sequences up to %d tokens.", hf_dir, window, window)
+  return hf, cfg
+
+
+def convert_params(reader: safetensors_io.Reader, cfg: ModelConfig, dtype: str,
+                   allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] = np.empty) -> dict:
+  """The fmjax params (scanned layout, NumPy, `dtype`) of the HF tensors in `reader`, filled one HF tensor at a
+  time into arrays from `allocate(shape, dtype)` (e.g. memory-mapped files)."""
+  hf_weights.check_names(reader.keys(), cfg)
+  out, dt = {}, np.dtype(jax.numpy.dtype(dtype))
+  for p in hf_weights.layout(cfg):
+    if p.layered:
+      first = p.to_fmjax(reader.get(p.hf.format(i=0)))
+      array = allocate((cfg.num_layers, *first.shape), dt)
+      for i in range(cfg.num_layers):
+        array[i] = p.to_fmjax(reader.get(p.hf.format(i=i))).astype(dt)
+    else:
+      value = p.to_fmjax(reader.get(p.hf))
+      array = allocate(value.shape, dt)
+      array[...] = value.astype(dt)
+    out[p.path] = array
+  return traverse_util.unflatten_dict(out)
+
+
+def chat_template(tokenizer: hf_tokenizer.HFTokenizer | None) -> str:
+  """fmjax's chat template preset matching an HF vocabulary's special tokens (ChatML, Llama 3), else `plain`."""
+  if tokenizer is not None:
+    if tokenizer.tok.token_to_id("<|im_start|>") is not None:
+      return "chatml"
+    if tokenizer.tok.token_to_id("<|start_header_id|>") is not None:
+      return "llama3"
+  return "plain"
+
+
+def _tokenizer(hf_dir: str) -> hf_tokenizer.HFTokenizer | None:
+  path = os.path.join(hf_dir, "tokenizer.json")
+  return hf_tokenizer.HFTokenizer(path) if os.path.isfile(path) else None
+
+
+def load(hf_dir: str, dtype: str = "float32") -> tuple[ModelConfig, dict, Any, str]:
+  """(model config, params, tokenizer or None, chat template) of HF directory `hf_dir`, converted in memory."""
+  _, cfg = read_config(hf_dir)
+  params = convert_params(safetensors_io.Reader(hf_dir), cfg, dtype)
+  tokenizer = _tokenizer(hf_dir)
+  return hf_config.with_dtypes(cfg, dtype), params, tokenizer, chat_template(tokenizer)
+
+
+def run_config(cfg: ModelConfig, tokenizer_path: str, template: str) -> ml_collections.ConfigDict:
+  """The fmjax config of an imported model: every `model.*` field explicit, its tokenizer and chat template."""
+  config = config_lib.base()
+  config.model.name = "custom"
+  for key, value in dataclasses.asdict(cfg).items():
+    config.model[key] = value
+  config.data.tokenizer = "hf" if tokenizer_path else "bytes"
+  config.data.tokenizer_path = tokenizer_path
+  config.data.chat_template = template
+  return config
+
+
+def import_dir(hf_dir: str, workdir: str, dtype: str = "float32") -> str:
+  """Converts HF checkpoint `hf_dir` into the fmjax run directory `workdir` (checkpoint step 0); returns the
+  checkpoint path. Parameters are assembled in memory-mapped scratch files under `workdir`, so resident memory
+  stays near one tensor whatever the model's size."""
+  from fmjax.train import weights
+
+  hf, cfg = read_config(hf_dir)
+  cfg = hf_config.with_dtypes(cfg, dtype)
+  reader = safetensors_io.Reader(hf_dir)
+  os.makedirs(workdir, exist_ok=True)
+  scratch = tempfile.mkdtemp(prefix=".import-", dir=workdir)
+  try:
+    counter = iter(range(1 << 30))
+    memmap = lambda shape, dt: np.lib.format.open_memmap(  # noqa: E731
+        os.path.join(scratch, f"{next(counter)}.npy"), mode="w+", dtype=dt, shape=shape)
+    params = convert_params(reader, cfg, dtype, memmap)
+    tokenizer = _tokenizer(hf_dir)
+    config = run_config(cfg, os.path.join(os.path.abspath(workdir), "tokenizer.json") if tokenizer else "",
+                        chat_template(tokenizer))
+    target = weights.write_run(workdir, params, config, 0, tokenizer.path if tokenizer else "")
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+  os.makedirs(os.path.join(workdir, "hf"), exist_ok=True)
+  for name in HF_FILES:
+    if os.path.isfile(os.path.join(hf_dir, name)):
+      shutil.copyfile(os.path.join(hf_dir, name), os.path.join(workdir, "hf", name))
+  del hf
+  return target
+
+
+def export_params(params_of: Callable[[tuple[str, ...]], np.ndarray], cfg: ModelConfig, hf_dir: str,
+                  dtype: str, template: dict | None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+  """Writes config.json and safetensors shards of the fmjax params (`params_of(path)` → one parameter, scanned
+  layout) into `hf_dir`, one HF tensor at a time."""
+  dt = np.dtype(jax.numpy.dtype(dtype))
+  entries, specs = {}, []
+  for p, i, name in hf_weights.hf_tensors(cfg):
+    shape = _leaf_shape(cfg, p.path)[1:] if p.layered else _leaf_shape(cfg, p.path)
+    out = jax.eval_shape(p.to_hf, jax.ShapeDtypeStruct(shape, dt))
+    specs.append((name, dt, out.shape))
+    entries[name] = (p, i)
+  cache: dict[tuple[str, ...], np.ndarray] = {}
+
+  def produce(name: str) -> np.ndarray:
+    p, i = entries[name]
+    if p.path not in cache:
+      cache.clear()  # one fmjax parameter in memory at a time (tensors come grouped by parameter)
+      cache[p.path] = np.asarray(params_of(p.path))
+    leaf = cache[p.path]
+    return np.asarray(p.to_hf(leaf[i] if p.layered else leaf)).astype(dt)
+
+  names = safetensors_io.write(hf_dir, specs, produce, max_shard_bytes)
+  config = hf_config.from_model_config(cfg, template, dtype)
+  with open(os.path.join(hf_dir, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return names
+
+
+def _leaf_shape(cfg: ModelConfig, path: tuple[str, ...]) -> tuple[int, ...]:
+  from fmjax.model import init_params
+
+  shapes = _SHAPES.get(cfg)
+  if shapes is None:
+    tree = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    shapes = _SHAPES[cfg] = {k: v.shape for k, v in traverse_util.flatten_dict(tree).items()}
+  return shapes[path]
+
+
+_SHAPES: dict[ModelConfig, dict] = {}
+
+
+def _template_dir(workdir: str, hops: int = 8) -> str | None:
+  """The `hf/` directory of the import this run descends from (itself, or along its init_from chain)."""
+  from fmjax.train import weights
+
+  for _ in range(hops):
+    if os.path.isfile(os.path.join(workdir, "hf", "config.json")):
+      return os.path.join(workdir, "hf")
+    config = weights.run_config(workdir)
+    workdir = config.init_from.workdir
+    if not workdir:
+      return None
+  return None
+
+
+def export_dir(workdir: str, hf_dir: str, step: int = -1, dtype: str | None = None, lora_mode: str = "merge",
+               max_shard_bytes: int = 5 * 2**30) -> str:
+  """Writes run `workdir` (checkpoint `step`) as a Hugging Face directory `hf_dir` that `from_pretrained` loads:
+  config.json, safetensors shards and the tokenizer files. A LoRA run is merged into full weights (`lora_mode`
+  'merge') or written as a PEFT adapter directory ('peft'). `dtype` defaults to the run's parameter dtype.
+  Returns a one-line summary."""
+  from fmjax.model import lora, peft
+  from fmjax.train import weights
+
+  config = weights.run_config(workdir)
+  cfg = config_lib.resolved_model(config)
+  lora_cfg = config_lib.lora_config(config)
+  template_dir = _template_dir(workdir)
+  template = None
+  if template_dir:
+    with open(os.path.join(template_dir, "config.json")) as f:
+      template = json.load(f)
+  if lora_mode not in ("merge", "peft"):
+    raise ValueError(f"lora_mode={lora_mode!r}: use 'merge' (full weights) or 'peft' (an adapter directory).")
+  if lora_cfg is not None and lora_mode == "peft":
+    run = weights.load(workdir, step)
+    base = template.get("_name_or_path") if template else None
+    peft.save(hf_dir, lora.split(run.params)[0], lora_cfg, cfg.num_layers,
+              base_model=base or config.init_from.workdir or None)
+    return f"wrote the PEFT adapter of {workdir} (step {run.step}) to {hf_dir}"
+  if lora_cfg is not None:
+    run = weights.load(workdir, step)
+    merged = traverse_util.flatten_dict(lora.merge(run.params, lora_cfg))
+    read, step = merged.__getitem__, run.step
+  else:
+    step = int(os.path.basename(weights.init_from.checkpoint_dir(workdir, step)))
+    read = lambda path: weights.read_param(workdir, step, path)  # noqa: E731
+  layers = cfg.num_layers
+
+  def params_of(path: tuple[str, ...]) -> np.ndarray:  # the stacked layout, whatever the run's scan_layers
+    if cfg.scan_layers or path[0] != "layers":
+      return read(path)
+    return np.stack([read((f"layers_{i}", *path[1:])) for i in range(layers)])
+
+  scanned = dataclasses.replace(cfg, scan_layers=True)
+  dtype = dtype or cfg.param_dtype
+  names = export_params(params_of, scanned, hf_dir, dtype, template, max_shard_bytes)
+  _write_tokenizer_files(workdir, template_dir, hf_dir)
+  return f"wrote {workdir} (step {step}) as {len(names)} safetensors file(s) in {hf_dir}"
+
+
+def _write_tokenizer_files(workdir: str, template_dir: str | None, hf_dir: str) -> None:
+  """The run's tokenizer (and an import's generation/tokenizer configs) beside the exported weights; the special
+  ids go into config.json and generation_config.json."""
+  from fmjax import data
+  from fmjax.train import weights
+
+  if template_dir:
+    for name in HF_FILES[1:]:
+      if os.path.isfile(os.path.join(template_dir, name)):
+        shutil.copyfile(os.path.join(template_dir, name), os.path.join(hf_dir, name))
+  tokenizer_file = data.run_tokenizer_file(workdir)
+  if tokenizer_file:
+    data.tokenizer_from_file(tokenizer_file).save(hf_dir)
+  tokenizer = weights.RunWeights(weights.run_config(workdir), None, None, {}, 0, tokenizer_file).tokenizer()
+  ids = {"bos_token_id": int(tokenizer.bos_id), "eos_token_id": int(tokenizer.eos_id),
+         "pad_token_id": int(tokenizer.pad_id)}
+  for name in ("config.json", "generation_config.json"):
+    path = os.path.join(hf_dir, name)
+    current = {}
+    if os.path.isfile(path):
+      with open(path) as f:
+        current = json.load(f)
+    for key, value in ids.items():
+      current.setdefault(key, value)
+    with open(path, "w") as f:
+      json.dump(current, f, indent=2)
