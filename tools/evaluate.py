@@ -1,0 +1,130 @@
+"""Evaluate a model (an fmjax run directory or a Hugging Face checkpoint directory) on texts, preference pairs, or
+lm-evaluation-harness tasks.
+
+  python tools/evaluate.py perplexity --model=/tmp/pt --data=embedded:prose
+  python tools/evaluate.py perplexity --model=/tmp/pt --data='notes/*.jsonl' --split=all --seq_len=512 --stride=256
+  python tools/evaluate.py preference --model=/tmp/dpo --data=embedded:preference --reference=/tmp/sft
+  python tools/evaluate.py lm_eval --model=/tmp/sft --tasks=my_task --include_path=my_tasks/ --limit=100
+
+perplexity: token-weighted NLL, perplexity and bits per byte of each text as BOS + text + EOS, in windows of
+--seq_len tokens (--stride < --seq_len: overlapping windows, more context per token). preference: how often the
+model gives the chosen response a higher log-probability than the rejected one; with --reference, DPO's implicit
+reward accuracy and mean log-ratio margin. --data is a source spec (embedded:NAME, or a glob of .txt / .jsonl /
+.parquet files, or tfds:NAME) and --split a side of its held-out split (train | validation | all).
+
+lm_eval needs `pip install -e '.[eval]'` and runs offline (HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 unless set):
+tasks read local files or datasets already in the Hugging Face cache. --output=FILE.json writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = p.add_subparsers(dest="command", required=True)
+  ppl = commands.add_parser("perplexity", help="NLL, perplexity and bits per byte over the texts of a source")
+  pref = commands.add_parser("preference", help="preference accuracy over {prompt?, chosen, rejected} pairs")
+  harness = commands.add_parser("lm_eval", help="lm-evaluation-harness tasks")
+  for sub in (ppl, pref, harness):
+    sub.add_argument("--model", required=True, help="fmjax run directory or Hugging Face checkpoint directory")
+    sub.add_argument("--batch_size", type=int, default=8, help="rows per forward pass")
+    sub.add_argument("--output", default="", help="write the results to this JSON file")
+  for sub in (ppl, pref):
+    sub.add_argument("--data", required=True, help="source spec: embedded:prose, 'docs/*.jsonl', ...")
+    sub.add_argument("--split", default="validation", choices=("train", "validation", "all"))
+    sub.add_argument("--max_docs", type=int, default=0, help="score at most this many texts or pairs (0 = all)")
+  ppl.add_argument("--field", default="text", help="the text field of .jsonl / .parquet records")
+  ppl.add_argument("--seq_len", type=int, default=1024, help="inputs per window")
+  ppl.add_argument("--stride", type=int, default=0, help="tokens between window starts (0 = seq_len)")
+  pref.add_argument("--reference", default="", help="reference model for DPO implicit rewards")
+  harness.add_argument("--tasks", required=True, help="comma-separated task names")
+  harness.add_argument("--include_path", default="", help="directory of extra task YAMLs")
+  harness.add_argument("--num_fewshot", type=int, default=None)
+  harness.add_argument("--limit", type=float, default=None, help="documents per task (< 1: a fraction)")
+  harness.add_argument("--max_length", type=int, default=2048, help="context window in tokens")
+  args = p.parse_args()
+
+  try:
+    results = {"perplexity": run_perplexity, "preference": run_preference, "lm_eval": run_lm_eval}[args.command](args)
+  except ImportError as e:
+    sys.exit(f"error: {e}; install lm-evaluation-harness with `pip install -e '.[eval]'`."
+             if getattr(e, "name", "") == "lm_eval" else f"error: {e}")
+  except (FileNotFoundError, ValueError) as e:  # data.DataError is a ValueError
+    sys.exit(f"error: {e}")
+  if args.output:
+    with open(args.output, "w") as f:
+      json.dump(results, f, indent=2, default=str)
+    print(f"wrote {args.output}")
+
+
+def run_perplexity(args: argparse.Namespace) -> dict[str, Any]:
+  import fmjax
+  from fmjax import data
+  from fmjax.evaluation import perplexity
+
+  texts = data.documents(args.data, args.split, args.field)[:args.max_docs or None]
+  if not any(texts):
+    raise data.DataError(f"--data={args.data!r} holds no text on split {args.split!r} (field {args.field!r}); "
+                         f"check --field{other_split(args)}.")
+  result = dataclasses.asdict(perplexity(fmjax.load(args.model), texts, args.seq_len, args.stride, args.batch_size))
+  table(result)
+  return {"model": args.model, "data": args.data, "split": args.split, **result}
+
+
+def run_preference(args: argparse.Namespace) -> dict[str, Any]:
+  import fmjax
+  from fmjax import data
+  from fmjax.evaluation import preference_accuracy
+
+  records = data.open_source(args.data, args.split)
+  records = [records[i] for i in range(min(len(records), args.max_docs or len(records)))]
+  if not records:
+    raise data.DataError(f"--data={args.data!r} holds no records on split {args.split!r}{other_split(args)}.")
+  reference = fmjax.load(args.reference) if args.reference else None
+  result = dataclasses.asdict(preference_accuracy(fmjax.load(args.model), records, reference, args.batch_size))
+  table({k: v for k, v in result.items() if v is not None})
+  return {"model": args.model, "reference": args.reference, "data": args.data, "split": args.split, **result}
+
+
+def run_lm_eval(args: argparse.Namespace) -> dict[str, Any]:
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before `datasets` is imported: it reads these once
+  os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+  import lm_eval
+  from lm_eval.tasks import TaskManager
+  from lm_eval.utils import make_table
+
+  from fmjax.evaluation.harness import FmjaxLM
+
+  model = FmjaxLM(pretrained=args.model, batch_size=args.batch_size, max_length=args.max_length)
+  tasks = TaskManager(include_path=args.include_path or None)
+  names = args.tasks.split(",")
+  unknown = [n for n in names if n not in tasks.all_tasks]
+  if unknown:
+    raise ValueError(f"unknown lm_eval tasks {unknown} (not among the {len(tasks.all_tasks)} indexed); check the "
+                     "names, or add the directory of their YAML files with --include_path.")
+  limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+  results = lm_eval.simple_evaluate(model, tasks=names, num_fewshot=args.num_fewshot, limit=limit,
+                                    task_manager=tasks, log_samples=False)
+  print(make_table(results))
+  return results
+
+
+def other_split(args: argparse.Namespace) -> str:
+  return ", or try --split=all" if args.split != "all" else ""
+
+
+def table(values: dict[str, Any]) -> None:
+  width = max(len(k) for k in values)
+  for k, v in values.items():
+    print(f"{k:<{width}}  {v:,.4f}" if isinstance(v, float) else f"{k:<{width}}  {v:,}")
+
+
+if __name__ == "__main__":
+  main()
