@@ -151,7 +151,7 @@ def test_hf_tokenizer_matches_transformers(imported):
   assert config["data"]["chat_template"] == ("llama3" if family in ("llama", "mistral") else "chatml")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])  # each attention variant (plain; QK-norm, tied)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_equals_transformers_generate(importer, family):
   _, source, run, _ = importer(family)
   model = fmjax.load(run)
@@ -199,3 +199,36 @@ def test_convert_cli_and_training_on_the_imported_vocabulary(importer, tmp_path)
   assert np.abs(trained - theirs).max() > 1e-3  # the fine-tuning changed the weights
   assert transformers.AutoTokenizer.from_pretrained(out).encode(TEXT, add_special_tokens=False) == \
       data.tokenizer_from_file(os.path.join(sft, "tokenizer.json")).encode(TEXT).tolist()
+
+
+def test_lora_run_exports_merged_and_as_a_peft_adapter(importer, tmp_path):
+  """A LoRA run over an imported model: the merged export and the PEFT adapter over the original HF model both give
+  the LoRA run's logits in transformers."""
+  peft_lib = pytest.importorskip("peft")
+  from fmjax.model import init_params, lora
+
+  _, source, run, theirs = importer("llama")
+  config = weights.run_config(run)
+  config.lora.rank, config.lora.alpha = 4, 8.0
+  config.lora.targets = r"(q|k|v|o|gate|up|down)_kernel$|unembed"
+  config.init_from.workdir = run
+  model_cfg = fmjax.load(run).config
+  lora_cfg = lora.LoraConfig(rank=4, alpha=8.0, targets=config.lora.targets)
+  adapters, _ = lora.split(init_params(model_cfg, jax.random.PRNGKey(0), lora=lora_cfg))
+  keys = jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(adapters)))
+  adapters = jax.tree.unflatten(jax.tree.structure(adapters), [
+      0.1 * np.asarray(jax.random.normal(k, x.shape)) for k, x in zip(keys, jax.tree.leaves(adapters))])
+  lora_run = str(tmp_path / "lora")
+  weights.write_run(lora_run, adapters, config, 5, os.path.join(run, "tokenizer.json"))
+  ours = fmjax.load(lora_run).logits(TOKENS)
+  assert np.abs(ours - theirs).max() > 0.1  # the adapters matter
+
+  merged = str(tmp_path / "merged")
+  hf.export_dir(lora_run, merged)
+  np.testing.assert_allclose(hf_logits(merged), ours, rtol=0, atol=1e-4)
+  adapter = str(tmp_path / "adapter")
+  hf.export_dir(lora_run, adapter, lora_mode="peft")
+  base = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+  with torch.no_grad():
+    adapted = peft_lib.PeftModel.from_pretrained(base, adapter).eval()
+    np.testing.assert_allclose(adapted(torch.from_numpy(TOKENS).long()).logits.numpy(), ours, rtol=0, atol=1e-4)
