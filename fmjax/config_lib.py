@@ -64,6 +64,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.tokenizer_train_chars = 50_000_000  # at most this much text per source trains the tokenizer
   c.data.vocab_size = 8192  # pieces of an auto-trained sentencepiece model
   c.data.seed = 0  # shuffle order
+  c.data.shards = 0  # record streams split among the processes; 0 = one each; fixed: same batches on any host count
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "lm"  # loss head (fmjax/objectives)
@@ -141,6 +142,7 @@ def base() -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 10  # metrics.jsonl / TensorBoard / console period
   c.log.peak_flops = 0.0  # peak FLOP/s per device (on CPU: of the host) for MFU; 0 = device table / CPU probe
+  c.log.batch_digests = False  # debug: each process records a hash of every batch row it holds, per step
   return c
 
 
@@ -211,6 +213,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.holdout={d.holdout} must be in [0, 1): the fraction of records held out for eval.")
   if d.workers < 0 or d.packing_bins <= 0:
     raise ValueError(f"data.workers={d.workers} must be >= 0 and data.packing_bins={d.packing_bins} positive.")
+  if d.shards < 0:
+    raise ValueError(f"data.shards={d.shards} must be >= 0 (0 = one per process).")
   if config.log.every_steps <= 0:
     raise ValueError(f"log.every_steps={config.log.every_steps} must be positive.")
 

@@ -1,19 +1,33 @@
 """fmjax entry point.
 
   python -m fmjax.main --config=configs/pretrain.py[:variant] --workdir=DIR [--config.section.key=value ...]
+
+On several hosts run the same command on each: a multi-host Cloud TPU slice needs nothing more; elsewhere add
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (or FMJAX_* environment variables).
 """
 
 import logging as std_logging
+import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fmjax import distributed
 from fmjax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and variant, e.g. configs/pretrain.py:smoke.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config.json, metrics.jsonl, TensorBoard, checkpoints.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config.json, metrics.jsonl, TensorBoard, checkpoints; "
+                                "on several hosts, one that every host sees (a shared filesystem).")
 flags.mark_flags_as_required(["config", "workdir"])
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Several processes: HOST:PORT of process 0, which serves the coordinator (env "
+    f"{distributed.ENV_ADDRESS}). Not needed on a multi-host Cloud TPU slice: it is detected.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, f"Processes in the run (env {distributed.ENV_COUNT}).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, f"This process's id, 0..N-1 (env {distributed.ENV_ID}).")
+_TIMEOUT = flags.DEFINE_float("distributed_timeout", 300.0, "Seconds to wait for every process to join before giving "
+                              "up with a message.")
 
 
 class _QuietLibraries:
@@ -28,6 +42,14 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_logger().addFilter(_QuietLibraries())
+  try:
+    settings = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if settings is not None:
+      distributed.initialize(settings, _TIMEOUT.value)
+  except distributed.DistributedError as e:
+    sys.exit(f"fmjax: {e}")
+  if settings is not None and jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)  # one log for the run, process 0's; the others still report problems
   loop.train(_CONFIG.value, _WORKDIR.value)
 
 

@@ -1,8 +1,11 @@
 """grain pipelines from sources to global batches (the batch contract in the README).
 
-Training, per source, on each process:
-  records ─ this process's shard (every process_count-th record) ─ seeded shuffle, reshuffled every epoch ─ repeat
-  ─ encode (tokenize + format; in data.workers processes per source when > 0) ─ pack ─ mix sources by step ─ batch.
+Training, per data shard (data.shards of them; process p of P reads shards p·S/P … (p+1)·S/P - 1), per source:
+  records ─ the shard's records (every S-th) ─ seeded shuffle, reshuffled every epoch ─ repeat
+  ─ encode (tokenize + format; in data.workers processes per source when > 0) ─ pack ─ mix sources by step ─ batch
+  (train.batch_size / S rows); a process's rows of a global batch are its shards' rows in shard order. So the global
+  batches depend on S, not on how many processes read them: the same config on any number of hosts that divides S
+  trains on the same batches (S = 0 means one shard per process).
 Packing: `text` examples are concatenated in order and cut into rows of train.seq_len (concat-then-split); a
 document cut at a row's end continues at position 0 of the next row, so no token is dropped or repeated. Other formats
 (prompt/completion, chat, preference) are never cut: first-fit packs whole examples into data.packing_bins open rows
@@ -22,7 +25,7 @@ from typing import Any, Iterator
 import grain
 from absl import flags
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset
+from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset, ZipIterDataset
 
 from fmjax.data import formats, mixture
 from fmjax.data.prepared import PreparedSource
@@ -97,11 +100,33 @@ def _pack(ds: grain.IterDataset, fmt: str, seq_len: int, bins: int, seed: int) -
   keys = [p + k for p in formats.sequence_keys(fmt) for k in formats.features(fmt)]
   lengths = {k: seq_len for k in keys}
   if fmt == "text":
-    packed = ConcatThenSplitIterDataset(ds, length_struct=lengths)
+    packed = _JsonRestorable(ConcatThenSplitIterDataset(ds, length_struct=lengths))
   else:
     packed = FirstFitPackIterDataset(ds, length_struct=lengths, num_packing_bins=bins, seed=seed,
                                      shuffle_bins=False)
   return packed.map(_Contract(formats.sequence_keys(fmt)))
+
+
+class _JsonRestorable(grain.IterDataset):
+  """A concat-then-split packer whose state survives a checkpoint. grain's checkpoint handler stores states as JSON,
+  which turns the packer's "no remainder" sentinel (-1, -1) into a list that no longer equals it, so a packer
+  restored at a row that ended with a document would read one document too many; this turns them back into tuples."""
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _JsonRestorableIterator(iter(self._parent))
+
+
+class _JsonRestorableIterator(grain.DatasetIterator):
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self) -> dict:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    slices = state.get("remainder_slices", {})
+    self._parent.set_state({**state, "remainder_slices": {k: tuple(v) for k, v in slices.items()}})
 
 
 class _Contract:
@@ -125,13 +150,14 @@ class _Contract:
     return out
 
 
-def _rows(records, encode, fmt: str, data_cfg: Any, seq_len: int, seed: int, process_index: int,
-          process_count: int, train: bool) -> grain.IterDataset:
+def _rows(records, encode, fmt: str, data_cfg: Any, seq_len: int, seed: int, shard: int, shards: int,
+          train: bool) -> grain.IterDataset:
   ds = grain.MapDataset.source(records)
-  if process_count > 1:
-    ds = ds[process_index::process_count]
+  if shards > 1:
+    ds = ds[shard::shards]
     if len(ds) == 0:
-      raise DataError(f"process {process_index} of {process_count} got no records; the source has {len(records)}.")
+      raise DataError(f"data shard {shard} of {shards} got no records; the source has {len(records)}. Lower "
+                      "data.shards.")
   if train:
     ds = ds.shuffle(seed).repeat()
   examples = ds.map(encode).to_iter_dataset()
@@ -150,31 +176,53 @@ def batch_dtypes(fmt: str) -> dict[str, np.dtype]:
   return {p + k: np.dtype(v) for p in formats.sequence_keys(fmt) for k, v in kinds.items() if k in keys}
 
 
+def shard_range(data_cfg: Any, batch: int, process_index: int, process_count: int) -> range:
+  """The data shards process `process_index` reads (see the module docstring)."""
+  shards = data_cfg.shards or process_count
+  if not data_cfg.shards and batch % process_count:
+    raise ValueError(f"train.batch_size={batch} must be divisible by the process count {process_count}.")
+  if shards % process_count or batch % shards:
+    raise ValueError(f"data.shards={shards} must be a multiple of the process count {process_count} and divide "
+                     f"train.batch_size={batch}; change data.shards (0 = one per process).")
+  per_process = shards // process_count
+  return range(process_index * per_process, (process_index + 1) * per_process)
+
+
 def train_dataset(config: Any, tokenizer: Any, process_index: int = 0,
                   process_count: int = 1) -> tuple[grain.IterDataset, dict[str, np.dtype]]:
-  """This process's rows of every training batch, batched (train.batch_size / process_count rows each), and the
-  batches' keys and dtypes."""
+  """This process's rows of every training batch, batched (train.batch_size / process_count rows each: those of its
+  data shards), and the batches' keys and dtypes."""
   data_cfg, seq_len, batch = config.data, config.train.seq_len, config.train.batch_size
-  if batch % process_count:
-    raise ValueError(f"train.batch_size={batch} must be divisible by the process count {process_count}.")
+  mine = shard_range(data_cfg, batch, process_index, process_count)
+  shards = data_cfg.shards or process_count
+  per_shard = batch // shards
   specs = train_specs(data_cfg)
-  streams, fmts = [], set()
-  for k, spec in enumerate(specs):
+  opened, fmts = [], set()
+  for spec in specs:
     records, encode, fmt = _open(spec, data_cfg, "train", tokenizer, seq_len)
     fmts.add(fmt if fmt.startswith("preference") or fmt == "unpaired" else "sequence")
-    streams.append(_rows(records, encode, fmt, data_cfg, seq_len, data_cfg.seed + 1000 * k, process_index,
-                         process_count, train=True))
+    opened.append((records, encode, fmt))
   if len(fmts) > 1:
     raise ValueError(f"data.mixture mixes sources whose batches have different keys ({sorted(fmts)}: preference or "
                      f"not, with or without precomputed ref_*_logps) in {[s.name for s in specs]}. Mix sources of one "
                      "kind.")
-  local = batch // process_count
-  if len(streams) == 1:
-    rows = streams[0]
-  else:
-    schedules = [mixture.Schedule(s.weight, f"data.mixture.{s.name}.weight") for s in specs]
-    rows = mixture.StepMixIterDataset(streams, schedules, local, data_cfg.seed, process_index)
-  return rows.batch(local, drop_remainder=True), batch_dtypes(fmts.pop().replace("sequence", "text"))
+  batched = []
+  for shard in mine:
+    streams = [_rows(records, encode, fmt, data_cfg, seq_len, data_cfg.seed + 1000 * k, shard, shards, train=True)
+               for k, (records, encode, fmt) in enumerate(opened)]
+    if len(streams) == 1:
+      rows = streams[0]
+    else:
+      schedules = [mixture.Schedule(s.weight, f"data.mixture.{s.name}.weight") for s in specs]
+      rows = mixture.StepMixIterDataset(streams, schedules, per_shard, data_cfg.seed, shard)
+    batched.append(rows.batch(per_shard, drop_remainder=True))
+  out = batched[0] if len(batched) == 1 else ZipIterDataset(batched).map(_concat)
+  return out, batch_dtypes(fmts.pop().replace("sequence", "text"))
+
+
+def _concat(parts: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+  """One batch from the same step's batches of several shards, in shard order."""
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def eval_batches(config: Any, tokenizer: Any, process_index: int = 0,

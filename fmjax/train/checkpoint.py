@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -60,6 +61,13 @@ class Checkpointer:
     An unreadable checkpoint is renamed `<step>.unreadable` (kept for inspection, out of the way of a new save)."""
     unreadable, found = [], None
     for step in sorted(self.manager.all_steps(), reverse=True):
+      saved = self._saved_process_count(step)
+      if saved is not None and saved != jax.process_count():  # not damage: never move it out of the way
+        raise ValueError(
+            f"checkpoint {self.directory}/{step} was written by {saved} processes and this run has "
+            f"{jax.process_count()}: the data iterator position is stored per process. Resume with {saved} "
+            f"processes, or start a new --workdir from its params with "
+            f"--config.init_from.workdir={os.path.dirname(self.directory)} --config.init_from.step={step}.")
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
@@ -75,8 +83,22 @@ class Checkpointer:
       if jax.process_index() == 0:
         for path in unreadable:
           os.replace(path, f"{path}.unreadable.{int(time.time())}")
+      if jax.process_count() > 1:  # the others must not re-list the steps before process 0 has moved them
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("fmjax checkpoint: unreadable steps moved")
       self.manager.reload()
     return found
+
+  def _saved_process_count(self, step: int) -> int | None:
+    """How many processes wrote checkpoint `step` (grain names each data file process_<i>-of-<n>.json); None if
+    its data directory does not say."""
+    try:
+      names = os.listdir(os.path.join(self.directory, str(step), "data"))
+    except OSError:
+      return None
+    counts = {int(m.group(1)) for n in names if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", n))}
+    return counts.pop() if len(counts) == 1 else None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -11,7 +11,7 @@ import time
 import jax
 import ml_collections
 
-from fmjax import config_lib
+from fmjax import config_lib, distributed
 from fmjax.data import prepared
 from fmjax.train import checkpoint, init_from, peak, preemption
 from fmjax.train import metrics as metrics_lib
@@ -43,6 +43,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   exp = build(config)
   resolved = json.loads(config_lib.resolve(config).to_json_best_effort())
   resolved["tokenizer"] = {"id": prepared.tokenizer_id(exp.tokenizer), "vocab_size": exp.tokenizer.vocab_size}
+  # Hosts that disagree (another config file, an edited flag, a differently trained tokenizer) would train garbage.
+  distributed.check_same("resolved config or tokenizer", json.dumps(resolved, sort_keys=True))
   if is_main:
     os.makedirs(workdir, exist_ok=True)
     if hasattr(exp.tokenizer, "save"):  # the run directory carries its own tokenizer
@@ -68,6 +70,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   peak_flops, peak_source = peak.total_peak_flops(jax.devices(), config.log.peak_flops)
   logging.info("peak %.1f TFLOP/s over %d device(s) (%s)", peak_flops / 1e12, jax.device_count(), peak_source)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  digests = metrics_lib.BatchDigests(workdir) if config.log.batch_digests else None
   stop = preemption.Watcher()
 
   total = config.train.steps
@@ -109,7 +112,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   window_start = time.perf_counter()
   step = start
   for step in range(start + 1, total + 1):
-    state, metrics = exp.step_fn(state, exp.next_batch())
+    batch = exp.next_batch()
+    if digests is not None:
+      digests.write(step, batch)
+    state, metrics = exp.step_fn(state, batch)
     if pending is not None:
       finish(*pending)
     if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == total):
@@ -132,11 +138,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   stop.restore()
   exp.state = state
   writer.close()
+  if digests is not None:
+    digests.close()
   if hasattr(exp.stream, "close"):
     exp.stream.close()  # stops grain's worker processes, if any
   if step < total:
     logging.info("stopped (%s): saved step %d to %s; run the same command again to resume",
-                 "SIGTERM" if stop.signalled else "train.stop_after", step, ckpt.directory)
+                 stop.reason if stop.signalled else "train.stop_after", step, ckpt.directory)
   else:
     logging.info("done: %d steps in %s", total - start, workdir)
   return exp

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from typing import Mapping
+
+import jax
+import numpy as np
 
 
 def format_eta(seconds: float) -> str:
@@ -72,3 +76,28 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+class BatchDigests:
+  """Debug (`log.batch_digests`): which data each process trains on. Every process appends, per step, a short hash of
+  each batch row it holds, keyed by the row's index in the global batch, to WORKDIR/batch_digests/process_<i>.jsonl;
+  a resumed run appends, so the last line of a step counts. Costs a device-to-host copy of the batch per step."""
+
+  def __init__(self, workdir: str):
+    directory = os.path.join(workdir, "batch_digests")
+    os.makedirs(directory, exist_ok=True)
+    self._file = open(os.path.join(directory, f"process_{jax.process_index()}.jsonl"), "a", buffering=1)
+
+  def write(self, step: int, batch: Mapping[str, jax.Array]) -> None:
+    rows: dict[int, dict[str, bytes]] = {}
+    for key in sorted(batch):
+      for shard in batch[key].addressable_shards:  # devices that replicate a row give it twice: same hash
+        start = shard.index[0].start or 0
+        for i, row in enumerate(np.asarray(shard.data)):
+          rows.setdefault(start + i, {})[key] = row.tobytes()
+    digests = {r: hashlib.sha256(b"".join(parts[k] for k in sorted(parts))).hexdigest()[:16]
+               for r, parts in sorted(rows.items())}
+    self._file.write(json.dumps({"step": step, "rows": digests}) + "\n")
+
+  def close(self) -> None:
+    self._file.close()

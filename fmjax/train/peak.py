@@ -39,11 +39,12 @@ def cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
 
 def total_peak_flops(devices: list, configured_per_device: float = 0.0) -> tuple[float, str]:
   """(peak FLOP/s of all `devices` together, where the figure came from)."""
+  hosts = len({getattr(d, "process_index", 0) for d in devices})  # a CPU figure is per host, not per device
   if configured_per_device > 0:
     per = configured_per_device
-    return (per if devices[0].platform == "cpu" else per * len(devices)), "configured"
+    return (per * hosts if devices[0].platform == "cpu" else per * len(devices)), "configured"
   if devices[0].platform == "cpu":
-    return cpu_matmul_peak(), "measured f32 matmul probe"
+    return cpu_matmul_peak() * hosts, "measured f32 matmul probe" + (f" × {hosts} processes" if hosts > 1 else "")
   kind = devices[0].device_kind
   for key, peak in PEAK_FLOPS_PER_CHIP:
     if key in kind:

@@ -1,8 +1,9 @@
 """Preemption: SIGTERM (what TPU VMs, GKE and Slurm send before taking a machine) → stop at a step boundary.
 
-On one process the signal handler sets a flag that the loop reads after each step. On several processes they must
-agree on the step, so the loop asks JAX's preemption sync point (the coordination service, which TPU pods notify
-and which also sees a SIGTERM sent to any process) instead.
+On one process a signal handler sets a flag that the loop reads after each step. On several processes they must
+agree on the step, so the loop asks JAX's preemption sync point instead: `jax.distributed.initialize` installs a
+SIGTERM notifier that tells the coordination service (which TPU pods also notify of maintenance), and every process
+gets the same answer at the same step. A Python handler would replace that notifier, so none is installed then.
 """
 
 from __future__ import annotations
@@ -14,13 +15,28 @@ import threading
 import jax
 
 
+def _sync_manager() -> bool:
+  """Whether JAX's preemption sync manager runs (jax.distributed initialised with it)."""
+  try:
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.preemption_sync_manager is not None
+  except (ImportError, AttributeError):  # another JAX layout: assume it does when there are several processes
+    return jax.process_count() > 1
+
+
 class Watcher:
   """Install once per run; `requested(step)` says whether to checkpoint and stop after `step`."""
 
   def __init__(self):
     self.signalled = False
     self._previous = None
-    if threading.current_thread() is threading.main_thread():  # handlers can only be set from the main thread
+    self._synced = jax.process_count() > 1 and _sync_manager()
+    self.reason = "preemption notice" if self._synced else "SIGTERM"
+    if jax.process_count() > 1 and not self._synced:
+      logging.warning("JAX's preemption sync manager is not running: a SIGTERM stops this process without a "
+                      "checkpoint (processes could not agree on a step to save).")
+    elif not self._synced and threading.current_thread() is threading.main_thread():  # handlers: main thread only
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame) -> None:
@@ -29,13 +45,12 @@ class Watcher:
     self.signalled = True
 
   def requested(self, step: int) -> bool:
-    if jax.process_count() > 1:
+    if self._synced and not self.signalled:
       from jax.experimental import multihost_utils
 
-      try:
-        self.signalled |= bool(multihost_utils.reached_preemption_sync_point(step))
-      except RuntimeError:  # no preemption sync manager (jax.distributed not initialised with it)
-        pass
+      if multihost_utils.reached_preemption_sync_point(step):
+        logging.warning("preemption notice: every process saves a checkpoint at step %d, then exits", step)
+        self.signalled = True
     return self.signalled
 
   def restore(self) -> None:
