@@ -62,28 +62,44 @@ class Experiment:
     return result
 
 
-def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
-  config_lib.validate(config)
-  model_cfg = config_lib.resolved_model(config)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  config_lib.check_batch(config, mesh.shape["data"] * mesh.shape["fsdp"])
+@dataclasses.dataclass
+class TrainStep:
+  """The train step of a config on a mesh, jitted with its shardings, and the abstract arguments it compiles for.
+  Nothing is allocated: `build` compiles it and then creates the state; tools/aot_compile.py compiles it for a TPU
+  topology that is not attached."""
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  model: Transformer
+  tx: Any  # optax.GradientTransformation
+  loss_fn: Callable
+  context: Callable  # state.make_context's: frozen trees -> LossContext
+  state: train_state.TrainState  # leaves are jax.ShapeDtypeStructs carrying their shardings
+  shardings: train_state.TrainState
+  batch: dict[str, jax.ShapeDtypeStruct]  # one global batch
+  jitted: Callable  # (state, batch) -> (state, metrics), state donated
+
+  def lower(self) -> jax.stages.Lowered:
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.jitted.lower(self.state, self.batch)
+
+
+def train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch_dtypes: dict,
+               teacher_cfg: ModelConfig | None = None) -> TrainStep:
+  """The jitted step of `config` on `mesh` for batches with `batch_dtypes` (key -> dtype), over an abstract state:
+  the trained params and optimizer state, plus the frozen trees the run holds (the LoRA base, a reference policy,
+  and, for a head that needs a teacher, a `teacher_cfg` model)."""
   rules = tuple(tuple(r) for r in config.mesh.rules)
-
-  tokenizer = data.make_tokenizer(config.data)
-  data.check_vocab(tokenizer, model_cfg.vocab_size)
-  dataset, batch_dtypes = data.train_dataset(config, tokenizer, jax.process_index(), jax.process_count())
-
-  model = Transformer(model_cfg, config_lib.lora_config(config))
+  model = Transformer(config_lib.resolved_model(config), config_lib.lora_config(config))
   schedule = optim.make_schedule(config.optimizer, config.train.steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
   loss_fn = objectives.get(config.objective)
-  state, shardings = train_state.create(model, tx, mesh, rules, config.train.seed,
-                                        reference=getattr(loss_fn, "needs_reference", False))
-
+  state, shardings = train_state.abstract(model, tx, mesh, rules, config.train.seed,
+                                          reference=getattr(loss_fn, "needs_reference", False))
   teacher_model = None
-  if getattr(loss_fn, "needs_teacher", False):  # read at every start: frozen trees are not checkpointed
-    teacher_model, teacher_params, teacher_sh = teacher.load(config, model_cfg.vocab_size,
-                                                             prepared.tokenizer_id(tokenizer), mesh, rules)
+  if getattr(loss_fn, "needs_teacher", False):
+    if teacher_cfg is None:
+      raise ValueError(f"objective.name={config.objective.name!r} needs a teacher; pass its model config.")
+    teacher_model, teacher_params, teacher_sh = teacher.abstract(teacher_cfg, mesh, rules)
     state = state.replace(frozen={**state.frozen, "teacher": teacher_params})
     shardings = shardings.replace(frozen={**shardings.frozen, "teacher": teacher_sh})
   context = train_state.make_context(model, teacher_model)
@@ -91,22 +107,44 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
                          grad_accum=config.train.grad_accum, skip_nonfinite=config.train.skip_nonfinite, mesh=mesh)
   jitted = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  batch_spec = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), dtype,
-                                        sharding=sharding.batch_sharding(mesh))
-                for k, dtype in batch_dtypes.items()}
+  batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), dtype,
+                                   sharding=sharding.batch_sharding(mesh))
+           for k, dtype in batch_dtypes.items()}
+  return TrainStep(mesh, rules, model, tx, loss_fn, context, state, shardings, batch, jitted)
+
+
+def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
+  config_lib.validate(config)
+  model_cfg = config_lib.resolved_model(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  config_lib.check_batch(config, mesh.shape["data"] * mesh.shape["fsdp"])
+
+  tokenizer = data.make_tokenizer(config.data)
+  data.check_vocab(tokenizer, model_cfg.vocab_size)
+  dataset, batch_dtypes = data.train_dataset(config, tokenizer, jax.process_index(), jax.process_count())
+
+  teacher_cfg = None
+  if getattr(objectives.get(config.objective), "needs_teacher", False):
+    teacher_cfg = teacher.model_config(config, model_cfg.vocab_size, prepared.tokenizer_id(tokenizer))
+  plan = train_step(config, mesh, batch_dtypes, teacher_cfg)
   t0 = time.perf_counter()
+  compiled = plan.lower().compile()
+  compile_seconds = time.perf_counter() - t0
+  model, loss_fn, context, rules = plan.model, plan.loss_fn, plan.context, plan.rules
+  state, _ = train_state.create(model, plan.tx, mesh, rules, config.train.seed,
+                                reference=getattr(loss_fn, "needs_reference", False))
+  if teacher_cfg is not None:  # read at every start: frozen trees are not checkpointed
+    state = state.replace(frozen={**state.frozen, "teacher": teacher.load(config, plan.state.frozen["teacher"])})
   eval_fn, eval_batches = None, {}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jitted.lower(state, batch_spec).compile()
-    compile_seconds = time.perf_counter() - t0
-    if config.eval.every_steps:
+  if config.eval.every_steps:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       local = data.eval_batches(config, tokenizer, jax.process_index(), jax.process_count())
       eval_batches = {name: [sharding.global_batch(b, mesh) for b in batches] for name, batches in local.items()}
       eval_step = lambda st, b: loss_fn(st.params, b, context(st.frozen))  # noqa: E731
-      eval_fn = jax.jit(eval_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                        out_shardings=sharding.replicated(mesh)).lower(state, batch_spec).compile()
+      eval_fn = jax.jit(eval_step, in_shardings=(plan.shardings, sharding.batch_sharding(mesh)),
+                        out_shardings=sharding.replicated(mesh)).lower(plan.state, plan.batch).compile()
   flops_per_token = flops.train_flops_per_token(model_cfg, config.train.seq_len, frozen_weights=model.lora is not None)
-  exp = Experiment(config, model_cfg, mesh, model, tokenizer, dataset, iter(dataset), state, shardings, compiled,
+  exp = Experiment(config, model_cfg, mesh, model, tokenizer, dataset, iter(dataset), state, plan.shardings, compiled,
                    compile_seconds, train_state.count_params(state.params), flops_per_token,
                    2 if "chosen_tokens" in batch_dtypes else 1, eval_fn, eval_batches)
   base = train_state.count_params(state.frozen.get("base", {}))

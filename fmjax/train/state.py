@@ -25,12 +25,9 @@ class TrainState:
   frozen: Any = flax.struct.field(default_factory=dict)  # frozen trees: reference policy, teacher, LoRA base
 
 
-def create(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int,
-           reference: bool = False) -> tuple[TrainState, TrainState]:
-  """(state, state shardings): params and optimizer state are initialised directly into their shards. With LoRA
-  (`model.lora`), `params` holds only the adapters and `frozen['base']` the base weights, once; the optimizer
-  state covers the adapters alone. With `reference` (a head that compares with the initial policy) and no LoRA,
-  `frozen['reference']` is a copy of the initial params; under LoRA the base itself is the reference."""
+def _plan(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
+          seed: int) -> tuple[Callable, jax.Array, TrainState]:
+  """(init fn: rng -> state, its rng, state shardings) of `create` and `abstract`; nothing is allocated."""
   rng = jax.random.PRNGKey(seed)
   init_rng, state_rng = jax.random.split(rng)
   boxed = jax.eval_shape(lambda r: init_params(model.cfg, r, boxed=True, lora=model.lora), init_rng)
@@ -49,10 +46,37 @@ def create(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
                       frozen=frozen)
 
+  return init, init_rng, shardings
+
+
+def _with_reference(state: TrainState, shardings: TrainState, copy: Callable) -> tuple[TrainState, TrainState]:
+  """Adds `frozen['reference']`: `copy` of the initial params, sharded as they are."""
+  frozen_sh = {"reference": shardings.params}
+  return state.replace(frozen={"reference": copy(state.params)}), shardings.replace(frozen=frozen_sh)
+
+
+def create(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int,
+           reference: bool = False) -> tuple[TrainState, TrainState]:
+  """(state, state shardings): params and optimizer state are initialised directly into their shards. With LoRA
+  (`model.lora`), `params` holds only the adapters and `frozen['base']` the base weights, once; the optimizer
+  state covers the adapters alone. With `reference` (a head that compares with the initial policy) and no LoRA,
+  `frozen['reference']` is a copy of the initial params; under LoRA the base itself is the reference."""
+  init, init_rng, shardings = _plan(model, tx, mesh, rules, seed)
   state = jax.jit(init, out_shardings=shardings)(init_rng)
   if reference and model.lora is None:
-    state = state.replace(frozen={"reference": _copy(state.params)})
-    shardings = shardings.replace(frozen={"reference": param_sh})
+    state, shardings = _with_reference(state, shardings, _copy)
+  return state, shardings
+
+
+def abstract(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int,
+             reference: bool = False) -> tuple[TrainState, TrainState]:
+  """(state, state shardings) as `create` makes them, but the state's leaves are `jax.ShapeDtypeStruct`s carrying
+  their shardings: enough to lower and compile the train step for any mesh (e.g. a TPU topology) with no arrays."""
+  init, init_rng, shardings = _plan(model, tx, mesh, rules, seed)
+  shapes = jax.eval_shape(init, init_rng)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  if reference and model.lora is None:
+    state, shardings = _with_reference(state, shardings, lambda tree: tree)
   return state, shardings
 
 

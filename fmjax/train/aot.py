@@ -1,0 +1,322 @@
+"""Ahead-of-time compilation of the real train step for a Cloud TPU topology that is not attached.
+
+libtpu describes any TPU slice as compile-only devices; fmjax builds its mesh over them, the abstract train state
+(`jax.eval_shape`: nothing is allocated) and the same jitted step `experiment.build` runs, then asks the TPU compiler
+for per-chip HBM (`memory_analysis`) and its cost model (`cost_analysis`). tools/aot_compile.py is the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from fmjax import config_lib, objectives, sharding, topology
+from fmjax.data.pipeline import batch_dtypes
+from fmjax.model import ModelConfig, flops, resolve
+from fmjax.objectives import preference
+from fmjax.train import experiment, peak, weights
+
+GiB = topology.GiB
+_FROZEN = {"base": "frozen LoRA base", "reference": "frozen reference", "teacher": "frozen teacher"}
+
+
+def batch_format(config: ml_collections.ConfigDict) -> str:
+  """The batch layout the config's data would yield, told from the head (the data itself is not opened)."""
+  head = config.objective.name
+  if head == "kto" and config.data.format == "unpaired":
+    return "unpaired"
+  if head in preference.HEADS:
+    return "preference+ref" if config.objective.reference == "precomputed" else "preference"
+  return "text"
+
+
+def teacher_config(config: ml_collections.ConfigDict, preset: str = "") -> ModelConfig | None:
+  """The teacher's architecture when the head needs one: `preset`, else `objective.teacher`'s config.json, else the
+  config `objective.teacher_bootstrap` would pre-train. It must share the student's vocabulary."""
+  if not getattr(objectives.get(config.objective), "needs_teacher", False):
+    return None
+  workdir, bootstrap = config.objective.teacher, config.objective.teacher_bootstrap
+  if preset:
+    cfg = resolve(preset)
+  elif workdir and os.path.isfile(os.path.join(workdir, "config.json")):
+    cfg = config_lib.resolved_model(weights.run_config(workdir))
+  elif bootstrap and not workdir:
+    cfg = config_lib.resolved_model(config_lib.load(bootstrap))
+  else:
+    raise ValueError(f"objective.name={config.objective.name!r} needs the teacher's architecture: pass "
+                     "--teacher_model=PRESET (e.g. llama3_70b), or set objective.teacher to a run directory that "
+                     f"holds a config.json (objective.teacher={workdir!r} has none).")
+  vocab = config_lib.resolved_model(config).vocab_size
+  if cfg.vocab_size != vocab:
+    raise ValueError(f"the teacher has vocab_size {cfg.vocab_size} but the student {vocab}; teacher and student "
+                     "share one tokenizer: pick a teacher preset of the same vocabulary or set model.vocab_size.")
+  return cfg
+
+
+@dataclasses.dataclass
+class Memory:
+  """Per-chip HBM of one compiled step, in bytes."""
+  fits: bool  # the TPU compiler accepted the program (it refuses one that needs more HBM than a chip has)
+  capacity: int | None  # HBM a program may use on one chip, as the compiler states it
+  arguments: dict[str, int]  # by category, from the sharded abstract shapes: params, optimizer state, frozen, batch
+  compiled: dict[str, int]  # memory_analysis(): arguments, temporaries, outputs not aliased, generated code
+  total: int  # the compiler's peak in use (arguments included); when refused, its "required"
+  message: str = ""  # the compiler's refusal
+  seconds: float = 0.0  # compile time
+
+
+@dataclasses.dataclass
+class Cost:
+  """The TPU compiler's cost model of one step, against the model FLOPs fmjax's MFU counts."""
+  model_flops: float  # per step, all chips: fmjax.model.flops per token x tokens per step
+  peak_flops: float  # per chip (bf16, fmjax.train.peak's table)
+  chips: int
+  compiler_flops: float | None = None  # per chip per step, as the cost model counts them (remat included)
+  seconds: float | None = None  # the cost model's step time ("optimal_seconds")
+  note: str = ""
+
+  @property
+  def mfu(self) -> float | None:
+    return None if not self.seconds else self.model_flops / (self.seconds * self.chips * self.peak_flops)
+
+
+def _copy(config: ml_collections.ConfigDict, **changes: Any) -> ml_collections.ConfigDict:
+  """A copy with `changes` as 'section.key': value."""
+  c = config.copy_and_resolve_references()
+  for key, value in changes.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c
+
+
+def plan(config: ml_collections.ConfigDict, devices: list, teacher: ModelConfig | None) -> experiment.TrainStep:
+  """The run's jitted step and abstract arguments on a mesh of `devices`: nothing allocated, no data read."""
+  config_lib.validate(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  config_lib.check_batch(config, mesh.shape["data"] * mesh.shape["fsdp"])
+  return experiment.train_step(config, mesh, batch_dtypes(batch_format(config)), teacher)
+
+
+def compile_for_tpu(lowered: jax.stages.Lowered) -> Any:
+  """`lowered.compile()` writing nothing to a persistent compilation cache: libtpu's compile-only executables cannot
+  be loaded back from it, so an entry would only cost disk and a warning when read."""
+  key = "jax_persistent_cache_min_compile_time_secs"  # the one switch jax reads at every write
+  before = getattr(jax.config, key)
+  jax.config.update(key, float("inf"))
+  try:
+    return lowered.compile()
+  finally:
+    jax.config.update(key, before)
+
+
+def _per_chip(tree: Any) -> int:
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def argument_bytes(step: experiment.TrainStep) -> dict[str, int]:
+  """Per-chip bytes of the step's arguments by category (one device per chip on every TPU generation here)."""
+  s = step.state
+  out = {"params (trained)": _per_chip(s.params), "optimizer state": _per_chip(s.opt_state)}
+  out.update({_FROZEN.get(k, f"frozen {k}"): _per_chip(v) for k, v in s.frozen.items()})
+  out["batch"] = _per_chip(step.batch)
+  out["step, rng"] = _per_chip((s.step, s.rng))
+  return out
+
+
+def compile_memory(config: ml_collections.ConfigDict, devices: list, teacher: ModelConfig | None,
+                   capacity: int | None = None) -> tuple[Memory, experiment.TrainStep, Any]:
+  """(per-chip HBM of the step, the step, the compiled step: None when the compiler refuses it for lack of HBM)."""
+  step = plan(config, devices, teacher)
+  args = argument_bytes(step)
+  t0 = time.perf_counter()
+  try:
+    compiled = compile_for_tpu(step.lower())
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    needed = topology.refusal(str(e))
+    return Memory(False, needed[1] if needed else capacity, args, {}, needed[0] if needed else 0,
+                  str(e).strip().splitlines()[0], time.perf_counter() - t0), step, None
+  m = compiled.memory_analysis()
+  figures = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+             "outputs not aliased": m.output_size_in_bytes - m.alias_size_in_bytes,
+             "generated code": m.generated_code_size_in_bytes}
+  # The peak, not the sum: the compiler admits a program by its peak in use (a v6e-8 step with 34 GiB of arguments
+  # + temporaries but a 25.8 GiB peak compiles for 31.25 GiB); older runtimes without the field get the sum.
+  peak = getattr(m, "peak_memory_in_bytes", 0) or sum(figures.values())
+  return Memory(True, capacity, args, figures, peak, "", time.perf_counter() - t0), step, compiled
+
+
+def _costs(compiled: Any) -> dict[str, float]:
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  return {"flops": float(ca.get("flops", 0.0)), "seconds": float(ca.get("optimal_seconds", 0.0))}
+
+
+def model_flops(config: ml_collections.ConfigDict) -> float:
+  """Model FLOPs of one step (fmjax.model.flops, the convention of every MFU fmjax prints) x tokens per step."""
+  cfg = config_lib.resolved_model(config)
+  rows = 2 if batch_format(config).startswith("preference") else 1  # chosen and rejected rows both train
+  per_token = flops.train_flops_per_token(cfg, config.train.seq_len, frozen_weights=config.lora.rank > 0)
+  return per_token * config.train.batch_size * config.train.seq_len * rows
+
+
+def estimate_cost(config: ml_collections.ConfigDict, devices: list, teacher: ModelConfig | None,
+                  step: experiment.TrainStep | None = None) -> Cost:
+  """The cost model's FLOPs and step time. XLA's cost analysis counts a loop body once, so a step whose layers are
+  scanned is measured on 1- and 2-layer copies compiled unrolled (one micro-batch) and extrapolated linearly to the
+  full depth (and, for a teacher, to its depth); with gradient accumulation, k micro-batches and one optimizer update
+  (compiled apart) make the step."""
+  cost = Cost(model_flops(config), peak.total_peak_flops(devices[:1])[0], len(devices))
+  k = config.train.grad_accum
+  layers = config_lib.resolved_model(config).num_layers
+
+  def probe(n: int, teacher_n: int) -> dict[str, float]:
+    c = _copy(config, **{"model.scan_layers": False, "model.num_layers": n, "train.grad_accum": 1,
+                         "train.batch_size": config.train.batch_size // k})
+    t = dataclasses.replace(teacher, scan_layers=False, num_layers=teacher_n) if teacher else None
+    return _costs(compile_for_tpu(plan(c, devices, t).lower()))
+
+  try:
+    runs = {"base": probe(1, 1), "deeper": probe(2, 1)}
+    if teacher is not None:
+      runs["teacher"] = probe(1, 2)
+    if k > 1:
+      runs["update"] = _update_costs(step or plan(config, devices, teacher))
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    cost.note = f"no estimate: a cost probe does not fit either ({str(e).strip().splitlines()[0][:200]})"
+    return cost
+
+  def extrapolate(key: str) -> float:
+    base = runs["base"][key]
+    value = base + (layers - 1) * (runs["deeper"][key] - base)
+    if teacher is not None:
+      value += (teacher.num_layers - 1) * (runs["teacher"][key] - base)
+    if k > 1:  # k micro-batches, one optimizer update
+      value = k * (value - runs["update"][key]) + runs["update"][key]
+    return value
+
+  cost.compiler_flops = extrapolate("flops") or None
+  untimed = [r["seconds"] for r in runs.values() if r["seconds"] <= 0]
+  if untimed:  # seen for multi-slice programs and, on v5e/v6e, for attention over 3072 tokens or more
+    cost.note = (f"the compiler's cost model gives no step time for this program ('optimal_seconds' = {untimed[0]:g} "
+                 "< 0: some of its ops went untimed), so there is no projected MFU.")
+    return cost
+  cost.seconds = extrapolate("seconds")
+  cost.note = ("libtpu's cost model, 'optimal_seconds': per op about the slower of its compute and its HBM traffic; "
+               "collectives count as HBM traffic, not ICI/DCN time, and overlap is perfect, so the projected MFU is "
+               "an upper bound. Scanned layers extrapolated from 1- and 2-layer unrolled compiles"
+               + (f"; {k} micro-batches and one optimizer update." if k > 1 else "."))
+  return cost
+
+
+def _update_costs(step: experiment.TrainStep) -> dict[str, float]:
+  """Cost of one optimizer update alone (clipping, AdamW, apply) on the step's sharded params."""
+  tx, sh = step.tx, step.shardings
+
+  def update(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  jitted = jax.jit(update, in_shardings=(sh.params, sh.opt_state, sh.params), out_shardings=(sh.params, sh.opt_state),
+                   donate_argnums=(0, 1))
+  return _costs(compile_for_tpu(jitted.lower(step.state.params, step.state.opt_state, step.state.params)))
+
+
+_REMAT_STRENGTH = {"none": 0, "dots": 1, "dots_no_batch": 2, "full": 3}
+
+
+def suggestions(config: ml_collections.ConfigDict, memory: Memory, topo: topology.Topology,
+                mesh_shape: dict) -> list[str]:
+  """Concrete changes that lower the per-chip HBM of this run, the state's first, then the activations'."""
+  out, cfg, t = [], config_lib.resolved_model(config), config.train
+  state = sum(v for k, v in memory.arguments.items() if k not in ("batch", "step, rng"))
+  if mesh_shape["data"] > 1:
+    out.append(f"shard the state over all chips: --config.mesh.data=1 --config.mesh.fsdp=-1 (with data="
+               f"{mesh_shape['data']} the params, optimizer state and frozen trees, {state / GiB:.1f} GiB per chip, "
+               "are held that many times)")
+  if memory.capacity and state > memory.capacity / 2:
+    ways = mesh_shape["fsdp"] * mesh_shape["tensor"]
+    chips = 2 ** math.ceil(math.log2(max(topo.chips + 1, state * ways / (memory.capacity / 2))))
+    out.append(f"use more chips: the state alone takes {state / GiB:.1f} GiB per chip; over {chips} chips (e.g. "
+               f"--topology={topo.cloud_name(chips)}, or --num_slices) it takes at most half of each chip")
+  if cfg.remat == "none":
+    out.append("--config.model.remat=dots (keep matmul outputs, recompute the rest) or --config.model.remat=full "
+               "(recompute each block in the backward pass: ~1/3 more FLOPs, the least activation memory)")
+  elif cfg.remat != "full":
+    out.append("--config.model.remat=full (recompute each block in the backward pass: the least activation memory)")
+  micro = t.batch_size // t.grad_accum
+  shards = mesh_shape["data"] * mesh_shape["fsdp"]
+  if micro // shards > 1 and (micro // 2) % shards == 0:
+    out.append(f"--config.train.grad_accum={2 * t.grad_accum}: micro-batches of {micro // 2} sequences "
+               f"({micro // 2 // shards} per chip) with the global batch {t.batch_size} kept")
+  if cfg.dtype == "float32":
+    out.append("--config.model.dtype=bfloat16: activations and matmuls in bfloat16, the MXU's type (about half the "
+               "activation memory; logits and softmax stay float32)")
+  if cfg.param_dtype == "float32":
+    saved = (memory.arguments.get("params (trained)", 0) + memory.arguments.get("optimizer state", 0)) / 2
+    out.append(f"--config.model.param_dtype=bfloat16: params and AdamW moments in bfloat16 save ~{saved / GiB:.1f} "
+               "GiB per chip (coarser updates: keep float32 where the run allows)")
+  return out
+
+
+def ladder(config: ml_collections.ConfigDict, batch_shards: int):
+  """(label, config) settings to try, cheapest first: as given, stronger remat, then each with micro-batches halved
+  (gradient accumulation doubled: the global batch is kept) while they still split over the batch shards."""
+  remat = config_lib.resolved_model(config).remat
+  remats = [remat] + [r for r in ("dots", "full") if _REMAT_STRENGTH[r] > _REMAT_STRENGTH[remat]]
+  batch, k = config.train.batch_size, config.train.grad_accum
+  while batch % k == 0 and (batch // k) % batch_shards == 0:
+    for r in remats:
+      yield (f"remat={r}, grad_accum={k} (micro-batch {batch // k})",
+             _copy(config, **{"model.remat": r, "train.grad_accum": k}))
+    k *= 2
+
+
+@dataclasses.dataclass
+class Report:
+  config: ml_collections.ConfigDict  # the settings compiled (with --search: the first that fits)
+  topology: topology.Topology
+  device_kind: str
+  mesh: dict[str, int]
+  memory: Memory
+  cost: Cost | None
+  suggestions: list[str]
+  tried: list[tuple[str, Memory]] = dataclasses.field(default_factory=list)  # --search: each rung's result
+
+  @property
+  def verdict(self) -> str:
+    return "fits" if self.memory.fits else "does not fit"
+
+
+def analyse(config: ml_collections.ConfigDict, topo: topology.Topology, teacher_model: str = "", cost: bool = True,
+            search: bool = False, devices: list | None = None) -> Report:
+  """Compiles the run's step for `topo` and reports HBM per chip, the verdict, suggestions and (if `cost` and it
+  fits) the cost model's step time and projected MFU. With `search`, tries `ladder`'s settings until one fits."""
+  devices = devices or topology.devices(topo)
+  teacher = teacher_config(config, teacher_model)
+  capacity = topology.usable_hbm(devices[0])
+  memory, step, _ = compile_memory(config, devices, teacher, capacity)
+  tried = [("as given", memory)]
+  if search and not memory.fits:
+    shards = step.mesh.shape["data"] * step.mesh.shape["fsdp"]
+    for label, config in list(ladder(config, shards))[1:]:  # if none fits, the report is of the last one tried
+      memory, step, _ = compile_memory(config, devices, teacher, capacity)
+      tried.append((label, memory))
+      if memory.fits:
+        break
+  mesh = dict(step.mesh.shape)
+  tight = memory.capacity and memory.total > 0.9 * memory.capacity
+  advice = suggestions(config, memory, topo, mesh) if not memory.fits or tight else []
+  estimate = estimate_cost(config, devices, teacher, step) if cost and memory.fits else None
+  return Report(config, topo, devices[0].device_kind, mesh, memory, estimate, advice, tried)

@@ -1,0 +1,109 @@
+"""Ahead-of-time compilation of the real train step for TPU slices, on this CPU machine (libtpu's compile-only
+devices). Skipped where libtpu is not installed (pip install -e '.[tpu]')."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from fmjax import config_lib, topology
+from fmjax.train import aot
+
+GiB = 2**30
+
+
+def test_cloud_tpu_names_map_to_chip_grids():
+  grids = {"v5p-8": (2, 2, 1), "v4-8": (2, 2, 1), "v5p-16": (2, 2, 2), "v5p-64": (2, 4, 4), "v5p-128": (4, 4, 4),
+           "v5p-256": (4, 4, 8), "v4-2048": (8, 8, 16), "v5e-1": (1, 1), "v5e-16": (4, 4), "v5litepod-16": (4, 4),
+           "v6e-8": (2, 4), "v6e-256": (16, 16), "v5p:4x4x12": (4, 4, 12)}
+  for name, grid in grids.items():
+    assert topology.parse(name).grid == grid, name
+  assert topology.parse("v5p-8").libtpu_name == "v5:2x2x1"
+  assert topology.parse("v5p-128", num_slices=2).chips == 128
+  assert topology.parse("v6e:8x16").cloud_name(128) == "v6e-128"
+  with pytest.raises(ValueError, match="v5p:4x4x12"):
+    topology.parse("v5p-384")  # 192 chips: not a power of two, so its grid must be named
+  with pytest.raises(ValueError, match="not a Cloud TPU slice"):
+    topology.parse("h100-8")
+
+
+def test_search_ladder_keeps_the_global_batch():
+  c = config_lib.load("configs/pretrain.py:smoke")  # batch 8, remat none
+  rungs = [(cfg.model.remat, cfg.train.grad_accum) for _, cfg in aot.ladder(c, batch_shards=4)]
+  assert rungs == [("none", 1), ("dots", 1), ("full", 1), ("none", 2), ("dots", 2), ("full", 2)]
+  assert all(cfg.train.batch_size == 8 for _, cfg in aot.ladder(c, batch_shards=4))
+
+
+@pytest.fixture(scope="module")
+def v5p_8():
+  pytest.importorskip("libtpu")
+  topo = topology.parse("v5p-8")
+  try:
+    return topo, topology.devices(topo)
+  except RuntimeError as e:
+    pytest.skip(f"libtpu cannot describe TPU topologies here: {e}")
+
+
+def test_smoke_fits_on_v5p_8_with_memory_by_category_and_a_projected_mfu(v5p_8):
+  topo, devices = v5p_8
+  report = aot.analyse(config_lib.load("configs/pretrain.py:smoke"), topo, devices=devices)
+  m = report.memory
+  assert report.verdict == "fits" and report.device_kind == "TPU v5" and len(devices) == 4
+  assert report.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert 90 * GiB < m.capacity < 96 * GiB  # v5p: 95 GB per chip, as the compiler states what a program may use
+  for category in ("params (trained)", "optimizer state", "batch"):
+    assert m.arguments[category] > 0, category
+  for figure in ("arguments", "temporaries", "generated code"):
+    assert m.compiled[figure] > 0, figure
+  # The state is sharded: a chip holds a quarter of the params (fsdp=4; vectors too short to split stay whole).
+  step = aot.plan(config_lib.load("configs/pretrain.py:smoke"), devices, None)
+  params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(step.state.params))
+  assert params / 4 <= m.arguments["params (trained)"] < params / 2
+  assert m.arguments["optimizer state"] >= 2 * m.arguments["params (trained)"]  # AdamW: two moments
+  assert m.compiled["arguments"] >= sum(m.arguments.values())  # the compiler's figure adds only layout padding
+  assert 0 < m.total < m.capacity  # the compiler's peak in use
+  cost = report.cost
+  assert cost.seconds > 0 and 0 < cost.mfu < 1 and cost.compiler_flops > 0
+  assert cost.model_flops == pytest.approx(
+      884_736 * 8 * 128)  # fmjax.model.flops: 884,736 FLOPs per token for the smoke model at seq 128, x 8 x 128
+  assert report.suggestions == []
+
+
+@pytest.mark.parametrize("spec,frozen", [("configs/lora.py:smoke", "frozen LoRA base"),
+                                         ("configs/dpo.py:smoke", "frozen reference"),
+                                         ("configs/distill.py:smoke", "frozen teacher")])
+def test_every_stage_compiles_with_its_frozen_trees(v5p_8, spec, frozen):
+  topo, devices = v5p_8
+  report = aot.analyse(config_lib.load(spec), topo, devices=devices, cost=False)
+  assert report.verdict == "fits" and report.memory.arguments[frozen] > 0
+  if spec.startswith("configs/dpo"):
+    assert report.memory.arguments[frozen] == report.memory.arguments["params (trained)"]
+
+
+def test_a_big_model_on_too_few_chips_does_not_fit_and_says_what_to_change(v5p_8):
+  topo, devices = v5p_8
+  c = config_lib.load("configs/pretrain.py:model=llama3_8b")
+  c.model.num_layers, c.train.batch_size, c.train.seq_len = 2, 64, 4096  # Llama-3-8B layers, 16 x 4096 per chip
+  report = aot.analyse(c, topo, devices=devices)
+  m = report.memory
+  assert report.verdict == "does not fit" and "RESOURCE_EXHAUSTED" in m.message
+  assert m.total > m.capacity > 90 * GiB and report.cost is None
+  advice = " ".join(report.suggestions)
+  for change in ("--config.model.remat=", "--config.train.grad_accum=2", "--config.model.dtype=bfloat16",
+                 "--config.model.param_dtype=bfloat16"):
+    assert change in advice, change
+
+
+def test_the_command_line_prints_the_verdict_and_writes_json(v5p_8, repo, tmp_path):
+  out = tmp_path / "report.json"
+  proc = subprocess.run([sys.executable, "tools/aot_compile.py", "--config=configs/sft.py:smoke", "--topology=v5p-8",
+                         "--config.train.batch_size=16", "--nocost", f"--json={out}"],
+                        cwd=repo, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "verdict: fits" in proc.stdout and "optimizer state" in proc.stdout
+  report = json.loads(out.read_text())
+  assert report["verdict"] == "fits" and report["chips"] == 4 and report["global_batch"] == 16
+  hbm = report["hbm_per_chip"]
+  assert hbm["by_category"]["optimizer state"] > 0 and hbm["temporaries"] > 0 and report["cost"] is None
