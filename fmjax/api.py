@@ -58,6 +58,9 @@ class Model:
 
   def encode(self, text: str, bos: bool = True) -> np.ndarray:
     """`text` as int32 ids, after the tokenizer's BOS when `bos`."""
+    if self.tokenizer is None:
+      raise ValueError(f"{self.source} has no tokenizer (no tokenizer.json); pass token ids to .logits instead, or "
+                       "put the model's tokenizer.json beside its config.json.")
     ids = self.tokenizer.encode(text)
     return np.concatenate([[self.tokenizer.bos_id], ids]).astype(np.int32) if bos else np.asarray(ids, np.int32)
 
