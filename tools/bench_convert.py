@@ -26,22 +26,16 @@ def synthetic_checkpoint(preset: str, directory: str, shard_gb: float) -> tuple[
   """Random bf16 weights of `preset` in HF layout; returns (total bytes, largest tensor's bytes) in float32."""
   import ml_dtypes
 
-  from fmjax.interop import hf_config, hf_weights, safetensors_io
-  from fmjax.interop.hf import _leaf_shape
-  import jax
-
+  from fmjax.interop import hf, hf_config, safetensors_io
   from fmjax.model import resolve
 
   cfg = resolve(preset)
   rng = np.random.default_rng(0)
-  specs, sizes = [], []
-  for p, _, name in hf_weights.hf_tensors(cfg):
-    shape = _leaf_shape(cfg, p.path)[1:] if p.layered else _leaf_shape(cfg, p.path)
-    out = jax.eval_shape(p.to_hf, jax.ShapeDtypeStruct(shape, np.float32)).shape
-    specs.append((name, ml_dtypes.bfloat16, out))
-    sizes.append(4 * int(np.prod(out)))
-  produce = lambda name: rng.standard_normal(  # noqa: E731
-      dict((n, s) for n, _, s in specs)[name], dtype=np.float32).astype(ml_dtypes.bfloat16) * 0.02
+  specs = [(name, ml_dtypes.bfloat16, shape) for _, _, name, shape in hf.tensor_specs(cfg)]
+  sizes = [4 * int(np.prod(shape)) for _, _, shape in specs]
+  shapes = {name: shape for name, _, shape in specs}
+  produce = lambda name: (0.02 * rng.standard_normal(shapes[name], dtype=np.float32)).astype(  # noqa: E731
+      ml_dtypes.bfloat16)
   safetensors_io.write(directory, specs, produce, int(shard_gb * 2**30))
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(hf_config.from_model_config(cfg, dtype="bfloat16"), f, indent=2)

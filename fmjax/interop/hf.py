@@ -9,6 +9,7 @@ tokenizer, its chat template), `checkpoints/0/state` (the params), `tokenizer.js
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -115,7 +116,7 @@ def import_dir(hf_dir: str, workdir: str, dtype: str = "float32") -> str:
   stays near one tensor whatever the model's size."""
   from fmjax.train import weights
 
-  hf, cfg = read_config(hf_dir)
+  _, cfg = read_config(hf_dir)
   cfg = hf_config.with_dtypes(cfg, dtype)
   reader = safetensors_io.Reader(hf_dir)
   os.makedirs(workdir, exist_ok=True)
@@ -135,7 +136,6 @@ def import_dir(hf_dir: str, workdir: str, dtype: str = "float32") -> str:
   for name in HF_FILES:
     if os.path.isfile(os.path.join(hf_dir, name)):
       shutil.copyfile(os.path.join(hf_dir, name), os.path.join(workdir, "hf", name))
-  del hf
   return target
 
 
@@ -145,10 +145,8 @@ def export_params(params_of: Callable[[tuple[str, ...]], np.ndarray], cfg: Model
   layout) into `hf_dir`, one HF tensor at a time."""
   dt = np.dtype(jax.numpy.dtype(dtype))
   entries, specs = {}, []
-  for p, i, name in hf_weights.hf_tensors(cfg):
-    shape = _leaf_shape(cfg, p.path)[1:] if p.layered else _leaf_shape(cfg, p.path)
-    out = jax.eval_shape(p.to_hf, jax.ShapeDtypeStruct(shape, dt))
-    specs.append((name, dt, out.shape))
+  for p, i, name, shape in tensor_specs(cfg):
+    specs.append((name, dt, shape))
     entries[name] = (p, i)
   cache: dict[tuple[str, ...], np.ndarray] = {}
 
@@ -167,17 +165,22 @@ def export_params(params_of: Callable[[tuple[str, ...]], np.ndarray], cfg: Model
   return names
 
 
-def _leaf_shape(cfg: ModelConfig, path: tuple[str, ...]) -> tuple[int, ...]:
+def tensor_specs(cfg: ModelConfig) -> list[tuple[hf_weights.Param, int, str, tuple[int, ...]]]:
+  """(fmjax parameter, layer, HF name, HF shape) of every HF tensor of `cfg` (scanned layout), in writing order."""
+  shapes = _param_shapes(cfg)
+  out = []
+  for p, i, name in hf_weights.hf_tensors(cfg):
+    shape = shapes[p.path][1:] if p.layered else shapes[p.path]
+    out.append((p, i, name, jax.eval_shape(p.to_hf, jax.ShapeDtypeStruct(shape, np.float32)).shape))
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   from fmjax.model import init_params
 
-  shapes = _SHAPES.get(cfg)
-  if shapes is None:
-    tree = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-    shapes = _SHAPES[cfg] = {k: v.shape for k, v in traverse_util.flatten_dict(tree).items()}
-  return shapes[path]
-
-
-_SHAPES: dict[ModelConfig, dict] = {}
+  tree = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+  return {k: v.shape for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def _template_dir(workdir: str, hops: int = 8) -> str | None:
