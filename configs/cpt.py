@@ -39,5 +39,5 @@ def get_config(arg: str | None = None):
     c.optimizer.lr, c.optimizer.warmup_steps = 3e-3, 3
     c.log.every_steps, c.eval.every_steps, c.checkpoint.every_steps = 1, 10, 30
     if not a.init_from:
-      c.init_from.bootstrap = "configs/pretrain.py:smoke"
+      c.init_from.bootstrap = config_lib.sibling(__file__, "pretrain.py:smoke")
   return c

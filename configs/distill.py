@@ -32,7 +32,7 @@ def get_config(arg: str | None = None):
   if a.teacher:
     c.data.tokenizer_path = data.run_tokenizer_file(a.teacher) or os.path.join(a.teacher, "tokenizer.model")
   else:
-    c.objective.teacher_bootstrap = "configs/pretrain.py:smoke" if a.smoke else "configs/pretrain.py"
+    c.objective.teacher_bootstrap = config_lib.sibling(__file__, "pretrain.py:smoke" if a.smoke else "pretrain.py")
     c.data.tokenizer_source = "embedded:prose"  # the tokenizer pre-training trains (and caches)
   c.train.steps, c.optimizer.lr = a.steps, a.lr
   c.optimizer.warmup_steps = max(1, a.steps // 20)

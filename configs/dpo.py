@@ -25,7 +25,7 @@ from fmjax import config_lib
 def get_config(arg: str | None = None):
   a = config_lib.parse_arg(arg, smoke=False, init_from="", head="dpo", beta=0.1, rank=0, data="embedded:preference",
                            ref_logps="", steps=200, lr=5e-5, model="small")
-  c = config_lib.finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, a.data)
+  c = config_lib.finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, a.data, __file__)
   if a.ref_logps:  # tools/precompute_ref_logps.py output: no reference model in memory
     c.data.source, c.data.holdout = os.path.join(a.ref_logps, "train.jsonl"), 0.0
     c.eval.sources = {"heldout": os.path.join(a.ref_logps, "validation.jsonl")}

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax.model import ModelConfig, Transformer, lora
+from fmjax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -48,9 +49,9 @@ class Model:
     `positions` say otherwise). Rows over `config.vocab_size` ids are an error."""
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2:
-      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}.")
+      raise UserError(f"tokens must be [batch, length], got shape {tokens.shape}.")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-      raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got {tokens.min()}..{tokens.max()}.")
+      raise UserError(f"token ids must lie in [0, {self.config.vocab_size}); got {tokens.min()}..{tokens.max()}.")
     segment_ids = np.ones_like(tokens) if segment_ids is None else np.asarray(segment_ids, np.int32)
     if positions is None:
       positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
@@ -59,7 +60,7 @@ class Model:
   def encode(self, text: str, bos: bool = True) -> np.ndarray:
     """`text` as int32 ids, after the tokenizer's BOS when `bos`."""
     if self.tokenizer is None:
-      raise ValueError(f"{self.source} has no tokenizer (no tokenizer.json); pass token ids to .logits instead, or "
+      raise UserError(f"{self.source} has no tokenizer (no tokenizer.json); pass token ids to .logits instead, or "
                        "put the model's tokenizer.json beside its config.json.")
     ids = self.tokenizer.encode(text)
     return np.concatenate([[self.tokenizer.bos_id], ids]).astype(np.int32) if bos else np.asarray(ids, np.int32)

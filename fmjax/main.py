@@ -4,16 +4,16 @@
 
 On several hosts run the same command on each: a multi-host Cloud TPU slice needs nothing more; elsewhere add
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or FMJAX_* environment variables).
+Bad input is reported as one line, `fmjax: error: ...`, with exit code 2; `--debug` shows the traceback.
 """
 
 import logging as std_logging
-import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fmjax import distributed
+from fmjax import distributed, errors, startup
 from fmjax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and variant, e.g. configs/pretrain.py:smoke.",
@@ -41,17 +41,18 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  startup.use_short_info_format()
   logging.get_absl_logger().addFilter(_QuietLibraries())
   try:
     settings = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if settings is not None:
       distributed.initialize(settings, _TIMEOUT.value)
   except distributed.DistributedError as e:
-    sys.exit(f"fmjax: {e}")
+    raise errors.UserError(str(e)) from e
   if settings is not None and jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # one log for the run, process 0's; the others still report problems
   loop.train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -19,6 +19,7 @@ import numpy as np
 
 from fmjax.model import ModelConfig, Transformer, init_cache
 from fmjax.model.lora import LoraConfig
+from fmjax.errors import UserError
 
 BUCKET = 64  # prefill and cache lengths are multiples of this
 
@@ -87,14 +88,14 @@ def generate(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, params, prompt
   key per step from `rng`. A row ends at (and includes) its first id in `stop_ids`, once `decode(ids)` contains one
   of `stop_texts`, or after `max_new_tokens`; finished rows stop changing, and decoding stops when all have ended."""
   if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("generate needs at least one prompt and at least one token (e.g. BOS) in every prompt.")
+    raise UserError("generate needs at least one prompt and at least one token (e.g. BOS) in every prompt.")
   if any(np.min(p) < 0 or np.max(p) >= model_cfg.vocab_size for p in prompts):
-    raise ValueError(f"prompt ids must lie in [0, {model_cfg.vocab_size}) (model.vocab_size).")
+    raise UserError(f"prompt ids must lie in [0, {model_cfg.vocab_size}) (model.vocab_size).")
   if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-    raise ValueError(f"need max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+    raise UserError(f"need max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
                      f"{max_new_tokens=}, {temperature=}, {top_k=}, {top_p=}.")
   if stop_texts and decode is None:
-    raise ValueError(f"stop_texts={list(stop_texts)} needs `decode` (ids -> text) to be found.")
+    raise UserError(f"stop_texts={list(stop_texts)} needs `decode` (ids -> text) to be found.")
   B, longest = len(prompts), max(len(p) for p in prompts)
   lengths_B = np.asarray([len(p) for p in prompts], np.int32)
   tokens_BxP = np.zeros((B, _bucket(longest)), np.int32)

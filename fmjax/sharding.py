@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from fmjax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -44,16 +45,18 @@ DEFAULT_RULES = (
 
 def _fill(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
   sizes = list(sizes)
+  prefix = "mesh.dcn_" if what == "dcn" else "mesh."
+  named = lambda values: ", ".join(f"{prefix}{a}={v}" for a, v in zip(MESH_AXES, values))  # noqa: E731
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one {what} size may be -1 (fill), got {sizes}.")
+    raise UserError(f"{named(sizes)}: at most one {what} size may be -1 (fill).")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if total % known:
-      raise ValueError(f"mesh: {what} sizes {sizes} cannot fill {total} devices; make {total} divisible by {known}.")
+      raise UserError(f"{named(sizes)} cannot fill {total} devices; make {total} divisible by {known}.")
     sizes[sizes.index(-1)] = total // known
   if math.prod(sizes) != total:
-    raise ValueError(f"mesh: {what} sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices but "
-                     f"{total} are available; set one of them to -1 to fill.")
+    raise UserError(f"{named(sizes)} use {math.prod(sizes)} devices but {total} are available; set one of them to "
+                    "-1 to fill.")
   return tuple(sizes)
 
 

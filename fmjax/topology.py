@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from fmjax.errors import UserError
 
 GiB = 2**30
 
@@ -25,6 +26,10 @@ GENERATIONS = {
     "v6e": ("v6e", 2, False, "default", "32 GB"),
 }
 _ALIASES = {"v5litepod": "v5e"}
+
+
+class TopologyError(UserError, RuntimeError):
+  """libtpu cannot describe a slice: it is not installed, or the slice is not one Cloud TPU offers."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,21 +61,21 @@ def parse(name: str, num_slices: int = 1) -> Topology:
   """`v5p-8` (4 chips, 2x2x1), `v4-32`, `v5e-16` / `v5litepod-16`, `v6e-256`, or a chip grid `v5p:4x4x12`."""
   m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)([-:])([0-9x]+)", name.strip().lower())
   if not m or num_slices < 1:
-    raise ValueError(f"--topology={name!r} (--num_slices={num_slices}) is not a Cloud TPU slice; use e.g. v5p-8, "
+    raise UserError(f"--topology={name!r} (--num_slices={num_slices}) is not a Cloud TPU slice; use e.g. v5p-8, "
                      "v4-32, v5e-16 (v5litepod-16), v6e-256 or a chip grid such as v5p:4x4x12, and num_slices >= 1.")
   gen = _ALIASES.get(m[1], m[1])
   _, dims, counts_cores, _, _ = GENERATIONS[gen]
   if m[2] == ":":
     grid = tuple(int(s) for s in m[3].split("x") if s)
     if len(grid) != dims or min(grid) < 1:
-      raise ValueError(f"--topology={name!r}: a {gen} chip grid has {dims} positive sizes, e.g. "
+      raise UserError(f"--topology={name!r}: a {gen} chip grid has {dims} positive sizes, e.g. "
                        f"{gen}:{'x'.join(['2'] * dims)}.")
     return Topology(name, gen, grid, num_slices)
   n = int(m[3])
   chips = n // 2 if counts_cores else n
   grid = _grid(chips, dims)
   if grid is None or (counts_cores and n % 2):
-    raise ValueError(f"--topology={name!r}: no {gen} slice of that size is known here ({gen} names count "
+    raise UserError(f"--topology={name!r}: no {gen} slice of that size is known here ({gen} names count "
                      f"{'TensorCores, 2 per chip' if counts_cores else 'chips'}); pass its chip grid instead, e.g. "
                      f"--topology={gen}:{'4x4x12' if dims == 3 else '8x16'}.")
   return Topology(name, gen, grid, num_slices)
@@ -110,9 +115,9 @@ def devices(topo: Topology) -> list:
     desc = topologies.get_topology_desc(topology_name=topo.libtpu_name, platform="tpu", chip_config_name=chip_config,
                                         chips_per_host_bounds=host, num_slices=topo.num_slices)
   except Exception as e:  # noqa: BLE001  (no libtpu, or a grid libtpu does not accept)
-    raise RuntimeError(f"libtpu could not describe TPU topology {topo.libtpu_name} x {topo.num_slices} slice(s): {e}. "
-                       "AOT compilation needs libtpu (pip install -e '.[tpu]') and a slice shape Cloud TPU offers."
-                       ) from e
+    raise TopologyError(f"libtpu could not describe TPU topology {topo.libtpu_name} x {topo.num_slices} slice(s): {e}. "
+                        "AOT compilation needs libtpu (pip install -e '.[tpu]') and a slice shape Cloud TPU offers."
+                        ) from e
   finally:
     for k, v in saved.items():
       if v is None:

@@ -185,3 +185,35 @@ def test_init_from_rejects_a_run_with_another_tokenizer(repo, tmp_path):
   ok = run(repo, tuned, "--config.train.steps=2", "--config.optimizer.warmup_steps=1",
            f"--config.init_from.workdir={base}", f"--config.data.tokenizer_path={base}/tokenizer.model")
   assert "initialised params from" in ok.stderr
+
+
+def test_a_checkpoint_from_before_a_state_field_existed_resumes_with_its_fresh_value(tmp_path):
+  """A state saved without `recent_losses` (as older fmjax wrote it) restores its own fields and takes the new one
+  from the fresh state, instead of being set aside as unreadable."""
+  import jax.numpy as jnp
+  import ml_collections
+
+  from fmjax.train import checkpoint
+  from fmjax.train.state import TrainState
+
+  cfg = ml_collections.ConfigDict({"every_steps": 1, "every_minutes": 0.0, "keep": 2, "keep_every": 0,
+                                   "async_save": False})
+  old = {"step": jnp.int32(7), "params": {"w": jnp.arange(3.0)}, "opt_state": {}, "rng": jax.random.PRNGKey(1),
+         "frozen": {}}
+  ckpt = checkpoint.Checkpointer(str(tmp_path), cfg)
+  ckpt.manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(old)))
+  ckpt.wait()
+  fresh = TrainState(step=jnp.int32(0), params={"w": jnp.zeros(3)}, opt_state={}, rng=jax.random.PRNGKey(0),
+                     recent_losses=jnp.full((4,), jnp.nan))
+
+  class NoData:  # the old checkpoint carries no data iterator either: restore only the state
+    pass
+
+  ckpt.manager.restore = (lambda restore: lambda step, args: restore(step, args=ocp.args.Composite(
+      state=args["state"])))(ckpt.manager.restore)
+  state, step = ckpt.restore_latest(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh), NoData(),
+                                    fresh=fresh)
+  assert step == 7 and int(state.step) == 7
+  np.testing.assert_array_equal(state.params["w"], np.arange(3.0))
+  assert np.isnan(np.asarray(state.recent_losses)).all() and state.recent_losses.shape == (4,)
+  assert not any(d.endswith("unreadable") or ".unreadable." in d for d in os.listdir(ckpt.directory))

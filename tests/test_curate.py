@@ -13,6 +13,7 @@ import pytest
 
 from fmjax import curation
 from fmjax.curation import dedup, pii, quality
+from fmjax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -366,22 +367,22 @@ def run_cli(*args: str) -> dict:
 
 
 def test_cli_errors_name_the_glob_the_line_and_the_field(tmp_path):
-  with pytest.raises(SystemExit, match=r"--input='.*nothing-\*\.jsonl' matches no files; check the path"):
+  with pytest.raises(UserError, match=r"--input='.*nothing-\*\.jsonl' matches no files; check the path"):
     run_cli(f"--input={tmp_path}/nothing-*.jsonl", f"--output={tmp_path}/o")
   good = json.dumps({"text": render(random_words(np.random.default_rng(4), 50))})
   (tmp_path / "bad.jsonl").write_text(good + "\n" + '{"text": "unterminated\n' + json.dumps({"body": "x"}) + "\n")
-  with pytest.raises(SystemExit, match=r"bad\.jsonl:2: not valid JSON .*--on_error=skip"):
+  with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid JSON .*--on_error=skip"):
     run_cli(f"--input={tmp_path}/bad.jsonl", f"--output={tmp_path}/o")
   assert not os.path.exists(tmp_path / "o" / "curated.jsonl")  # no partial output
   (tmp_path / "nofield.jsonl").write_text(good + "\n" + json.dumps({"body": "x"}) + "\n")
-  with pytest.raises(SystemExit, match=r"nofield\.jsonl:2: the record has no string field 'text' .*set --field"):
+  with pytest.raises(UserError, match=r"nofield\.jsonl:2: the record has no string field 'text' .*set --field"):
     run_cli(f"--input={tmp_path}/nofield.jsonl", f"--output={tmp_path}/o")
   report = run_cli(f"--input={tmp_path}/*.jsonl", f"--output={tmp_path}/o", "--on_error=skip")
   assert report["dropped"]["bad_record"] == 3 and report["dropped"]["exact_duplicate"] == 1
   assert report["kept_docs"] == 1 and report["input_docs"] == 5
   assert [e["id"] for e in report["examples"]["bad_record"]] == [f"{tmp_path}/bad.jsonl:2", f"{tmp_path}/bad.jsonl:3",
                                                                  f"{tmp_path}/nofield.jsonl:2"]
-  with pytest.raises(SystemExit, match="exists; choose another --output or pass --overwrite"):
+  with pytest.raises(UserError, match="exists; choose another --output or pass --overwrite"):
     run_cli(f"--input={tmp_path}/*.jsonl", f"--output={tmp_path}/o", "--on_error=skip")
-  with pytest.raises(SystemExit, match=r"near_dedup_threshold=1\.2 must be in \(0, 1\)"):
+  with pytest.raises(UserError, match=r"near_dedup_threshold=1\.2 must be in \(0, 1\)"):
     run_cli(f"--input={tmp_path}/*.jsonl", f"--output={tmp_path}/o2", "--near_dedup_threshold=1.2")

@@ -62,7 +62,7 @@ def test_closed_forms_and_the_beta_convention():
 def head(alpha=0.5, temperature=2.0, kind="forward_kl"):
   cfg = config_lib.base().objective
   cfg.name, cfg.alpha, cfg.temperature, cfg.divergence = "distill", alpha, temperature, kind
-  return objectives.get(cfg)
+  return objectives.get(cfg).loss
 
 
 def batch_and_ctx(pad=0):
@@ -79,7 +79,7 @@ def batch_and_ctx(pad=0):
     mask = grow(mask, np.zeros((B, pad), np.float32))
   batch = {"tokens": jnp.zeros_like(targets), "targets": jnp.asarray(targets), "loss_mask": jnp.asarray(mask),
            "segment_ids": jnp.ones_like(targets), "positions": jnp.zeros_like(targets)}
-  ctx = LossContext(apply=lambda p, *x: jnp.asarray(student), teacher=lambda *x: jnp.asarray(teacher))
+  ctx = LossContext(apply=lambda p, *x: jnp.asarray(student), frozen={"teacher": lambda *x: jnp.asarray(teacher)})
   return batch, ctx, mask, targets
 
 

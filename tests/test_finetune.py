@@ -1,6 +1,7 @@
 """End to end: configs/sft.py:smoke standalone, configs/lora.py:smoke from the same base, resume, merge, export."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -73,7 +74,7 @@ def test_finetune_configs_start_from_the_base_with_its_tokenizer(repo):
   assert c.init_from.workdir == "/runs/pt" and c.data.tokenizer_path == "/runs/pt/tokenizer.model"
   assert c.lora.rank == 16 and c.objective.name == "lm" and c.data.source == "embedded:code"
   s = config_lib.load(f"{repo}/configs/sft.py")
-  assert s.objective.name == "sft" and s.lora.rank == 0 and s.init_from.bootstrap == "configs/pretrain.py"
+  assert s.objective.name == "sft" and s.lora.rank == 0 and s.init_from.bootstrap == os.path.join(repo, "configs", "pretrain.py")
   assert s.data.source == "embedded:instruct" and s.eval.at_start
   with pytest.raises(ValueError, match="lora.rank=-1 must be >= 0"):
     c.lora.rank = -1

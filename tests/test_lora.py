@@ -106,7 +106,7 @@ def train_steps(config, devices, n=3):
   base_before = jax.device_get(exp.state.frozen["base"])
   state, losses = exp.state, []
   for _ in range(n):
-    state, metrics = exp.step_fn(state, exp.next_batch())
+    state, metrics = exp.step(state, exp.next_batch())
     losses.append(float(metrics["loss"]))
   return base_before, jax.device_get(state), losses
 

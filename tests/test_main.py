@@ -1,5 +1,6 @@
 """End to end: `python -m fmjax.main --config=configs/pretrain.py:smoke` as a user runs it."""
 
+import dataclasses
 import json
 import math
 import os
@@ -46,7 +47,8 @@ def test_unknown_cli_key_fails_before_training(repo, tmp_path):
 def test_nonfinite_loss_stops_the_run_naming_the_step(repo, tmp_path, monkeypatch):
   def make_nan(cfg):
     base = objectives.lm.make(cfg)
-    return lambda p, b, ctx: (lambda s, w, m: (s * float("nan"), w, m))(*base(p, b, ctx))
+    return dataclasses.replace(base, loss=lambda p, b, ctx: (lambda s, w, m: (s * float("nan"), w, m))(
+        *base.loss(p, b, ctx)))
 
   monkeypatch.setitem(objectives.REGISTRY, "nan_for_test", make_nan)
   c = config_lib.load(f"{repo}/configs/pretrain.py:smoke")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fmjax import config_lib
-from fmjax.data import ByteTokenizer, formats, mixture, pipeline
+from fmjax.data import ByteTokenizer, formats, layout, mixture, pipeline
 from fmjax.data.sources import WHERE
 
 TOK = ByteTokenizer()
@@ -218,7 +218,7 @@ def test_every_record_format_puts_the_loss_on_the_right_tokens():
   pref = {"prompt": "Best city?", "chosen": " Rome", "rejected": " Mars", WHERE: "r"}
   row = next(iter(rows([pref], "preference")))
   assert masked_text(row, "chosen_") == [" Rome"] and masked_text(row, "rejected_") == [" Mars"]
-  assert set(row) == set(pipeline.batch_dtypes("preference"))
+  assert set(row) == set(layout.of_format("preference").dtypes())
 
 
 def test_format_is_detected_from_the_record_keys():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fmjax import config_lib, objectives
-from fmjax.data import ByteTokenizer, embedded, formats, instruct, pipeline
+from fmjax.data import ByteTokenizer, embedded, formats, instruct, layout, pipeline
 from fmjax.data.sources import WHERE
 from fmjax.objectives import LossContext
 from fmjax.objectives import preference_losses as L
@@ -118,8 +118,8 @@ def test_dpo_head_on_packed_pairs_equals_each_pair_alone_and_ignores_padding(pad
   cfg = config_lib.base().objective
   cfg.name, cfg.beta = "dpo", 0.5
   policy, reference = fake_model(1), fake_model(2)
-  ctx = LossContext(apply=lambda params, *x: policy(*x), reference=reference)
-  loss_sum, weight, metrics = objectives.get(cfg)(None, {k: jnp.asarray(v) for k, v in batch.items()}, ctx)
+  ctx = LossContext(apply=lambda params, *x: policy(*x), frozen={"reference": reference})
+  loss_sum, weight, metrics = objectives.get(cfg).loss(None, {k: jnp.asarray(v) for k, v in batch.items()}, ctx)
   expected = per_pair_reference(batch, 1, 2, 0.5)
   assert float(weight) == len(expected) == 12
   np.testing.assert_allclose(float(loss_sum) / float(weight), expected.mean(), rtol=1e-5)
@@ -147,12 +147,12 @@ def test_kto_on_unpaired_records_matches_each_response_alone():
   rows = list(pipeline._rows(records, formats.Encoder("unpaired", TOK, "text", 48), "unpaired", c.data, 48, 0, 0, 1,
                              train=False))
   batch = batch_of(rows, pad=5)
-  assert set(batch) == set(pipeline.batch_dtypes("unpaired")) and "label" in batch
+  assert set(batch) == set(layout.of_format("unpaired").dtypes()) and "label" in batch
   cfg = config_lib.base().objective
   cfg.name, cfg.beta, cfg.kto_undesirable_weight = "kto", 0.5, 1.5
   policy, reference = fake_model(1), fake_model(2)
-  ctx = LossContext(apply=lambda params, *x: policy(*x), reference=reference)
-  loss_sum, weight, metrics = objectives.get(cfg)(None, {k: jnp.asarray(v) for k, v in batch.items()}, ctx)
+  ctx = LossContext(apply=lambda params, *x: policy(*x), frozen={"reference": reference})
+  loss_sum, weight, metrics = objectives.get(cfg).loss(None, {k: jnp.asarray(v) for k, v in batch.items()}, ctx)
   r, labels = [], []  # each response alone, float64
   for i in range(batch["tokens"].shape[0]):
     for s in np.unique(batch["segment_ids"][i][batch["segment_ids"][i] > 0]):

@@ -78,7 +78,7 @@ def test_sft_head_matches_float64_reference(completion_only):
   cfg = config_lib.base().objective
   cfg.name, cfg.completion_only = "sft", completion_only
   ctx = LossContext(apply=lambda p, *a: jnp.asarray(logits))
-  loss_sum, weight, metrics = objectives.get(cfg)(None, {k: jnp.asarray(v) for k, v in batch.items()}, ctx)
+  loss_sum, weight, metrics = objectives.get(cfg).loss(None, {k: jnp.asarray(v) for k, v in batch.items()}, ctx)
   mask = batch["loss_mask"] if completion_only else (batch["segment_ids"] > 0).astype(np.float64)
   nll, acc = reference_loss(logits, batch, mask)
   assert float(weight) == mask.sum() and 0 < mask.sum() < batch["tokens"].size
@@ -132,8 +132,8 @@ def test_multi_task_mixture_draws_rows_by_weight_and_never_mixes_tasks_in_a_row(
   c.data.mixture = {"explain": {"source": "embedded:instruct/explain", "weight": "0.75"},
                     "name": {"source": "embedded:instruct/name", "weight": "0.25"}}
   c.train.seq_len, c.train.batch_size = 512, 8
-  dataset, dtypes = pipeline.train_dataset(c, TOK)
-  assert set(dtypes) == {"tokens", "targets", "loss_mask", "segment_ids", "positions"}
+  dataset, batch_layout = pipeline.train_dataset(c, TOK)
+  assert set(batch_layout.dtypes()) == {"tokens", "targets", "loss_mask", "segment_ids", "positions"}
   task = lambda text: "explain" if text.startswith("<|user|>What does `") else \
       "name" if text.startswith("<|user|>Which function of") else text  # noqa: E731
   counts = {"explain": 0, "name": 0}

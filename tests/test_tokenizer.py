@@ -9,6 +9,7 @@ import pytest
 from fmjax import config_lib, data
 from fmjax.data import sp_tokenizer
 from fmjax.data.byte_tokenizer import ByteTokenizer
+from fmjax.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_vocab_mismatch_names_both_sizes_and_the_fix(tok):
 def test_missing_tokenizer_file_points_to_the_tool(tmp_path):
   cfg = ml_collections.ConfigDict(dict(tokenizer="sentencepiece", tokenizer_path=str(tmp_path / "nope.model"),
                                        source="embedded:prose", vocab_size=512))
-  with pytest.raises(FileNotFoundError, match="tools/train_tokenizer.py"):
+  with pytest.raises(UserError, match=r"data.tokenizer_path='.*nope.model' does not exist.*tools/train_tokenizer.py"):
     data.make_tokenizer(cfg)
 
 

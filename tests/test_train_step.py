@@ -24,7 +24,7 @@ def make_config(repo, mesh=(1, 1, 1), grad_accum=1, optimizer="sgd"):
 def one_step(config, devices):
   exp = experiment.build(config, devices=devices)
   before = jax.device_get(exp.state.params)
-  state, metrics = exp.step_fn(exp.state, exp.next_batch())
+  state, metrics = exp.step(exp.state, exp.next_batch())
   return before, jax.device_get(state.params), jax.device_get(metrics), state
 
 
@@ -68,19 +68,61 @@ def test_adamw_step_is_device_count_invariant(repo):
   assert rel_err(after8, after1) <= 1e-5
 
 
-def test_nonfinite_step_is_skipped_when_configured():
-  from fmjax.train.step import make_train_step
-  import optax
-
-  params = {"w": jnp.ones(3)}
-  nan_loss = lambda p, batch, ctx: (jnp.sum(p["w"]) * jnp.nan, jnp.float32(1.0), {})  # noqa: E731
-  tx = optax.sgd(0.1)
+def toy_state(tx, window=1):
   from fmjax.train.state import TrainState
 
-  state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
-  context = lambda frozen, rng=None: None  # noqa: E731  (the loss ignores its context)
-  new, metrics = jax.jit(make_train_step(nan_loss, context, tx, lambda s: 0.1, skip_nonfinite=True))(state, {})
-  np.testing.assert_array_equal(new.params["w"], params["w"])
+  params = {"w": jnp.ones(3)}
+  return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
+                    recent_losses=jnp.full((window,), jnp.nan, jnp.float32))
+
+
+def no_context(frozen, rng=None):
+  return None  # the toy losses ignore their context
+
+
+def test_nonfinite_step_is_skipped_when_configured():
+  import optax
+
+  from fmjax.train import step as step_lib
+
+  nan_loss = lambda p, batch, ctx: (jnp.sum(p["w"]) * jnp.nan, jnp.float32(1.0), {})  # noqa: E731
+  tx = optax.sgd(0.1)
+  state = toy_state(tx)
+  new, metrics = jax.jit(step_lib.make(nan_loss, no_context, tx, lambda s: 0.1, skip_nonfinite=True))(state, {})
+  np.testing.assert_array_equal(new.params["w"], state.params["w"])
   assert int(metrics["skipped"]) == 1 and int(new.step) == 1
-  new, metrics = jax.jit(make_train_step(nan_loss, context, tx, lambda s: 0.1))(state, {})
-  assert np.isnan(new.params["w"]).all() and int(metrics["skipped"]) == 1  # the loop then stops the run
+  new, metrics = jax.jit(step_lib.make(nan_loss, no_context, tx, lambda s: 0.1))(state, {})
+  assert np.isnan(new.params["w"]).all() and int(metrics["skipped"]) == 0  # applied: the loop then stops the run
+
+
+def test_loss_spike_skips_its_update_and_later_steps_train_on():
+  """A planted spike (loss x1000 at one step) keeps the params and optimizer state; the steps around it update."""
+  import optax
+
+  from fmjax.train import step as step_lib
+
+  scaled = lambda p, batch, ctx: (batch["scale"] * jnp.sum(p["w"] ** 2), jnp.float32(1.0), {})  # noqa: E731
+  tx = optax.adam(1e-3)
+  step = jax.jit(step_lib.make(scaled, no_context, tx, lambda s: 1e-3, spike_factor=2.0))
+  state = toy_state(tx, window=16)
+  scales = [1.0] * 10 + [1000.0] + [1.0] * 3
+  history = []
+  for scale in scales:
+    before = state
+    state, m = step(state, {"scale": jnp.float32(scale)})
+    moved = not np.array_equal(np.asarray(state.params["w"]), np.asarray(before.params["w"]))
+    history.append((int(m["spike"]), int(m["skipped"]), moved))
+  assert history[10] == (1, 1, False)  # the spike: judged against the median of 10 accepted losses, not applied
+  assert all(h == (0, 0, True) for i, h in enumerate(history) if i != 10)
+  assert int(state.step) == len(scales)
+  # the spike's loss never entered the history the median is taken over
+  assert float(np.nanmax(np.asarray(state.recent_losses))) < 4.0
+
+
+def test_spike_guard_waits_for_history_and_ignores_small_losses():
+  from fmjax.train.step import is_spike
+
+  assert not bool(is_spike(jnp.float32(1e6), jnp.full((16,), jnp.nan).at[:7].set(1.0), 2.0)[0])  # < 8 seen
+  assert bool(is_spike(jnp.float32(3.01), jnp.full((16,), jnp.nan).at[:8].set(1.0), 2.0)[0])  # > 1 + 2·1
+  assert not bool(is_spike(jnp.float32(1.5), jnp.full((16,), 0.01), 2.0)[0])  # 0.01 + 2·max(0.01, 1) = 2.01
+  assert not bool(is_spike(jnp.float32(1e6), jnp.full((16,), 1.0), 0.0)[0])  # factor 0 = off

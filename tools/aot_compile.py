@@ -11,7 +11,7 @@ Topologies: v4-N and v5p-N count TensorCores (v5p-8 = 4 chips, 2x2x1); v5e-N (v5
 any chip grid as v5p:4x4x12 or v6e:8x16. `--num_slices` > 1 compiles a multi-slice mesh (mesh.dcn_* sizes).
 The frozen trees a stage holds are included: the LoRA base, DPO's reference copy, the distillation teacher (its
 architecture from objective.teacher's config.json, the config objective.teacher_bootstrap would train, or
---teacher_model). `--search` tries stronger remat and smaller micro-batches (same global batch) until one fits.
+--teacher_model); any head's frozen models likewise (--frozen_model=ROLE=PRESET). `--search` tries stronger remat and smaller micro-batches (same global batch) until one fits.
 Needs libtpu: pip install -e '.[tpu]'.
 """
 
@@ -27,12 +27,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices come f
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from fmjax import errors  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and variant, e.g. configs/pretrain.py:smoke.",
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Cloud TPU slice: v5p-8, v4-32, v5e-16, v6e-256, or v5p:4x4x12.")
 _SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (multi-slice).")
-_TEACHER = flags.DEFINE_string("teacher_model", "", "Distillation: the teacher's preset (default: objective.teacher's "
-                               "config.json, or the objective.teacher_bootstrap config).")
+_FROZEN = flags.DEFINE_multi_string("frozen_model", [], "ROLE=PRESET: the architecture of a frozen model the head "
+                                    "reads from another run (default: that run's config.json, or its bootstrap "
+                                    "config), e.g. teacher=llama3_70b.")
+_TEACHER = flags.DEFINE_string("teacher_model", "", "Distillation: the teacher's preset (= --frozen_model=teacher=...).")
 _SEARCH = flags.DEFINE_bool("search", False, "If it does not fit, try remat dots/full and smaller micro-batches.")
 _COST = flags.DEFINE_bool("cost", True, "Also compile the cost probes for the step-time estimate and MFU.")
 _JSON = flags.DEFINE_string("json", "", "Also write the report to this JSON file.")
@@ -125,11 +129,11 @@ def main(argv: list[str]) -> None:
   from fmjax import topology
   from fmjax.train import aot
 
-  try:
-    topo = topology.parse(_TOPOLOGY.value, _SLICES.value)
-    report = aot.analyse(_CONFIG.value, topo, _TEACHER.value, cost=_COST.value, search=_SEARCH.value)
-  except (ValueError, RuntimeError) as e:  # a config that cannot run, a slice libtpu does not know: say which
-    raise SystemExit(f"aot_compile: {e}") from None
+  topo = topology.parse(_TOPOLOGY.value, _SLICES.value)
+  presets = dict(item.partition("=")[::2] for item in _FROZEN.value)
+  if _TEACHER.value:
+    presets["teacher"] = _TEACHER.value
+  report = aot.analyse(_CONFIG.value, topo, presets, cost=_COST.value, search=_SEARCH.value)
   print(render(report, flags.FLAGS["config"].serialize().split("=", 1)[-1]))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
@@ -137,4 +141,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -16,9 +16,11 @@ import resource
 import statistics
 import time
 
+from fmjax import errors
+
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="configs/pretrain.py", help="config file[:variant]")
   p.add_argument("--cpu_devices", type=int, default=0, help="virtual CPU devices (XLA host device count); 0 = as is")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -53,12 +55,12 @@ def main() -> None:
   batch = exp.next_batch()
   state = exp.state
   for _ in range(args.warmup):
-    state, metrics = exp.step_fn(state, batch)
+    state, metrics = exp.step(state, batch)
   jax.block_until_ready(metrics)
   times = []
   for _ in range(args.steps):
     t0 = time.perf_counter()
-    state, metrics = exp.step_fn(state, batch)
+    state, metrics = exp.step(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
 
@@ -71,7 +73,7 @@ def main() -> None:
   pipeline_rate = args.pipeline_batches * tokens / (time.perf_counter() - t0)
   peak_flops, source = peak.total_peak_flops(jax.devices(), config.log.peak_flops)
   achieved = exp.flops_per_token * tokens / step
-  mem = exp.step_fn.memory_analysis()
+  mem = exp.step.memory_analysis()
   rows = [
       ("devices", f"{jax.device_count()} × {jax.devices()[0].device_kind}, mesh {dict(exp.mesh.shape)}"),
       ("model", f"{config.model.name}: {exp.num_params:,} params, {exp.flops_per_token / 1e6:.1f} MFLOP/token"),
@@ -99,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.run(main)

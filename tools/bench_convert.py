@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from fmjax import errors
+
 
 def synthetic_checkpoint(preset: str, directory: str, shard_gb: float) -> tuple[int, int]:
   """Random bf16 weights of `preset` in HF layout; returns (total bytes, largest tensor's bytes) in float32."""
@@ -70,7 +72,7 @@ print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, peak[0])
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default="1b", help="a preset of fmjax/model/config.py")
   p.add_argument("--dir", default="/tmp/fmjax/bench_convert")
   p.add_argument("--shard_gb", type=float, default=1.0)
@@ -92,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.run(main)

@@ -24,6 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
+from fmjax import errors
+
 from fmjax import curation
 
 PII_ITEMS = ("jane.roe{i}@example.com", "+44 20 7946 {i:04d}", "(555) 201-{i:04d}", "10.{a}.{b}.7",
@@ -106,7 +108,7 @@ def rss_mib() -> tuple[float, float]:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--docs", type=int, default=100_000)
   p.add_argument("--doc_words", type=int, default=240, help="words per generated document (~8 characters each)")
   p.add_argument("--checkpoints", default="10000,25000,50000,100000", help="doc counts at which to print memory")
@@ -183,4 +185,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.run(main)

@@ -14,6 +14,8 @@ import time
 import jax
 import numpy as np
 
+from fmjax import errors
+
 from fmjax import sample
 from fmjax.model import Transformer, init_params, resolve
 
@@ -26,7 +28,7 @@ def timed(fn) -> tuple[float, list[np.ndarray]]:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default="small", help="model preset")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--prompt_len", type=int, default=64)
@@ -49,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.run(main)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 
+from fmjax import errors
+
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("command", choices=("import", "export"))
   p.add_argument("--hf_dir", required=True, help="the Hugging Face directory (import: read; export: written)")
   p.add_argument("--workdir", required=True, help="the fmjax run directory (import: written; export: read)")
@@ -32,19 +34,19 @@ def main() -> None:
 
   import os
 
+  if args.command == "import" and os.path.isdir(os.path.join(args.workdir, "checkpoints")):
+    raise errors.UserError(f"--workdir={args.workdir} already holds checkpoints; import into a new directory.")
+  if args.command == "export" and os.path.exists(os.path.join(args.hf_dir, "config.json")):
+    raise errors.UserError(f"--hf_dir={args.hf_dir} already holds a model; export into a new directory.")
   from fmjax.interop import hf
 
   if args.command == "import":
-    if os.path.isdir(os.path.join(args.workdir, "checkpoints")):
-      raise SystemExit(f"--workdir={args.workdir} already holds checkpoints; import into a new directory.")
     target = hf.import_dir(args.hf_dir, args.workdir, args.dtype or "float32")
     print(f"imported {args.hf_dir} into {target}; train from it with --config.init_from.workdir={args.workdir}")
   else:
-    if os.path.exists(os.path.join(args.hf_dir, "config.json")):
-      raise SystemExit(f"--hf_dir={args.hf_dir} already holds a model; export into a new directory.")
     print(hf.export_dir(args.workdir, args.hf_dir, args.step, args.dtype, args.lora,
                         int(args.max_shard_gb * 2**30)))
 
 
 if __name__ == "__main__":
-  main()
+  errors.run(main)

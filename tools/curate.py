@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
+
+from fmjax import errors
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   from fmjax.curation import QualityConfig
 
   q = QualityConfig()
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--input", required=True, help="glob of .jsonl / .txt files (quote it; ** recurses)")
   p.add_argument("--output", required=True, help="directory for curated.jsonl and report.json")
   p.add_argument("--field", default="text", help="text field of .jsonl records (and the field .txt text goes to)")
@@ -52,23 +53,20 @@ def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   from fmjax import curation
 
-  try:
-    cfg = curation.CurationConfig(
-        field=args.field,
-        quality=None if args.no_quality else curation.QualityConfig(
-            min_chars=args.min_chars, max_chars=args.max_chars, min_words=args.min_words, max_words=args.max_words,
-            min_alpha_ratio=args.min_alpha_ratio, max_dup_line_ratio=args.max_dup_line_ratio,
-            max_repeated_ngram_ratio=args.max_repeated_ngram_ratio, repeated_ngram_n=args.repeated_ngram_n),
-        pii=not args.no_pii, exact_dedup=not args.no_exact_dedup, near_dedup=not args.no_near_dedup,
-        near_dedup_threshold=args.near_dedup_threshold, num_perm=args.num_perm, shingle_size=args.shingle_size)
-    paths = curation.input_files(args.input)
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from e
+  cfg = curation.CurationConfig(
+      field=args.field,
+      quality=None if args.no_quality else curation.QualityConfig(
+          min_chars=args.min_chars, max_chars=args.max_chars, min_words=args.min_words, max_words=args.max_words,
+          min_alpha_ratio=args.min_alpha_ratio, max_dup_line_ratio=args.max_dup_line_ratio,
+          max_repeated_ngram_ratio=args.max_repeated_ngram_ratio, repeated_ngram_n=args.repeated_ngram_n),
+      pii=not args.no_pii, exact_dedup=not args.no_exact_dedup, near_dedup=not args.no_near_dedup,
+      near_dedup_threshold=args.near_dedup_threshold, num_perm=args.num_perm, shingle_size=args.shingle_size)
+  paths = curation.input_files(args.input)
 
   os.makedirs(args.output, exist_ok=True)
   out_path, report_path = os.path.join(args.output, "curated.jsonl"), os.path.join(args.output, "report.json")
   if os.path.exists(out_path) and not args.overwrite:
-    raise SystemExit(f"error: {out_path} exists; choose another --output or pass --overwrite.")
+    raise errors.UserError(f"{out_path} exists; choose another --output or pass --overwrite.")
   report = curation.Report(cfg)
   t0 = time.perf_counter()
   tmp_path = out_path + ".partial"
@@ -77,9 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
       records = curation.read_records(paths, args.field, args.on_error, report)
       for record in curation.curate(records, cfg, report):
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
-  except curation.CurationError as e:
-    os.remove(tmp_path)
-    raise SystemExit(f"error: {e}") from e
+  except curation.CurationError:
+    os.remove(tmp_path)  # no partial output
+    raise
   os.replace(tmp_path, out_path)
   seconds = time.perf_counter() - t0
   report.extra.update(input_files=len(paths), seconds=round(seconds, 3),
@@ -101,4 +99,4 @@ def _bad(dropped: dict) -> str:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  errors.run(main)

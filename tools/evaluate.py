@@ -22,12 +22,13 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from typing import Any
+
+from fmjax import errors
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = p.add_subparsers(dest="command", required=True)
   ppl = commands.add_parser("perplexity", help="NLL, perplexity and bits per byte over the texts of a source")
   pref = commands.add_parser("preference", help="preference accuracy over {prompt?, chosen, rejected} pairs")
@@ -51,13 +52,7 @@ def main() -> None:
   harness.add_argument("--max_length", type=int, default=2048, help="context window in tokens")
   args = p.parse_args()
 
-  try:
-    results = {"perplexity": run_perplexity, "preference": run_preference, "lm_eval": run_lm_eval}[args.command](args)
-  except ImportError as e:
-    sys.exit(f"error: {e}; install lm-evaluation-harness with `pip install -e '.[eval]'`."
-             if getattr(e, "name", "") == "lm_eval" else f"error: {e}")
-  except (FileNotFoundError, ValueError) as e:  # data.DataError is a ValueError
-    sys.exit(f"error: {e}")
+  results = {"perplexity": run_perplexity, "preference": run_preference, "lm_eval": run_lm_eval}[args.command](args)
   if args.output:
     with open(args.output, "w") as f:
       json.dump(results, f, indent=2, default=str)
@@ -70,6 +65,8 @@ def run_perplexity(args: argparse.Namespace) -> dict[str, Any]:
   from fmjax.evaluation import perplexity
 
   texts = data.documents(args.data, args.split, args.field)[:args.max_docs or None]
+  if not any(texts) and not any(data.documents(args.data, "all", args.field, max_chars=1)):
+    raise data.no_text_error(args.data, args.field, "--field")
   if not any(texts):
     raise data.DataError(f"--data={args.data!r} holds no text on split {args.split!r} (field {args.field!r}); "
                          f"check --field{other_split(args)}.")
@@ -96,7 +93,13 @@ def run_preference(args: argparse.Namespace) -> dict[str, Any]:
 def run_lm_eval(args: argparse.Namespace) -> dict[str, Any]:
   os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before `datasets` is imported: it reads these once
   os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-  import lm_eval
+  try:
+    import lm_eval
+  except ImportError as e:
+    if e.name != "lm_eval":
+      raise
+    raise errors.UserError("tools/evaluate.py lm_eval needs lm-evaluation-harness, which is not installed; install it "
+                           "with `pip install -e '.[eval]'`.") from e
   from lm_eval.tasks import TaskManager
   from lm_eval.utils import make_table
 
@@ -107,7 +110,7 @@ def run_lm_eval(args: argparse.Namespace) -> dict[str, Any]:
   names = args.tasks.split(",")
   unknown = [n for n in names if n not in tasks.all_tasks]
   if unknown:
-    raise ValueError(f"unknown lm_eval tasks {unknown} (not among the {len(tasks.all_tasks)} indexed); check the "
+    raise errors.UserError(f"unknown lm_eval tasks {unknown} (not among the {len(tasks.all_tasks)} indexed); check the "
                      "names, or add the directory of their YAML files with --include_path.")
   limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
   results = lm_eval.simple_evaluate(model, tasks=names, num_fewshot=args.num_fewshot, limit=limit,
@@ -127,4 +130,4 @@ def table(values: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.run(main)

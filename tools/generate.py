@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 
+from fmjax import errors
+
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="fmjax run directory or Hugging Face checkpoint directory")
   p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
   p.add_argument("--chat", action="store_true", help="treat prompts as user messages in the chat template")
@@ -39,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.run(main)

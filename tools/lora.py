@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 
+from fmjax import errors
+
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("command", choices=("merge", "export"))
   p.add_argument("--workdir", required=True, help="the LoRA run directory")
   p.add_argument("--output", required=True, help="merge: a new run directory; export: the adapter directory")
@@ -28,7 +30,8 @@ def main() -> None:
 
   run = weights.load(args.workdir, args.step)
   if run.lora_cfg is None:
-    raise SystemExit(f"--workdir={args.workdir} is not a LoRA run (its lora.rank is 0); nothing to {args.command}.")
+    raise errors.UserError(f"--workdir={args.workdir} is not a LoRA run (its lora.rank is 0); nothing to "
+                           f"{args.command}.")
   if args.command == "merge":
     config = run.config
     config.lora.rank = 0
@@ -44,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.run(main)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 
+from fmjax import errors
+
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", default="1b,llama3_8b")
   p.add_argument("--ranks", default="8,16")
   p.add_argument("--targets", default="", help="lora.targets regex (default: every attention and MLP projection)")
@@ -38,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.run(main)

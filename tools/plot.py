@@ -12,18 +12,20 @@ import argparse
 import json
 import os
 
+from fmjax import errors
+
 
 def read(workdir: str) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isfile(path):
-    raise SystemExit(f"{path} does not exist; pass run directories (the --workdir of fmjax.main).")
+    raise errors.UserError(f"{path} does not exist; pass run directories (the --workdir of fmjax.main).")
   rows = []
   with open(path) as f:
     for n, line in enumerate(f, start=1):
       try:
         rows.append(json.loads(line))
       except json.JSONDecodeError as e:
-        raise SystemExit(f"{path}:{n}: not JSON ({e}).") from e
+        raise errors.UserError(f"{path}:{n}: not JSON ({e}); fix or remove that line.") from e
   return rows
 
 
@@ -39,9 +41,10 @@ def plot(workdirs: list[str], keys: list[str], output: str, labels: list[str] | 
   if not keys:
     found = {k for rows in runs.values() for r in rows for k in r}
     keys = ["loss"] + sorted(k for k in found if k.startswith("eval_loss"))
-  keys = [k for k in keys if any(k in r for rows in runs.values() for r in rows)]
-  if not keys:
-    raise SystemExit("none of the requested keys is in the runs' metrics.jsonl.")
+  found = sorted({k for rows in runs.values() for r in rows for k in r})
+  if not any(k in found for k in keys):
+    raise errors.UserError(f"none of the keys {keys} is in the runs' metrics.jsonl; pick --keys among {found}.")
+  keys = [k for k in keys if k in found]
   fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
   for ax, key in zip(axes[0], keys):
     for label, rows in runs.items():
@@ -59,7 +62,7 @@ def plot(workdirs: list[str], keys: list[str], output: str, labels: list[str] | 
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("workdirs", nargs="+", help="run directories holding metrics.jsonl")
   p.add_argument("--keys", default="", help="comma-separated metric keys (default: loss and every eval_loss*)")
   p.add_argument("--labels", default="", help="comma-separated legend labels, one per run")
@@ -67,10 +70,10 @@ def main() -> None:
   args = p.parse_args()
   labels = args.labels.split(",") if args.labels else None
   if labels and len(labels) != len(args.workdirs):
-    raise SystemExit(f"--labels has {len(labels)} names for {len(args.workdirs)} runs.")
+    raise errors.UserError(f"--labels has {len(labels)} names for {len(args.workdirs)} runs.")
   keys = plot(args.workdirs, [k for k in args.keys.split(",") if k], args.output, labels)
   print(f"{args.output}: {', '.join(keys)} for {len(args.workdirs)} run(s)")
 
 
 if __name__ == "__main__":
-  main()
+  errors.run(main)

@@ -17,9 +17,11 @@ import json
 import os
 import time
 
+from fmjax import errors
+
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="run directory of the reference model")
   p.add_argument("--source", required=True, help="preference data: embedded:preference, a .jsonl glob, ...")
   p.add_argument("--output", required=True, help="directory for <split>.jsonl")
@@ -80,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.run(main)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 
+from fmjax import errors
+
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--source", required=True, help="embedded:NAME, tfds:NAME[/CONFIG][:SPLIT], or a file glob")
   p.add_argument("--output", required=True, help="an empty or new directory")
   p.add_argument("--format", default="auto", help="auto | text | prompt_completion | chat | preference")
@@ -36,20 +38,17 @@ def main() -> None:
   data_cfg = config_lib.load(args.config).data
   if args.tokenizer_path:
     data_cfg.tokenizer, data_cfg.tokenizer_path = "sentencepiece", args.tokenizer_path
-  try:
-    tokenizer = data.make_tokenizer(data_cfg)
-    fmt = args.format
-    if fmt == "auto":
-      fmt = formats.detect(data.open_source(args.source, "all", tfds_data_dir=args.tfds_data_dir)[0], args.field)
-    encode = formats.Encoder(fmt, tokenizer, args.field, chat_template=args.chat_template or data_cfg.chat_template)
-    meta = prepared.prepare(args.source, encode, tokenizer, args.output,
-                            args.workers, args.records_per_shard, args.tfds_data_dir)
-  except data.DataError as e:
-    raise SystemExit(f"error: {e}") from e
+  tokenizer = data.make_tokenizer(data_cfg)
+  fmt = args.format
+  if fmt == "auto":
+    fmt = formats.detect(data.open_source(args.source, "all", tfds_data_dir=args.tfds_data_dir)[0], args.field)
+  encode = formats.Encoder(fmt, tokenizer, args.field, chat_template=args.chat_template or data_cfg.chat_template)
+  meta = prepared.prepare(args.source, encode, tokenizer, args.output,
+                          args.workers, args.records_per_shard, args.tfds_data_dir)
   print(f"{args.output}: {meta['examples']:,} {fmt} examples, {meta['tokens']:,} tokens in {meta['shards']} shard(s), "
         f"{meta['seconds']:.1f} s ({meta['tokens'] / max(meta['seconds'], 1e-9):,.0f} tokens/s); tokenizer "
         f"{meta['tokenizer']}")
 
 
 if __name__ == "__main__":
-  main()
+  errors.run(main)

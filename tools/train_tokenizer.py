@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import time
 
+from fmjax import errors
+
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--input", required=True, help="a data source: embedded:NAME, tfds:NAME, or a file glob")
   p.add_argument("--field", default="text", help="text field of .jsonl / .parquet / tfds records")
   p.add_argument("--max_chars", type=int, default=0, help="read at most this many characters (0 = all)")
@@ -27,10 +29,9 @@ def main() -> None:
   from fmjax import data
   from fmjax.data import sp_tokenizer
 
-  try:
-    texts = data.documents(args.input, "train", args.field, args.max_chars)
-  except data.DataError as e:
-    raise SystemExit(f"--input: {e}") from e
+  texts = data.documents(args.input, "train", args.field, args.max_chars)
+  if not any(texts):
+    raise data.no_text_error(args.input, args.field, "--field")
   t0 = time.perf_counter()
   sp_tokenizer.train(texts, args.vocab_size, args.output)
   tok = sp_tokenizer.SentencePieceTokenizer(args.output)
@@ -41,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.run(main)

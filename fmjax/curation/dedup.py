@@ -36,6 +36,7 @@ import unicodedata
 import zlib
 
 import numpy as np
+from fmjax.errors import UserError
 
 _U64 = np.uint64
 _M1, _M2 = _U64(0xFF51AFD7ED558CCD), _U64(0xC4CEB9FE1A85EC53)  # MurmurHash3 fmix64 constants
@@ -74,7 +75,7 @@ class HashTable:
 
   def __init__(self, capacity: int = 1 << 12, max_load: float = 0.7):
     if capacity & (capacity - 1) or capacity < 8:
-      raise ValueError(f"capacity={capacity} must be a power of two >= 8.")
+      raise UserError(f"capacity={capacity} must be a power of two >= 8.")
     self.max_load, self.size = max_load, 0
     self._alloc(capacity)
 
@@ -176,9 +177,9 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.1, fn_weigh
   the candidate probability 1 - (1 - s^rows)^bands for s in [0, threshold] and FN the area above it on [threshold,
   1] (the rule of Leskovec et al., Mining of Massive Datasets, ch. 3, as in datasketch)."""
   if not 0.0 < threshold < 1.0:
-    raise ValueError(f"near-dedup threshold={threshold} must be in (0, 1), e.g. 0.8.")
+    raise UserError(f"near-dedup threshold={threshold} must be in (0, 1), e.g. 0.8.")
   if num_perm < 2:
-    raise ValueError(f"num_perm={num_perm} must be >= 2 (128 is typical).")
+    raise UserError(f"num_perm={num_perm} must be >= 2 (128 is typical).")
   lo = (np.arange(400) + 0.5) / 400 * threshold  # midpoint rule on each side
   hi = threshold + (np.arange(400) + 0.5) / 400 * (1.0 - threshold)
   best = None
@@ -197,7 +198,7 @@ class MinHasher:
 
   def __init__(self, num_perm: int = 128, shingle_size: int = 5, seed: int = 1):
     if num_perm < 2 or shingle_size < 1:
-      raise ValueError(f"num_perm={num_perm} must be >= 2 and shingle_size={shingle_size} >= 1.")
+      raise UserError(f"num_perm={num_perm} must be >= 2 and shingle_size={shingle_size} >= 1.")
     self.num_perm, self.shingle_size = num_perm, shingle_size
     rng = np.random.default_rng(seed)
     draw = lambda n: rng.integers(0, 2**64, n, dtype=_U64, endpoint=False)  # noqa: E731

@@ -22,12 +22,13 @@ import os
 from typing import Any, Callable, Iterable, Iterator
 
 from fmjax.curation import dedup, pii, quality
+from fmjax.errors import UserError
 
 WHERE = "_where"  # record key naming a record's origin (file:line), as in fmjax.data.sources; never written out
 DUPLICATE_RULES = ("exact_duplicate", "near_duplicate")
 
 
-class CurationError(ValueError):
+class CurationError(UserError):
   """Bad input: the message names the file/line/field and the fix."""
 
 
@@ -48,11 +49,11 @@ class CurationConfig:
 
   def __post_init__(self):
     if not self.field:
-      raise ValueError("field='' names no text field; use the key that holds the text, e.g. 'text'.")
+      raise UserError("field='' names no text field; use the key that holds the text, e.g. 'text'.")
     if not 0.0 < self.near_dedup_threshold < 1.0:
-      raise ValueError(f"near_dedup_threshold={self.near_dedup_threshold} must be in (0, 1), e.g. 0.8.")
+      raise UserError(f"near_dedup_threshold={self.near_dedup_threshold} must be in (0, 1), e.g. 0.8.")
     if self.num_perm < 2 or self.shingle_size < 1:
-      raise ValueError(f"num_perm={self.num_perm} must be >= 2 (128 is typical) and shingle_size={self.shingle_size} "
+      raise UserError(f"num_perm={self.num_perm} must be >= 2 (128 is typical) and shingle_size={self.shingle_size} "
                        ">= 1 (5 is typical).")
 
 
@@ -213,7 +214,7 @@ def read_records(paths: Iterable[str], field: str = "text", on_error: str = "rai
   raises CurationError naming file:line and the field, or with on_error="skip" is counted in `report` and skipped.
   """
   if on_error not in ("raise", "skip"):
-    raise ValueError(f"on_error={on_error!r} is unknown; use 'raise' or 'skip'.")
+    raise UserError(f"on_error={on_error!r} is unknown; use 'raise' or 'skip'.")
 
   def bad(where: str, error: str) -> None:
     if on_error == "raise":

@@ -24,6 +24,7 @@ import re
 import numpy as np
 
 from fmjax.curation import dedup
+from fmjax.errors import UserError
 
 RULES = ("min_chars", "max_chars", "min_words", "max_words", "min_alpha_ratio", "max_dup_line_ratio",
          "max_repeated_ngram_ratio")
@@ -48,12 +49,12 @@ class QualityConfig:
   def __post_init__(self):
     for name in ("min_alpha_ratio", "max_dup_line_ratio", "max_repeated_ngram_ratio"):
       if not 0.0 <= getattr(self, name) <= 1.0:
-        raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1] (0 or 1.0 turns the rule off).")
+        raise UserError(f"{name}={getattr(self, name)} must be in [0, 1] (0 or 1.0 turns the rule off).")
     for name in ("min_chars", "max_chars", "min_words", "max_words"):
       if getattr(self, name) < 0:
-        raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 turns the rule off).")
+        raise UserError(f"{name}={getattr(self, name)} must be >= 0 (0 turns the rule off).")
     if not 1 <= self.repeated_ngram_n <= 64:
-      raise ValueError(f"repeated_ngram_n={self.repeated_ngram_n} must be in [1, 64] (Gopher uses 5 to 10).")
+      raise UserError(f"repeated_ngram_n={self.repeated_ngram_n} must be in [1, 64] (Gopher uses 5 to 10).")
 
 
 def alpha_ratio(text: str) -> float:

@@ -10,11 +10,12 @@ from fmjax.data import formats, sp_tokenizer
 from fmjax.data.byte_tokenizer import ByteTokenizer
 from fmjax.data.hf_tokenizer import HFTokenizer
 from fmjax.data.pipeline import eval_batches, train_dataset, train_specs
-from fmjax.data.sources import DataError, open_source
+from fmjax.data.sources import WHERE, DataError, open_source
 from fmjax.data.sp_tokenizer import SentencePieceTokenizer
+from fmjax.errors import UserError
 
 __all__ = ["ByteTokenizer", "DataError", "HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "check_vocab",
-           "documents", "eval_batches", "make_tokenizer", "open_source", "run_tokenizer_file",
+           "documents", "eval_batches", "make_tokenizer", "no_text_error", "open_source", "run_tokenizer_file",
            "tokenizer_from_file", "train_dataset", "train_specs"]
 
 Tokenizer = ByteTokenizer | SentencePieceTokenizer | HFTokenizer
@@ -38,19 +39,18 @@ def make_tokenizer(data_cfg: Any) -> Tokenizer:
   if data_cfg.tokenizer == "bytes":
     return ByteTokenizer()
   if data_cfg.tokenizer not in ("sentencepiece", "hf"):
-    raise ValueError(f"data.tokenizer={data_cfg.tokenizer!r} is unknown; use 'sentencepiece', 'hf' or 'bytes'.")
+    raise UserError(f"data.tokenizer={data_cfg.tokenizer!r} is unknown; use 'sentencepiece', 'hf' or 'bytes'.")
   if data_cfg.tokenizer == "hf" and not data_cfg.tokenizer_path:
-    raise ValueError("data.tokenizer='hf' needs data.tokenizer_path=PATH/tokenizer.json.")
+    raise UserError("data.tokenizer='hf' needs data.tokenizer_path=PATH/tokenizer.json.")
   if data_cfg.tokenizer_path:
-    return tokenizer_from_file(data_cfg.tokenizer_path)
+    return tokenizer_from_file(data_cfg.tokenizer_path, key="data.tokenizer_path")
   specs = [data_cfg.tokenizer_source] if data_cfg.tokenizer_source else [s.source for s in train_specs(data_cfg)]
   if all(spec.startswith("prepared:") for spec in specs):  # tokenized data names its tokenizer
     return SentencePieceTokenizer(open_source(specs[0], "all").meta["tokenizer_path"])
   texts = [t for spec in specs if not spec.startswith("prepared:")
            for t in documents(spec, "train", data_cfg.field, data_cfg.tokenizer_train_chars)]
   if not any(texts):
-    raise DataError(f"the sources {specs} hold no text to train a tokenizer on; set data.tokenizer_path or "
-                    "data.tokenizer_source.")
+    raise no_text_error(next(s for s in specs if not s.startswith("prepared:")), data_cfg.field)
   name = "+".join(specs).replace(":", "-").replace("/", "_").replace("*", "_")[:80]
   digest = sp_tokenizer.fingerprint(texts, data_cfg.vocab_size)
   path = os.path.join(sp_tokenizer.cache_dir(), f"{name}-bpe{data_cfg.vocab_size}-{digest}.model")
@@ -60,9 +60,37 @@ def make_tokenizer(data_cfg: Any) -> Tokenizer:
   return SentencePieceTokenizer(path)
 
 
-def tokenizer_from_file(path: str) -> SentencePieceTokenizer | HFTokenizer:
-  """A Hugging Face tokenizer for a `.json` file, else a sentencepiece model."""
-  return HFTokenizer(path) if path.endswith(".json") else SentencePieceTokenizer(path)
+def tokenizer_from_file(path: str, key: str = "") -> SentencePieceTokenizer | HFTokenizer:
+  """A Hugging Face tokenizer for a `.json` file, else a sentencepiece model; `key` (e.g. data.tokenizer_path) is
+  the setting that named the file, for the error when it is missing or not a tokenizer."""
+  if key and not os.path.isfile(path):
+    raise UserError(f"{key}={path!r} does not exist; give a sentencepiece .model (train one with `python "
+                    f"tools/train_tokenizer.py --input=SOURCE --output={path}`) or a Hugging Face tokenizer.json, or "
+                    f"leave {key} empty to train a tokenizer on the training data.")
+  try:
+    return HFTokenizer(path) if path.endswith(".json") else SentencePieceTokenizer(path)
+  except UserError as e:
+    if not key:
+      raise
+    raise UserError(f"{key}: {str(e).rstrip('.')}; or leave {key} empty to train a tokenizer on the training "
+                    "data.") from e
+
+
+def no_text_error(spec: str, field: str, set_field: str = "--config.data.field") -> UserError:
+  """The error for source `spec` whose records hold no text in `field` (nor prompt/completion/messages/chosen/
+  rejected): it names the first record's place and keys, and the fix (`set_field`=KEY, or another format)."""
+  try:
+    first = open_source(spec, "all")[0]
+  except UserError as e:  # the source itself cannot be read: that is the error
+    return e
+  keys = sorted(k for k in first if k != WHERE)
+  text_key = next((k for k in keys if isinstance(first[k], str)), "KEY")
+  config = set_field.startswith("--config.")
+  return DataError(f"{first.get(WHERE, spec)}: the records of {spec!r} hold no text: no field {field!r} "
+                   f"({set_field.removeprefix('--config.')}) and no prompt/completion, messages or chosen/rejected; "
+                   f"the first record has keys {keys}. If {text_key!r} holds the text, set {set_field}={text_key}"
+                   + ("; else set data.format to the records' format (and shape them as it expects)." if config
+                      else "."))
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab: int, multiple: int = 128) -> None:
@@ -70,12 +98,12 @@ def check_vocab(tokenizer: Tokenizer, model_vocab: int, multiple: int = 128) -> 
   imported model's (Hugging Face tokenizer) only needs to hold every id: its checkpoint fixes the padding."""
   if isinstance(tokenizer, HFTokenizer):
     if model_vocab < tokenizer.vocab_size:
-      raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but model.vocab_size="
+      raise UserError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but model.vocab_size="
                        f"{model_vocab}; use the model this tokenizer came with.")
     return
   padded = -(-tokenizer.vocab_size // multiple) * multiple
   if model_vocab != padded:
-    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={model_vocab}; set "
+    raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={model_vocab}; set "
                      f"model.vocab_size={padded} (the tokenizer's size padded to a multiple of {multiple}), or use "
                      "a tokenizer of that size (data.vocab_size / data.tokenizer_path).")
 

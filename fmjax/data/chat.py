@@ -8,6 +8,7 @@ when the conversation ends with an assistant turn. `data.chat_template` names a 
 """
 
 from __future__ import annotations
+from fmjax.errors import UserError
 
 PRESETS = {
     "fmjax": "<|{role}|>{content}<|end|>",  # reserved single-id markers of fmjax tokenizers
@@ -24,7 +25,7 @@ class ChatTemplate:
   def __init__(self, spec: str = "fmjax"):
     template = PRESETS.get(spec, spec)
     if template.count("{content}") != 1 or "{role}" not in template.split("{content}")[0]:
-      raise ValueError(f"data.chat_template={spec!r} is neither a preset {sorted(PRESETS)} nor a template with "
+      raise UserError(f"data.chat_template={spec!r} is neither a preset {sorted(PRESETS)} nor a template with "
                        "'{role}' before one '{content}', e.g. '<|{role}|>{content}<|end|>'.")
     self.spec = spec
     self.header, self.footer = template.split("{content}")

@@ -55,6 +55,7 @@ import zlib
 from typing import Iterator
 
 from fmjax.data import cache
+from fmjax.errors import UserError
 
 SPLITS = ("train", "validation", "all")
 VALIDATION_FRACTION = 0.1
@@ -236,9 +237,9 @@ CORPORA = {"prose": prose_documents, "code": code_documents}
 
 def _check(name: str, split: str) -> None:
   if name not in CORPORA:
-    raise ValueError(f"data source 'embedded:{name}' is unknown; embedded corpora: {sorted(CORPORA)}.")
+    raise UserError(f"data source 'embedded:{name}' is unknown; embedded corpora: {sorted(CORPORA)}.")
   if split not in SPLITS:
-    raise ValueError(f"split {split!r} is not one of {SPLITS}.")
+    raise UserError(f"split {split!r} is not one of {SPLITS}.")
 
 
 def split_keys(keys: list[str], split: str) -> list[str]:

@@ -22,6 +22,7 @@ import numpy as np
 
 from fmjax.data.chat import ROLES, ChatTemplate
 from fmjax.data.sources import WHERE, DataError
+from fmjax.errors import UserError
 
 FORMATS = ("auto", "text", "prompt_completion", "chat", "preference", "unpaired")
 OVERLONG = ("error", "truncate", "drop")
@@ -39,9 +40,12 @@ def detect(record: dict, field: str) -> str:
     return "prompt_completion"
   if field in record:
     return "text"
-  raise DataError(f"{record.get(WHERE, 'record')}: cannot tell the format from its fields "
-                  f"{sorted(k for k in record if k != WHERE)}; expected {field!r} (text; set data.field to the "
-                  "text field), prompt/completion, messages, prompt/chosen/rejected or prompt/completion/label.")
+  keys = sorted(k for k in record if k != WHERE)
+  text_key = next((k for k in keys if isinstance(record[k], str)), "KEY")
+  raise DataError(f"{record.get(WHERE, 'record')}: cannot tell the format from its fields {keys}: it has no text "
+                  f"field {field!r} (data.field), nor prompt/completion, messages, prompt/chosen/rejected or "
+                  f"prompt/completion/label. If {text_key!r} holds the text, set --config.data.field={text_key}; "
+                  "else set data.format to the records' format, or fix the data.")
 
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")  # precomputed reference log-probs (TRL's column names)
@@ -68,9 +72,9 @@ class Encoder:
                chat_template: str = "fmjax"):
     self.chat = ChatTemplate(chat_template)
     if fmt not in FORMATS[1:]:
-      raise ValueError(f"data.format={fmt!r} is unknown; use one of {FORMATS}.")
+      raise UserError(f"data.format={fmt!r} is unknown; use one of {FORMATS}.")
     if overlong not in OVERLONG:
-      raise ValueError(f"data.overlong={overlong!r} is unknown; use one of {OVERLONG}.")
+      raise UserError(f"data.overlong={overlong!r} is unknown; use one of {OVERLONG}.")
     self.fmt, self.tokenizer, self.field, self.max_len, self.overlong = fmt, tokenizer, field, max_len, overlong
 
   def __call__(self, record: dict) -> dict[str, np.ndarray] | None:

@@ -14,6 +14,8 @@ import shutil
 
 import numpy as np
 
+from fmjax.errors import UserError
+
 CONFIG = "tokenizer_config.json"
 
 
@@ -32,7 +34,11 @@ class HFTokenizer:
       raise FileNotFoundError(f"tokenizer file {path!r} does not exist; give a Hugging Face tokenizer.json (from "
                               "`tools/convert_hf.py import`, or a model's directory).")
     self.path = path
-    self.tok = Tokenizer.from_file(path)
+    try:
+      self.tok = Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for any unreadable file
+      raise UserError(f"{path!r} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:200]}); give the "
+                      "tokenizer.json of a model directory (or `tools/convert_hf.py import`'s copy).") from e
     self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
     directory = os.path.dirname(path)
     names = {}
@@ -50,7 +56,7 @@ class HFTokenizer:
         if ids.get(key) is None and value is not None:
           ids[key] = value[0] if isinstance(value, list) else value
     if ids.get("eos_token") is None:
-      raise ValueError(f"{path}: no EOS token (set eos_token in {os.path.join(directory, CONFIG)}).")
+      raise UserError(f"{path}: no EOS token (set eos_token in {os.path.join(directory, CONFIG)}).")
     self.eos_id = int(ids["eos_token"])
     self.bos_id = int(ids["bos_token"]) if ids.get("bos_token") is not None else self.eos_id
     self.pad_id = int(ids["pad_token"]) if ids.get("pad_token") is not None else self.eos_id

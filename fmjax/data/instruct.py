@@ -37,6 +37,7 @@ import collections
 import re
 
 from fmjax.data import embedded
+from fmjax.errors import UserError
 
 TASKS = ("explain", "summarize", "name")
 MIN_CHARS, MAX_CHARS = 20, 400  # bounds on a first paragraph's length
@@ -126,7 +127,7 @@ def sides(entries: dict[str, dict[str, str]]) -> dict[str, str]:
 def load_records(split: str = "train") -> list[tuple[str, dict]]:
   """(key, record) of the instruction records on side `split` (`train`, `validation`, `all`), in key order."""
   if split not in embedded.SPLITS:
-    raise ValueError(f"split {split!r} is not one of {embedded.SPLITS}.")
+    raise UserError(f"split {split!r} is not one of {embedded.SPLITS}.")
   entries = embedded.api_entries()
   side = sides(entries)
   records = build(entries)

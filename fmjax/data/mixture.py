@@ -14,6 +14,7 @@ from typing import Sequence
 
 import grain
 import numpy as np
+from fmjax.errors import UserError
 
 
 class Schedule:
@@ -27,11 +28,11 @@ class Schedule:
       else:
         points = [(int(s), float(v)) for s, v in (p.split(":") for p in text.split(","))]
     except ValueError as e:
-      raise ValueError(f"{name}={text!r} is not a weight: write a number (0.3) or step:value points "
+      raise UserError(f"{name}={text!r} is not a weight: write a number (0.3) or step:value points "
                        "(0:0.0,1000:0.3).") from e
     points.sort()
     if any(v < 0 for _, v in points):
-      raise ValueError(f"{name}={text!r}: weights must be >= 0.")
+      raise UserError(f"{name}={text!r}: weights must be >= 0.")
     self.steps = np.asarray([s for s, _ in points], np.float64)
     self.values = np.asarray([v for _, v in points], np.float64)
 
@@ -43,7 +44,7 @@ def weights_at(schedules: Sequence[Schedule], step: int) -> np.ndarray:
   w = np.asarray([s(step) for s in schedules])
   total = w.sum()
   if total <= 0:
-    raise ValueError(f"the mixture weights are all zero at step {step}; give some source a positive weight there.")
+    raise UserError(f"the mixture weights are all zero at step {step}; give some source a positive weight there.")
   return w / total
 
 

@@ -27,9 +27,10 @@ from absl import flags
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset, ZipIterDataset
 
-from fmjax.data import formats, mixture
-from fmjax.data.prepared import PreparedSource
-from fmjax.data.sources import DataError, open_source
+from fmjax.data import formats, layout, mixture
+from fmjax.data.layout import Layout
+from fmjax.data.sources import DataError, PreparedSource, open_source
+from fmjax.errors import UserError
 
 MIXTURE_KEYS = ("source", "weight", "format", "field")
 
@@ -51,7 +52,7 @@ def train_specs(data_cfg: Any) -> list[SourceSpec]:
   for name, entry in data_cfg.mixture.items():
     unknown = set(entry) - set(MIXTURE_KEYS)
     if unknown or "source" not in entry:
-      raise ValueError(f"data.mixture.{name} has keys {sorted(entry)}; it needs 'source' and may set "
+      raise UserError(f"data.mixture.{name} has keys {sorted(entry)}; it needs 'source' and may set "
                        f"{MIXTURE_KEYS[1:]}.")
     specs.append(SourceSpec(name, entry["source"], entry.get("format", data_cfg.format),
                             entry.get("field", data_cfg.field), str(entry.get("weight", "1"))))
@@ -168,44 +169,36 @@ def _rows(records, encode, fmt: str, data_cfg: Any, seq_len: int, seed: int, sha
   return _pack(examples, fmt, seq_len, data_cfg.packing_bins, seed)
 
 
-def batch_dtypes(fmt: str) -> dict[str, np.dtype]:
-  """The batch contract's keys for a format."""
-  kinds = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32,
-           "positions": np.int32, "ref_logps": np.float32, "label": np.float32}
-  keys = set(formats.features(fmt)) | {"segment_ids", "positions"}
-  return {p + k: np.dtype(v) for p in formats.sequence_keys(fmt) for k, v in kinds.items() if k in keys}
-
-
 def shard_range(data_cfg: Any, batch: int, process_index: int, process_count: int) -> range:
   """The data shards process `process_index` reads (see the module docstring)."""
   shards = data_cfg.shards or process_count
   if not data_cfg.shards and batch % process_count:
-    raise ValueError(f"train.batch_size={batch} must be divisible by the process count {process_count}.")
+    raise UserError(f"train.batch_size={batch} must be divisible by the process count {process_count}.")
   if shards % process_count or batch % shards:
-    raise ValueError(f"data.shards={shards} must be a multiple of the process count {process_count} and divide "
+    raise UserError(f"data.shards={shards} must be a multiple of the process count {process_count} and divide "
                      f"train.batch_size={batch}; change data.shards (0 = one per process).")
   per_process = shards // process_count
   return range(process_index * per_process, (process_index + 1) * per_process)
 
 
 def train_dataset(config: Any, tokenizer: Any, process_index: int = 0,
-                  process_count: int = 1) -> tuple[grain.IterDataset, dict[str, np.dtype]]:
+                  process_count: int = 1) -> tuple[grain.IterDataset, Layout]:
   """This process's rows of every training batch, batched (train.batch_size / process_count rows each: those of its
-  data shards), and the batches' keys and dtypes."""
+  data shards), and the batches' layout."""
   data_cfg, seq_len, batch = config.data, config.train.seq_len, config.train.batch_size
   mine = shard_range(data_cfg, batch, process_index, process_count)
   shards = data_cfg.shards or process_count
   per_shard = batch // shards
   specs = train_specs(data_cfg)
-  opened, fmts = [], set()
+  opened, layouts = [], set()
   for spec in specs:
     records, encode, fmt = _open(spec, data_cfg, "train", tokenizer, seq_len)
-    fmts.add(fmt if fmt.startswith("preference") or fmt == "unpaired" else "sequence")
+    layouts.add(layout.of_format(fmt))
     opened.append((records, encode, fmt))
-  if len(fmts) > 1:
-    raise ValueError(f"data.mixture mixes sources whose batches have different keys ({sorted(fmts)}: preference or "
-                     f"not, with or without precomputed ref_*_logps) in {[s.name for s in specs]}. Mix sources of one "
-                     "kind.")
+  if len(layouts) > 1:
+    kinds = sorted(f"{x.name}{'+' if x.columns else ''}{'+'.join(x.columns)}" for x in layouts)
+    raise UserError(f"data.mixture mixes sources whose batches have different keys ({kinds}: preference or not, "
+                    f"with or without precomputed ref_*_logps) in {[s.name for s in specs]}. Mix sources of one kind.")
   batched = []
   for shard in mine:
     streams = [_rows(records, encode, fmt, data_cfg, seq_len, data_cfg.seed + 1000 * k, shard, shards, train=True)
@@ -217,7 +210,7 @@ def train_dataset(config: Any, tokenizer: Any, process_index: int = 0,
       rows = mixture.StepMixIterDataset(streams, schedules, per_shard, data_cfg.seed, shard)
     batched.append(rows.batch(per_shard, drop_remainder=True))
   out = batched[0] if len(batched) == 1 else ZipIterDataset(batched).map(_concat)
-  return out, batch_dtypes(fmts.pop().replace("sequence", "text"))
+  return out, layouts.pop()
 
 
 def _concat(parts: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:

@@ -4,7 +4,7 @@ A source spec is one string:
   `embedded:NAME`               a zero-download corpus: `prose`, `code` (text), `instruct` (chat records;
                                 `instruct/TASK` for one task: explain, summarize, name), `preference` (pairs)
   `tfds:NAME[/CONFIG][:SPLIT]`  a tfds dataset read through `tfds.data_source` (ArrayRecord; SPLIT default `train`)
-  `prepared:DIR`                records tokenized once by `tools/prepare_data.py`
+  `prepared:DIR`                records tokenized once by `tools/prepare_data.py` (see `PreparedSource`)
   a glob of files               `.txt` (one document per file), `.jsonl` (one record per line), `.parquet` (one
                                 record per row), `.array_record` (one JSON object per record)
 Every source is a sequence of records (dicts); each record carries `_where`, e.g. `data/a.jsonl:12`, so errors
@@ -23,13 +23,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from fmjax.data import embedded, instruct
+from fmjax.data.tokenizers import tokenizer_id
+from fmjax.errors import UserError
 
 EMBEDDED = ("code", "instruct", "preference", "prose")
 FILE_KINDS = (".txt", ".jsonl", ".parquet", ".array_record")
 WHERE = "_where"  # key of a record's location, for error messages
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """Bad input data: the message names the file/line/field and the fix."""
 
 
@@ -52,11 +54,11 @@ class EmbeddedSource:
   def __init__(self, name: str, split: str):
     corpus, _, task = name.partition("/")
     if corpus not in EMBEDDED or (task and corpus != "instruct"):
-      raise ValueError(f"data source 'embedded:{name}' is unknown; embedded corpora: {list(EMBEDDED)}.")
+      raise UserError(f"data source 'embedded:{name}' is unknown; embedded corpora: {list(EMBEDDED)}.")
     self.name = name
     if corpus == "instruct":
       if task and task not in instruct.TASKS:
-        raise ValueError(f"data source 'embedded:{name}': task {task!r} is unknown; tasks: {list(instruct.TASKS)}.")
+        raise UserError(f"data source 'embedded:{name}': task {task!r} is unknown; tasks: {list(instruct.TASKS)}.")
       self.records = [(k, r) for k, r in instruct.load_records(split) if not task or r["task"] == task]
     elif corpus == "preference":
       self.records = instruct.preference_records(split)
@@ -181,6 +183,64 @@ class ArrayRecordFiles:
                        "inputs are JSON objects (tokenized data goes through `prepared:DIR`)")
 
 
+PREPARED_META = "meta.json"  # a prepared directory's description, written last: its presence marks it complete
+
+
+def serialize(example: dict[str, np.ndarray]) -> bytes:
+  """One record of a prepared directory: a JSON header `{key: length}`, a newline, the arrays' bytes."""
+  header = json.dumps({k: len(v) for k, v in example.items()}).encode()
+  body = b"".join(np.ascontiguousarray(v, np.float32 if k.endswith("loss_mask") else np.int32).tobytes()
+                  for k, v in example.items())
+  return header + b"\n" + body
+
+
+def deserialize(raw: bytes) -> dict[str, np.ndarray]:
+  head, _, body = raw.partition(b"\n")
+  out, offset = {}, 0
+  for k, n in json.loads(head).items():
+    dtype = np.float32 if k.endswith("loss_mask") else np.int32
+    out[k] = np.frombuffer(body, dtype, count=n, offset=offset)
+    offset += 4 * n
+  return out
+
+
+class PreparedSource:
+  """The examples of a prepared directory, in source order (`prepared:DIR`, written by `fmjax.data.prepared`).
+
+  DIR holds `meta.json` (format, tokenizer identity, counts) and `data-NNNNN.array_record` shards whose records are
+  examples (see `fmjax.data.formats`): a JSON header line `{key: length}` followed by the int32 / float32 arrays'
+  bytes (`serialize`). Reading a prepared source with a different tokenizer is an error."""
+
+  def __init__(self, path: str):
+    from array_record.python import array_record_data_source
+
+    meta_path = os.path.join(path, PREPARED_META)
+    if not os.path.isfile(meta_path):
+      raise DataError(f"prepared:{path}: {meta_path} is missing; create the directory with "
+                      "`python tools/prepare_data.py --source=... --output={path}`.")
+    with open(meta_path) as f:
+      self.meta = json.load(f)
+    shards = sorted(glob.glob(os.path.join(path, "data-*.array_record")))
+    if len(shards) != self.meta["shards"]:
+      raise DataError(f"prepared:{path}: meta.json lists {self.meta['shards']} shards but {len(shards)} exist; "
+                      "the directory is incomplete, prepare it again.")
+    self.path, self.format = path, self.meta["format"]
+    self.ds = array_record_data_source.ArrayRecordDataSource(shards)
+
+  def __len__(self) -> int:
+    return len(self.ds)
+
+  def __getitem__(self, i: int) -> dict:
+    return {**deserialize(self.ds[i]), WHERE: f"prepared:{self.path}[{i}]"}
+
+  def check_tokenizer(self, tokenizer: Any) -> None:
+    got = tokenizer_id(tokenizer)
+    if got != self.meta["tokenizer"]:
+      raise DataError(f"prepared:{self.path} was tokenized with {self.meta['tokenizer']} "
+                      f"({self.meta.get('tokenizer_path', '')}) but this run uses {got}; set data.tokenizer_path to "
+                      "that tokenizer, or prepare the data again with this one.")
+
+
 class TfdsSource:
   """A tfds dataset prepared as ArrayRecord, read through `tfds.data_source` (random access, no TensorFlow)."""
 
@@ -248,13 +308,11 @@ def expand(pattern: str) -> list[str]:
 def open_source(spec: str, split: str = "train", holdout: float = 0.1, tfds_data_dir: str = "") -> Any:
   """The records of `spec` on side `split` (`train`, `validation`, or `all`) of its held-out split."""
   if split not in ("train", "validation", "all"):
-    raise ValueError(f"split {split!r} must be train, validation or all.")
+    raise UserError(f"split {split!r} must be train, validation or all.")
   kind, _, rest = spec.partition(":")
   if kind == "embedded":
     return EmbeddedSource(rest, split)
   if kind == "prepared":
-    from fmjax.data.prepared import PreparedSource
-
     source = PreparedSource(rest)
   elif kind == "tfds":
     name, _, tfds_split = rest.partition(":")

@@ -18,6 +18,7 @@ import numpy as np
 import sentencepiece as spm
 
 from fmjax.data import cache
+from fmjax.errors import UserError
 
 CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 TRAINER_VERSION = 2  # bump whenever `train`'s settings change, so cached models are retrained
@@ -31,11 +32,16 @@ class SentencePieceTokenizer:
       raise FileNotFoundError(f"tokenizer model {model_path!r} does not exist; train one with "
                               f"`python tools/train_tokenizer.py --output={model_path}`.")
     self.path = model_path
-    self.sp = spm.SentencePieceProcessor(model_file=model_path)
+    try:
+      self.sp = spm.SentencePieceProcessor(model_file=model_path)
+    except (RuntimeError, OSError) as e:  # "could not parse ModelProto": some other file
+      raise UserError(f"tokenizer {model_path!r} is not a sentencepiece .model file; train one with `python "
+                      "tools/train_tokenizer.py --input=SOURCE --output=FILE.model`, or give a Hugging Face "
+                      "tokenizer.json.") from e
     self.vocab_size = self.sp.get_piece_size()
     self.pad_id, self.bos_id, self.eos_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
     if min(self.pad_id, self.bos_id, self.eos_id) < 0:
-      raise ValueError(f"tokenizer {model_path!r} lacks a PAD, BOS or EOS id; retrain it with "
+      raise UserError(f"tokenizer {model_path!r} lacks a PAD, BOS or EOS id; retrain it with "
                        "tools/train_tokenizer.py.")
 
   def encode(self, text: str) -> np.ndarray:
@@ -69,7 +75,7 @@ def train(texts: Iterable[str], vocab_size: int, output: str) -> str:
           normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
           split_digits=True, allow_whitespace_only_pieces=True, num_threads=os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:
-      raise ValueError(f"training a tokenizer of vocab_size={vocab_size} failed: {e}") from e
+      raise UserError(f"training a tokenizer of vocab_size={vocab_size} failed: {e}") from e
     writer.close()
     os.chmod(writer.name, 0o644)  # a temporary file is private; a tokenizer is not
     os.replace(writer.name, output)  # concurrent trainers of the same model never see a half-written file

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from fmjax import api
 from fmjax.evaluation import scoring
+from fmjax.errors import UserError
 
 GEN_KWARGS = ("until", "max_gen_toks", "max_new_tokens", "temperature", "do_sample", "top_k", "top_p")
 
@@ -38,10 +39,10 @@ class FmjaxLM(TemplateLM):
     super().__init__()
     del max_batch_size, device  # passed by lm_eval's CLI; batches are fixed and JAX places the weights
     if (model is None) == (pretrained is None):
-      raise ValueError("FmjaxLM takes one of model= (an fmjax.api.Model) or pretrained= (an fmjax run directory or "
+      raise UserError("FmjaxLM takes one of model= (an fmjax.api.Model) or pretrained= (an fmjax run directory or "
                        "Hugging Face checkpoint directory).")
     if not str(batch_size).isdigit() or int(batch_size) < 1:
-      raise ValueError(f"batch_size={batch_size!r} must be a positive integer (rows per forward pass).")
+      raise UserError(f"batch_size={batch_size!r} must be a positive integer (rows per forward pass).")
     self.model = model if model is not None else api.load(pretrained, dtype=dtype)
     self.batch_size, self.max_length, self.max_gen_toks, self.seed = int(batch_size), max_length, max_gen_toks, seed
 
@@ -67,7 +68,7 @@ class FmjaxLM(TemplateLM):
     for i in order:
       _, context, continuation = requests[i]
       if not 0 < len(continuation) <= self.max_length:
-        raise ValueError(f"a continuation of {len(continuation)} tokens does not fit max_length={self.max_length}.")
+        raise UserError(f"a continuation of {len(continuation)} tokens does not fit max_length={self.max_length}.")
       seq = (list(context) + list(continuation))[-(self.max_length + 1):]
       inputs.append(seq[:-1])
       targets.append(seq[1:])
@@ -122,7 +123,7 @@ class FmjaxLM(TemplateLM):
     """(until strings, max new tokens, Model.generate's sampling arguments) of a request's gen_kwargs."""
     unknown = sorted(set(gen_kwargs) - set(GEN_KWARGS))
     if unknown:
-      raise ValueError(f"gen_kwargs {unknown} are not supported by fmjax; supported: {list(GEN_KWARGS)}.")
+      raise UserError(f"gen_kwargs {unknown} are not supported by fmjax; supported: {list(GEN_KWARGS)}.")
     until = gen_kwargs.get("until") or []
     max_new = gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens", self.max_gen_toks))
     temperature = float(gen_kwargs.get("temperature") or 0.0)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fmjax.evaluation import scoring
+from fmjax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +50,9 @@ def perplexity(model: Any, texts: Sequence[str], seq_len: int = 1024, stride: in
   lm-evaluation-harness does for whole-document likelihoods)."""
   stride = stride or seq_len
   if not 0 < stride <= seq_len:
-    raise ValueError(f"stride={stride} must lie in (0, seq_len={seq_len}]; a larger stride skips tokens.")
+    raise UserError(f"stride={stride} must lie in (0, seq_len={seq_len}]; a larger stride skips tokens.")
   if not texts:
-    raise ValueError("no texts to score.")
+    raise UserError("no texts to score.")
   tok = model.tokenizer
   inputs, targets, skip = [], [], []
   for text in texts:
@@ -65,7 +66,7 @@ def perplexity(model: Any, texts: Sequence[str], seq_len: int = 1024, stride: in
     nll_sum -= float(np.sum(logp[k:], dtype=np.float64))
     tokens += len(logp) - k
   if not tokens:
-    raise ValueError("the texts hold no tokens to score (all empty, and eos=False).")
+    raise UserError("the texts hold no tokens to score (all empty, and eos=False).")
   n_bytes = sum(len(t.encode("utf-8")) for t in texts)
   nll = nll_sum / tokens
   return PerplexityResult(len(texts), tokens, n_bytes, nll_sum, nll, math.exp(nll),

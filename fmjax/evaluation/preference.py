@@ -16,6 +16,7 @@ import numpy as np
 
 from fmjax.data import formats
 from fmjax.evaluation import scoring
+from fmjax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ def preference_accuracy(model: Any, records: Sequence[dict], reference: Any = No
   """Scores preference `records` under `model` and, if given, a `reference` model (each with its own tokenizer
   and chat template)."""
   if not records:
-    raise ValueError("no preference pairs to score.")
+    raise UserError("no preference pairs to score.")
   policy = response_logps(model, records, batch_size)
   result = PreferenceResult(len(policy), float(np.mean(policy[:, 0] > policy[:, 1])), float(np.mean(policy[:, 0])),
                             float(np.mean(policy[:, 1])))

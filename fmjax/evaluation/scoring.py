@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax.objectives.lm import token_nll
+from fmjax.errors import UserError
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -38,7 +39,7 @@ def logprobs(model: Any, inputs: Sequence[Sequence[int]], targets: Sequence[Sequ
     targets_BxT = np.zeros((batch_size, T), np.int32)
     for b, i in enumerate(rows):
       if len(inputs[i]) != len(targets[i]) or len(inputs[i]) > T:
-        raise ValueError(f"row {i}: {len(inputs[i])} inputs and {len(targets[i])} targets must match and fit "
+        raise UserError(f"row {i}: {len(inputs[i])} inputs and {len(targets[i])} targets must match and fit "
                          f"in {T} positions.")
       tokens_BxT[b, :len(inputs[i])] = inputs[i]
       targets_BxT[b, :len(targets[i])] = targets[i]

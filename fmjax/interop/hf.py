@@ -26,6 +26,7 @@ from fmjax import config_lib
 from fmjax.data import hf_tokenizer
 from fmjax.interop import hf_config, hf_weights, safetensors_io
 from fmjax.model.config import ModelConfig
+from fmjax.errors import UserError
 
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja")
@@ -215,7 +216,7 @@ def export_dir(workdir: str, hf_dir: str, step: int = -1, dtype: str | None = No
     with open(os.path.join(template_dir, "config.json")) as f:
       template = json.load(f)
   if lora_mode not in ("merge", "peft"):
-    raise ValueError(f"lora_mode={lora_mode!r}: use 'merge' (full weights) or 'peft' (an adapter directory).")
+    raise UserError(f"lora_mode={lora_mode!r}: use 'merge' (full weights) or 'peft' (an adapter directory).")
   if lora_cfg is not None and lora_mode == "peft":
     run = weights.load(workdir, step)
     base = template.get("_name_or_path") if template else None

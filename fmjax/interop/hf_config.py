@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 from fmjax.model.config import ModelConfig
+from fmjax.errors import UserError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -27,7 +28,7 @@ def _rope(hf: dict) -> dict:
   if kind == "default":
     return {"rope_theta": float(theta), "rope_scaling_factor": 0.0}
   if kind != "llama3":
-    raise ValueError(f"RoPE type {kind!r} (config.json rope_scaling/rope_parameters) is not supported; fmjax "
+    raise UserError(f"RoPE type {kind!r} (config.json rope_scaling/rope_parameters) is not supported; fmjax "
                      "implements the default and Llama-3 ('llama3') rotary embeddings.")
   return {"rope_theta": float(theta), "rope_scaling_factor": float(scaling["factor"]),
           "rope_low_freq_factor": float(scaling["low_freq_factor"]),
@@ -39,7 +40,7 @@ def family(hf: dict) -> str:
   """The config's model family (`model_type`), or an error listing the supported ones."""
   kind = hf.get("model_type")
   if kind not in FAMILIES:
-    raise ValueError(f"config.json model_type={kind!r} is not supported; fmjax converts {list(FAMILIES)}.")
+    raise UserError(f"config.json model_type={kind!r} is not supported; fmjax converts {list(FAMILIES)}.")
   return kind
 
 
@@ -47,12 +48,12 @@ def to_model_config(hf: dict) -> ModelConfig:
   """The fmjax model of HF config `hf` (float32 parameters and compute, scanned layers)."""
   kind = family(hf)
   if hf.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}: fmjax's MLP is SwiGLU (silu).")
+    raise UserError(f"config.json hidden_act={hf['hidden_act']!r}: fmjax's MLP is SwiGLU (silu).")
   for flag in ("mlp_bias",):
     if hf.get(flag):
-      raise ValueError(f"config.json {flag}=true is not supported (fmjax has no MLP biases).")
+      raise UserError(f"config.json {flag}=true is not supported (fmjax has no MLP biases).")
   if kind == "qwen2" and hf.get("use_sliding_window"):
-    raise ValueError("config.json use_sliding_window=true: fmjax attends to the whole context; sliding-window "
+    raise UserError("config.json use_sliding_window=true: fmjax attends to the whole context; sliding-window "
                      "Qwen2 layers are not supported.")
   heads = hf["num_attention_heads"]
   cfg = ModelConfig(
@@ -72,7 +73,7 @@ def from_model_config(cfg: ModelConfig, template: dict | None = None, dtype: str
   holds = {"llama": not cfg.qk_norm, "mistral": not (cfg.qk_norm or cfg.qkv_bias),
            "qwen2": cfg.qkv_bias and not cfg.qk_norm, "qwen3": cfg.qk_norm}
   if not holds.get(kind, False):
-    raise ValueError(f"model_type {kind!r} cannot hold a model with qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias}.")
+    raise UserError(f"model_type {kind!r} cannot hold a model with qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias}.")
   out = {k: v for k, v in (template or {}).items() if k not in ("rope_scaling", "rope_theta", "torch_dtype")}
   rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   if cfg.rope_scaling_factor > 0:

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from fmjax.model.config import ModelConfig
+from fmjax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,7 @@ def check_names(names: list[str], cfg: ModelConfig) -> None:
                  and not (cfg.tie_embeddings and n == "lm_head.weight"))
   missing = sorted(expected - set(names))
   if extra or missing:
-    raise ValueError(f"the checkpoint's tensors do not match its config.json: missing {missing[:4]}, unexpected "
+    raise UserError(f"the checkpoint's tensors do not match its config.json: missing {missing[:4]}, unexpected "
                      f"{extra[:4]} (biases, a vision tower or another architecture are not converted).")
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
+from fmjax.errors import UserError
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -98,7 +99,7 @@ def write(directory: str, specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]]
       for name, dtype, shape in shard:
         array = np.ascontiguousarray(produce(name), dtype=dtype)
         if array.shape != shape:
-          raise ValueError(f"tensor {name}: produced shape {array.shape}, declared {shape}.")
+          raise UserError(f"tensor {name}: produced shape {array.shape}, declared {shape}.")
         array.tofile(f)  # native order: little-endian on every platform JAX runs on
   if len(names) > 1:
     with open(os.path.join(directory, INDEX), "w") as f:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping
+from fmjax.errors import UserError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,19 +42,31 @@ class ModelConfig:
   attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
 
   def validate(self) -> "ModelConfig":
-    """Raises ValueError naming the field when the shape is impossible."""
+    """Raises UserError naming the field when the shape or a setting is impossible."""
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads="
+      raise UserError(f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads="
                        f"{self.num_kv_heads} (grouped-query attention); change one of them.")
     if self.head_dim % 2:
-      raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE.")
+      raise UserError(f"model.head_dim={self.head_dim} must be even for RoPE.")
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"model.remat={self.remat!r} is not one of {REMAT_POLICIES}.")
+      raise UserError(f"model.remat={self.remat!r} is not one of {REMAT_POLICIES}.")
     if self.attention_impl not in ("xla", "cudnn"):
-      raise ValueError(f"model.attention_impl={self.attention_impl!r}: use 'xla' (any device) or 'cudnn' (GPU).")
+      raise UserError(f"model.attention_impl={self.attention_impl!r}: use 'xla' (any device) or 'cudnn' (GPU).")
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
       if getattr(self, name) <= 0:
-        raise ValueError(f"model.{name}={getattr(self, name)} must be positive.")
+        raise UserError(f"model.{name}={getattr(self, name)} must be positive.")
+    for name, what in (("rope_theta", "the RoPE base period"), ("norm_eps", "the RMSNorm epsilon"),
+                       ("init_std", "the init scale"), ("rope_original_max_len", "a length in tokens")):
+      if not getattr(self, name) > 0:
+        raise UserError(f"model.{name}={getattr(self, name)} must be > 0 ({what}).")
+    if self.rope_scaling_factor < 0:
+      raise UserError(f"model.rope_scaling_factor={self.rope_scaling_factor} must be >= 0 (0 = no Llama-3 scaling).")
+    if self.rope_scaling_factor and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+      raise UserError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} and model.rope_high_freq_factor="
+                      f"{self.rope_high_freq_factor} must satisfy 0 < low < high (Llama-3 RoPE scaling).")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise UserError(f"model.{name}={getattr(self, name)!r} is not one of {DTYPES}.")
     return self
 
 
@@ -90,10 +104,10 @@ PRESETS: dict[str, ModelConfig] = {
 def resolve(name: str, overrides: Mapping[str, Any] | None = None) -> ModelConfig:
   """Returns preset `name` with every non-None value of `overrides` applied, validated."""
   if name not in PRESETS:
-    raise ValueError(f"model.name={name!r} is not a preset; choose one of {sorted(PRESETS)}.")
+    raise UserError(f"model.name={name!r} is not a preset; choose one of {sorted(PRESETS)}.")
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
   unknown = sorted(set(overrides) - fields)
   if unknown:
-    raise ValueError(f"model.{unknown[0]} is not a model field; known fields: {sorted(fields)}.")
+    raise UserError(f"model.{unknown[0]} is not a model field; known fields: {sorted(fields)}.")
   return dataclasses.replace(PRESETS[name], **overrides).validate()

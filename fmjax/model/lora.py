@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from fmjax.errors import UserError
 
 ADAPTABLE = ("q_kernel", "k_kernel", "v_kernel", "o_kernel", "gate_kernel", "up_kernel", "down_kernel", "unembed")
 SUFFIXES = ("_lora_a", "_lora_b")
@@ -47,13 +48,13 @@ class LoraConfig:
 
   def validate(self) -> "LoraConfig":
     if self.rank <= 0:
-      raise ValueError(f"lora.rank={self.rank} must be positive (lora.rank=0 turns LoRA off).")
+      raise UserError(f"lora.rank={self.rank} must be positive (lora.rank=0 turns LoRA off).")
     if not 0 <= self.dropout < 1:
-      raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1).")
+      raise UserError(f"lora.dropout={self.dropout} must be in [0, 1).")
     try:
       re.compile(self.targets)
     except re.error as e:
-      raise ValueError(f"lora.targets={self.targets!r} is not a valid regex ({e}).") from e
+      raise UserError(f"lora.targets={self.targets!r} is not a valid regex ({e}).") from e
     return self
 
 
@@ -107,11 +108,11 @@ def targeted_paths(base: Any, lora: LoraConfig) -> list[str]:
   selected = [p for p in paths if lora.targets_path(p)]
   wrong = [p for p in selected if p.rsplit("/", 1)[-1] not in ADAPTABLE]
   if wrong:
-    raise ValueError(f"lora.targets={lora.targets!r} selects {wrong[:3]}, which cannot take adapters; only the "
+    raise UserError(f"lora.targets={lora.targets!r} selects {wrong[:3]}, which cannot take adapters; only the "
                      f"projection kernels {ADAPTABLE} can (e.g. the default {DEFAULT_TARGETS!r}).")
   if not selected:
     adaptable = [p for p in paths if p.rsplit("/", 1)[-1] in ADAPTABLE]
-    raise ValueError(f"lora.targets={lora.targets!r} matches no parameter path; paths look like {adaptable[:4]} "
+    raise UserError(f"lora.targets={lora.targets!r} matches no parameter path; paths look like {adaptable[:4]} "
                      f"(regex searched in each). The default is {DEFAULT_TARGETS!r}.")
   return selected
 

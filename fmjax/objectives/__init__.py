@@ -1,22 +1,29 @@
-"""Loss heads, chosen by `config.objective.name`. Adding a head is adding a module and a line here."""
+"""Loss heads, chosen by `config.objective.name`. A head is a module whose `make(objective_cfg)` returns a `Head`,
+plus one line in REGISTRY (or `register(name, make)` from a module of your own)."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from fmjax.errors import UserError
 from fmjax.objectives import distill, lm, preference, sft
-from fmjax.objectives.base import LossContext, LossOutput
+from fmjax.objectives.base import Frozen, Head, LossContext, LossOutput
 
-REGISTRY: dict[str, Callable[[Any], Callable[..., LossOutput]]] = {
+REGISTRY: dict[str, Callable[[Any], Head]] = {
     "lm": lm.make, "sft": sft.make, **preference.HEADS, "distill": distill.make}
 
 
-def get(objective_cfg: Any) -> Callable[..., LossOutput]:
-  """The loss function of head `objective_cfg.name`, configured."""
+def register(name: str, make: Callable[[Any], Head]) -> None:
+  """Adds head `name` (objective.name) built by `make(objective_cfg) -> Head`."""
+  REGISTRY[name] = make
+
+
+def get(objective_cfg: Any) -> Head:
+  """Head `objective_cfg.name`, configured."""
   if objective_cfg.name not in REGISTRY:
-    raise ValueError(f"objective.name={objective_cfg.name!r} is not a registered head; choose one of "
-                     f"{sorted(REGISTRY)}.")
+    raise UserError(f"objective.name={objective_cfg.name!r} is not a registered head; choose one of "
+                    f"{sorted(REGISTRY)}.")
   return REGISTRY[objective_cfg.name](objective_cfg)
 
 
-__all__ = ["LossContext", "LossOutput", "REGISTRY", "get"]
+__all__ = ["Frozen", "Head", "LossContext", "LossOutput", "REGISTRY", "get", "register"]

@@ -1,9 +1,13 @@
-"""The loss-head contract shared by every objective."""
+"""The loss-head contract: a pure loss, and a declaration (data, not behaviour) of what the head needs.
+
+Training, evaluation and the AOT planner read the declaration in one place (fmjax/train/step.py and
+fmjax/train/frozen.py); none of them knows a head by name.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable, Mapping
 
 import jax
 
@@ -11,12 +15,47 @@ import jax
 # gradient accumulation, packing and multi-host all give the true mean over tokens (or pairs, for pair losses).
 LossOutput = tuple[jax.Array, jax.Array, dict[str, jax.Array]]
 
+# logits_fn(tokens, segment_ids, positions) -> logits [B,T,V] float32
+LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+  """A frozen model a head compares with, read by the head as `ctx.frozen[role]`.
+
+  source "policy": the params the run starts from (its `init_from`, else its initialisation), held as a copy; under a
+    parameterisation such as LoRA, the frozen base with the adapters off, so no second copy exists.
+  source "run": another run's weights: `objective.<key>` names its run directory, `objective.<key>_step` the step
+    (-1 = newest) and, with no directory, `objective.<key>_bootstrap` a config pre-trained into WORKDIR/<key> first.
+    Its architecture is that run's; it must share this run's vocabulary.
+  """
+  role: str
+  source: str = "policy"  # policy | run
+  key: str = ""  # source "run": the objective.* key naming the run directory (default: the role)
+
+  def __post_init__(self):
+    if self.source not in ("policy", "run"):
+      raise ValueError(f"Frozen({self.role!r}).source={self.source!r} must be 'policy' or 'run'.")
+    if self.role == "base":
+      raise ValueError("Frozen role 'base' is the parameterisation's frozen weights; name the role otherwise.")
+
+  @property
+  def config_key(self) -> str:
+    return self.key or self.role
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+  """A configured loss head: its pure loss and what it needs."""
+  loss: Callable[..., LossOutput]  # loss(params, batch, ctx: LossContext) -> LossOutput
+  layouts: tuple[str, ...] = ("text",)  # batch layouts it trains on (fmjax/data/layout.py); the first is the default
+  columns: tuple[str, ...] = ()  # per-example columns it needs in the batch (e.g. 'ref_logps')
+  frozen: tuple[Frozen, ...] = ()  # frozen models it reads through ctx.frozen
+  reports_nll: bool = False  # its metrics hold `nll`, a per-token mean: evaluation adds perplexity
+
 
 @dataclasses.dataclass(frozen=True)
 class LossContext:
   """What a head may use besides the trainable params and the batch."""
-
   apply: Callable[..., jax.Array]  # apply(params, tokens, segment_ids, positions) -> logits [B,T,V] float32
-  frozen: Any = None  # frozen trees the head declared (reference policy, teacher)
-  reference: Callable[..., jax.Array] | None = None  # reference(tokens, segment_ids, positions) -> logits
-  teacher: Callable[..., jax.Array] | None = None  # teacher(tokens, segment_ids, positions) -> logits
+  frozen: Mapping[str, LogitsFn] = dataclasses.field(default_factory=dict)  # role -> the frozen model's logits

@@ -20,8 +20,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fmjax.objectives.base import LossContext, LossOutput
+from fmjax.objectives.base import Frozen, Head, LossContext, LossOutput
 from fmjax.objectives.lm import token_nll
+from fmjax.errors import UserError
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -48,23 +49,26 @@ def divergence(teacher_logits: jax.Array, student_logits: jax.Array, kind: str =
   if kind == "jsd":
     log_m = jnp.logaddexp(log_t + jnp.log(beta), log_s + jnp.log1p(-beta))
     return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
-  raise ValueError(f"objective.divergence={kind!r} is not one of {DIVERGENCES}.")
+  raise UserError(f"objective.divergence={kind!r} is not one of {DIVERGENCES}.")
 
 
-def make(objective_cfg: Any):
-  """Returns loss(params, batch, ctx) -> (loss_sum, weight, {nll, divergence} sums); needs `ctx.teacher`."""
+TEACHER = Frozen("teacher", source="run")  # objective.teacher / teacher_step / teacher_bootstrap
+
+
+def make(objective_cfg: Any) -> Head:
+  """The distillation loss; metrics `nll`, `divergence`. Reads the frozen teacher (another run)."""
   cfg = objective_cfg
   if cfg.divergence not in DIVERGENCES:
-    raise ValueError(f"objective.divergence={cfg.divergence!r} is not one of {DIVERGENCES}.")
+    raise UserError(f"objective.divergence={cfg.divergence!r} is not one of {DIVERGENCES}.")
   if not 0 <= cfg.alpha <= 1 or cfg.temperature <= 0 or not 0 < cfg.jsd_beta < 1 or cfg.top_k < 0:
-    raise ValueError(f"distill: need 0 <= objective.alpha <= 1 (got {cfg.alpha}), objective.temperature > 0 "
+    raise UserError(f"distill: need 0 <= objective.alpha <= 1 (got {cfg.alpha}), objective.temperature > 0 "
                      f"({cfg.temperature}), 0 < objective.jsd_beta < 1 ({cfg.jsd_beta}), objective.top_k >= 0 "
                      f"({cfg.top_k}).")
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
     inputs = (batch["tokens"], batch["segment_ids"], batch["positions"])
     student = ctx.apply(params, *inputs)
-    teacher = jax.lax.stop_gradient(ctx.teacher(*inputs))
+    teacher = jax.lax.stop_gradient(ctx.frozen[TEACHER.role](*inputs))
     mask = batch["loss_mask"].astype(jnp.float32)
     nll = token_nll(student, batch["targets"])[0]
     div = divergence(teacher, student, cfg.divergence, cfg.temperature, cfg.jsd_beta, cfg.top_k)
@@ -72,5 +76,4 @@ def make(objective_cfg: Any):
     masked = lambda x: jnp.sum(jnp.where(mask > 0, x, 0.0))  # noqa: E731  (padding logits may be anything)
     return masked(per_token), jnp.sum(mask), {"nll": masked(nll), "divergence": masked(div)}
 
-  loss.needs_teacher = True
-  return loss
+  return Head(loss, frozen=(TEACHER,), reports_nll=True)

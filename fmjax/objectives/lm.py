@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fmjax.objectives.base import LossContext, LossOutput
+from fmjax.objectives.base import Head, LossContext, LossOutput
 
 
 def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -30,12 +30,12 @@ def masked_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Ar
   return nll_sum + z_loss * z_sum, jnp.sum(mask_BxT), metrics
 
 
-def make(objective_cfg: Any):
-  """Returns loss(params, batch, ctx) -> (loss_sum, weight, metric_sums)."""
+def make(objective_cfg: Any) -> Head:
+  """Next-token cross-entropy on the loss mask; metrics `nll` (and `z_loss`)."""
   z_loss = float(objective_cfg.z_loss)
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
     logits = ctx.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"])
     return masked_nll(logits, batch["targets"], batch["loss_mask"].astype(jnp.float32), z_loss)
 
-  return loss
+  return Head(loss, reports_nll=True)

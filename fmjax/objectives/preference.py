@@ -6,8 +6,8 @@ example is one response, desirable (label true) or undesirable; see `_kto_unpair
 A preference batch holds packed chosen and rejected rows (`chosen_*`, `rejected_*`); the k-th example (segment) of
 row i on both sides is one pair. Both sides go through ONE forward pass (stacked on the batch axis); each response's
 log-probability is the sum over its loss-bearing tokens, gathered per (row, segment), so any number of pairs may
-share a row and padding contributes nothing. Heads with a reference read it through `ctx.reference` (the frozen
-initial policy, or under LoRA the base with adapters off) without gradient, or, with `objective.reference =
+share a row and padding contributes nothing. Heads with a reference read it through `ctx.frozen['reference']` (the
+frozen initial policy, or under LoRA the base with adapters off) without gradient, or, with `objective.reference =
 'precomputed'`, from the batch's `chosen_ref_logps` / `rejected_ref_logps` columns, so no reference is in memory.
 
 Metrics (means over pairs; `eval_` on held-out data): `rewards/chosen` = β·(logπ − logπ_ref)(chosen),
@@ -25,10 +25,12 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.objectives import preference_losses as L
-from fmjax.objectives.base import LossContext, LossOutput
+from fmjax.objectives.base import Frozen, Head, LossContext, LossOutput
 from fmjax.objectives.lm import token_nll
+from fmjax.errors import UserError
 
 SIDES = ("chosen_", "rejected_")
+REFERENCE = Frozen("reference")  # the policy the run starts from (under LoRA: the base with adapters off)
 
 
 def segment_sums(values_BxT: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
@@ -53,22 +55,28 @@ def pair_logps(apply: Callable[..., jax.Array], batch: dict[str, jax.Array]) -> 
   return out
 
 
-def make_head(pair_loss: Callable[..., tuple[jax.Array, dict]], reference: bool):
-  """A registry entry: `make(objective_cfg)` → loss(params, batch, ctx). `pair_loss(p, ref, cfg)` gets the policy's
-  and (if `reference`) the reference's per-pair sums and returns (loss [B,T+1], rewards (chosen, rejected))."""
+def _reference_needs(objective_cfg: Any) -> dict[str, tuple]:
+  """The Head fields of a head with a reference: a frozen model, or precomputed log-prob columns in the data."""
+  if objective_cfg.reference not in ("model", "precomputed"):
+    raise UserError(f"objective.reference={objective_cfg.reference!r}: use 'model' (a frozen reference policy) "
+                    "or 'precomputed' (log-prob columns in the data).")
+  if objective_cfg.reference == "precomputed":
+    return {"columns": ("ref_logps",)}
+  return {"frozen": (REFERENCE,)}
 
-  def make(objective_cfg: Any):
+
+def make_head(pair_loss: Callable[..., tuple[jax.Array, dict]], reference: bool):
+  """A registry entry: `make(objective_cfg) -> Head`. `pair_loss(p, ref, cfg)` gets the policy's and (if
+  `reference`) the reference's per-pair sums and returns (loss [B,T+1], rewards (chosen, rejected))."""
+
+  def make(objective_cfg: Any) -> Head:
     def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
       p = pair_logps(lambda *x: ctx.apply(params, *x), batch)
       ref = None
-      if reference and "chosen_ref_logps" in batch:  # precomputed (tools/precompute_ref_logps.py)
+      if reference and objective_cfg.reference == "precomputed":  # tools/precompute_ref_logps.py's columns
         ref = {f"logp_{s[0]}": segment_sums(batch[s + "ref_logps"], batch[s + "segment_ids"]) for s in SIDES}
       elif reference:
-        if ctx.reference is None:
-          raise ValueError(f"objective.name={objective_cfg.name!r} with objective.reference='precomputed' needs "
-                           "ref_chosen_logps / ref_rejected_logps in the data: write them with "
-                           "tools/precompute_ref_logps.py, or set objective.reference='model'.")
-        ref = jax.tree.map(jax.lax.stop_gradient, pair_logps(ctx.reference, batch))
+        ref = jax.tree.map(jax.lax.stop_gradient, pair_logps(ctx.frozen[REFERENCE.role], batch))
       losses, (reward_c, reward_r) = pair_loss(p, ref, objective_cfg)
       valid = p["valid"]
       total = lambda x: jnp.sum(jnp.where(valid > 0, x, 0.0))  # noqa: E731  (padding pairs hold 0/0 terms)
@@ -79,11 +87,7 @@ def make_head(pair_loss: Callable[..., tuple[jax.Array, dict]], reference: bool)
                  "logps/accuracy": total((p["logp_c"] > p["logp_r"]).astype(jnp.float32))}
       return total(losses), jnp.sum(valid), metrics
 
-    if objective_cfg.reference not in ("model", "precomputed"):
-      raise ValueError(f"objective.reference={objective_cfg.reference!r}: use 'model' (a frozen reference policy) "
-                       "or 'precomputed' (log-prob columns in the data).")
-    loss.needs_reference = reference and objective_cfg.reference == "model"
-    return loss
+    return Head(loss, layouts=("pairs",), **(_reference_needs(objective_cfg) if reference else {}))
 
   return make
 
@@ -134,10 +138,8 @@ def _kto_unpaired(params, batch: dict[str, jax.Array], ctx: LossContext, cfg: An
   inputs = (batch["tokens"], batch["segment_ids"], batch["positions"])
   mask, seg = batch["loss_mask"].astype(jnp.float32), batch["segment_ids"]
   sums = lambda logits: segment_sums(-token_nll(logits, batch["targets"])[0] * mask, seg)  # noqa: E731
-  if ctx.reference is None:
-    raise ValueError("objective.name='kto' on unpaired records needs a reference model: set "
-                     "objective.reference='model' (precomputed log-probs are read for preference pairs only).")
-  logp, ref = sums(ctx.apply(params, *inputs)), jax.lax.stop_gradient(sums(ctx.reference(*inputs)))
+  logp = sums(ctx.apply(params, *inputs))
+  ref = jax.lax.stop_gradient(sums(ctx.frozen[REFERENCE.role](*inputs)))
   label = segment_sums(batch["label"], seg)
   good = (label > 0) & (segment_sums(mask, seg) > 0)
   bad = (label < 0) & (segment_sums(mask, seg) > 0)
@@ -151,17 +153,16 @@ def _kto_unpaired(params, batch: dict[str, jax.Array], ctx: LossContext, cfg: An
   return total(c, good) + total(r, bad), jnp.sum(valid), metrics
 
 
-def _make_kto(objective_cfg: Any):
+def _make_kto(objective_cfg: Any) -> Head:
   """`kto` on preference pairs (chosen = desirable, rejected = undesirable) or on unpaired labelled records."""
   paired = make_head(_kto, reference=True)(objective_cfg)
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
     if "label" in batch:
       return _kto_unpaired(params, batch, ctx, objective_cfg)
-    return paired(params, batch, ctx)
+    return paired.loss(params, batch, ctx)
 
-  loss.needs_reference = objective_cfg.reference == "model"
-  return loss
+  return Head(loss, layouts=("pairs", "unpaired"), columns=paired.columns, frozen=paired.frozen)
 
 
 HEADS = {"dpo": make_head(_dpo(None), reference=True),

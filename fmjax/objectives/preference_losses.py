@@ -16,8 +16,10 @@ log_sigmoid = jax.nn.log_sigmoid
 
 def dpo(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0) -> jax.Array:
   """DPO (Rafailov et al. 2023), TRL loss_type="sigmoid": −logσ(β·h) with h = (pc − pr) − (rc − rr); ln 2 when the
-  policy equals the reference. With label_smoothing ε > 0 it is cDPO (Mitchell 2023, TRL `label_smoothing`): the
-  preference label is flipped with probability ε, −(1−ε)·logσ(β·h) − ε·logσ(−β·h)."""
+  policy equals the reference. With label_smoothing ε > 0 it is conservative DPO (Mitchell 2023), the expected DPO
+  loss when each label is flipped with probability ε: −(1−ε)·logσ(β·h) − ε·logσ(−β·h). TRL's DPOTrainer has no such
+  loss: its "sigmoid" loss ignores `label_smoothing` (which smooths "robust", "exo_pair" and "aot" only); the same
+  loss there is loss_type=["sigmoid", "robust"], loss_weights=[2(1−ε), −(1−2ε)], label_smoothing=ε."""
   h = (pc - pr) - (rc - rr)
   return -(1 - label_smoothing) * log_sigmoid(beta * h) - label_smoothing * log_sigmoid(-beta * h)
 

@@ -12,12 +12,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fmjax.objectives.base import LossContext, LossOutput
+from fmjax.objectives.base import Head, LossContext, LossOutput
 from fmjax.objectives.lm import masked_nll
 
 
-def make(objective_cfg: Any):
-  """Returns loss(params, batch, ctx) -> (loss_sum, weight, {nll, accuracy[, z_loss]} sums)."""
+def make(objective_cfg: Any) -> Head:
+  """Response cross-entropy; metrics `nll`, `accuracy` (and `z_loss`)."""
   z_loss, completion_only = float(objective_cfg.z_loss), bool(objective_cfg.completion_only)
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
@@ -31,4 +31,4 @@ def make(objective_cfg: Any):
     metrics["accuracy"] = jnp.sum(hit_BxT * mask_BxT)  # greedy next-token accuracy on the trained tokens
     return loss_sum, weight, metrics
 
-  return loss
+  return Head(loss, reports_nll=True)

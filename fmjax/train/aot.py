@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from typing import Any
 
@@ -19,46 +18,26 @@ import numpy as np
 import optax
 
 from fmjax import config_lib, objectives, sharding, topology
-from fmjax.data.pipeline import batch_dtypes
-from fmjax.model import ModelConfig, flops, resolve
-from fmjax.objectives import preference
-from fmjax.train import experiment, peak, weights
+from fmjax.data import layout
+from fmjax.data.layout import Layout
+from fmjax.model import ModelConfig, flops
+from fmjax.train import frozen, peak
+from fmjax.train import step as step_lib
 
 GiB = topology.GiB
-_FROZEN = {"base": "frozen LoRA base", "reference": "frozen reference", "teacher": "frozen teacher"}
 
 
-def batch_format(config: ml_collections.ConfigDict) -> str:
-  """The batch layout the config's data would yield, told from the head (the data itself is not opened)."""
-  head = config.objective.name
-  if head == "kto" and config.data.format == "unpaired":
-    return "unpaired"
-  if head in preference.HEADS:
-    return "preference+ref" if config.objective.reference == "precomputed" else "preference"
-  return "text"
+def batch_layout(config: ml_collections.ConfigDict) -> Layout:
+  """The batch layout the run's data would yield, from the head's declaration (the data itself is not opened)."""
+  head = objectives.get(config.objective)
+  return layout.for_head(head.layouts, head.columns, config.data.format)
 
 
-def teacher_config(config: ml_collections.ConfigDict, preset: str = "") -> ModelConfig | None:
-  """The teacher's architecture when the head needs one: `preset`, else `objective.teacher`'s config.json, else the
-  config `objective.teacher_bootstrap` would pre-train. It must share the student's vocabulary."""
-  if not getattr(objectives.get(config.objective), "needs_teacher", False):
-    return None
-  workdir, bootstrap = config.objective.teacher, config.objective.teacher_bootstrap
-  if preset:
-    cfg = resolve(preset)
-  elif workdir and os.path.isfile(os.path.join(workdir, "config.json")):
-    cfg = config_lib.resolved_model(weights.run_config(workdir))
-  elif bootstrap and not workdir:
-    cfg = config_lib.resolved_model(config_lib.load(bootstrap))
-  else:
-    raise ValueError(f"objective.name={config.objective.name!r} needs the teacher's architecture: pass "
-                     "--teacher_model=PRESET (e.g. llama3_70b), or set objective.teacher to a run directory that "
-                     f"holds a config.json (objective.teacher={workdir!r} has none).")
-  vocab = config_lib.resolved_model(config).vocab_size
-  if cfg.vocab_size != vocab:
-    raise ValueError(f"the teacher has vocab_size {cfg.vocab_size} but the student {vocab}; teacher and student "
-                     "share one tokenizer: pick a teacher preset of the same vocabulary or set model.vocab_size.")
-  return cfg
+def frozen_architectures(config: ml_collections.ConfigDict, presets: dict[str, str] | None = None
+                         ) -> dict[str, ModelConfig]:
+  """Role -> network of each frozen 'run' model the head reads (e.g. the distillation teacher): `presets[role]`,
+  else that run's config.json, else the config its bootstrap would pre-train."""
+  return frozen.architectures(config, objectives.get(config.objective), presets)
 
 
 @dataclasses.dataclass
@@ -97,12 +76,12 @@ def _copy(config: ml_collections.ConfigDict, **changes: Any) -> ml_collections.C
   return c
 
 
-def plan(config: ml_collections.ConfigDict, devices: list, teacher: ModelConfig | None) -> experiment.TrainStep:
+def plan(config: ml_collections.ConfigDict, devices: list, archs: dict[str, ModelConfig]) -> step_lib.Plan:
   """The run's jitted step and abstract arguments on a mesh of `devices`: nothing allocated, no data read."""
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   config_lib.check_batch(config, mesh.shape["data"] * mesh.shape["fsdp"])
-  return experiment.train_step(config, mesh, batch_dtypes(batch_format(config)), teacher)
+  return step_lib.plan(config, mesh, batch_layout(config), archs)
 
 
 def compile_for_tpu(lowered: jax.stages.Lowered) -> Any:
@@ -121,20 +100,20 @@ def _per_chip(tree: Any) -> int:
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def argument_bytes(step: experiment.TrainStep) -> dict[str, int]:
+def argument_bytes(step: step_lib.Plan) -> dict[str, int]:
   """Per-chip bytes of the step's arguments by category (one device per chip on every TPU generation here)."""
   s = step.state
   out = {"params (trained)": _per_chip(s.params), "optimizer state": _per_chip(s.opt_state)}
-  out.update({_FROZEN.get(k, f"frozen {k}"): _per_chip(v) for k, v in s.frozen.items()})
+  out.update({"frozen LoRA base" if k == "base" else f"frozen {k}": _per_chip(v) for k, v in s.frozen.items()})
   out["batch"] = _per_chip(step.batch)
-  out["step, rng"] = _per_chip((s.step, s.rng))
+  out["step, rng"] = _per_chip((s.step, s.rng, s.recent_losses))
   return out
 
 
-def compile_memory(config: ml_collections.ConfigDict, devices: list, teacher: ModelConfig | None,
-                   capacity: int | None = None) -> tuple[Memory, experiment.TrainStep, Any]:
+def compile_memory(config: ml_collections.ConfigDict, devices: list, archs: dict[str, ModelConfig],
+                   capacity: int | None = None) -> tuple[Memory, step_lib.Plan, Any]:
   """(per-chip HBM of the step, the step, the compiled step: None when the compiler refuses it for lack of HBM)."""
-  step = plan(config, devices, teacher)
+  step = plan(config, devices, archs)
   args = argument_bytes(step)
   t0 = time.perf_counter()
   try:
@@ -164,33 +143,33 @@ def _costs(compiled: Any) -> dict[str, float]:
 def model_flops(config: ml_collections.ConfigDict) -> float:
   """Model FLOPs of one step (fmjax.model.flops, the convention of every MFU fmjax prints) x tokens per step."""
   cfg = config_lib.resolved_model(config)
-  rows = 2 if batch_format(config).startswith("preference") else 1  # chosen and rejected rows both train
+  rows = batch_layout(config).rows_per_example  # a preference pair's chosen and rejected rows both train
   per_token = flops.train_flops_per_token(cfg, config.train.seq_len, frozen_weights=config.lora.rank > 0)
   return per_token * config.train.batch_size * config.train.seq_len * rows
 
 
-def estimate_cost(config: ml_collections.ConfigDict, devices: list, teacher: ModelConfig | None,
-                  step: experiment.TrainStep | None = None) -> Cost:
+def estimate_cost(config: ml_collections.ConfigDict, devices: list, archs: dict[str, ModelConfig],
+                  step: step_lib.Plan | None = None) -> Cost:
   """The cost model's FLOPs and step time. XLA's cost analysis counts a loop body once, so a step whose layers are
   scanned is measured on 1- and 2-layer copies compiled unrolled (one micro-batch) and extrapolated linearly to the
-  full depth (and, for a teacher, to its depth); with gradient accumulation, k micro-batches and one optimizer update
-  (compiled apart) make the step."""
+  full depth (and each frozen 'run' model, e.g. a teacher, to its depth); with gradient accumulation, k micro-batches
+  and one optimizer update (compiled apart) make the step."""
   cost = Cost(model_flops(config), peak.total_peak_flops(devices[:1])[0], len(devices))
   k = config.train.grad_accum
   layers = config_lib.resolved_model(config).num_layers
 
-  def probe(n: int, teacher_n: int) -> dict[str, float]:
+  def probe(n: int, deeper_role: str = "") -> dict[str, float]:
     c = _copy(config, **{"model.scan_layers": False, "model.num_layers": n, "train.grad_accum": 1,
                          "train.batch_size": config.train.batch_size // k})
-    t = dataclasses.replace(teacher, scan_layers=False, num_layers=teacher_n) if teacher else None
-    return _costs(compile_for_tpu(plan(c, devices, t).lower()))
+    shallow = {r: dataclasses.replace(a, scan_layers=False, num_layers=2 if r == deeper_role else 1)
+               for r, a in archs.items()}
+    return _costs(compile_for_tpu(plan(c, devices, shallow).lower()))
 
   try:
-    runs = {"base": probe(1, 1), "deeper": probe(2, 1)}
-    if teacher is not None:
-      runs["teacher"] = probe(1, 2)
+    runs = {"base": probe(1), "deeper": probe(2)}
+    runs.update({f"frozen {r}": probe(1, r) for r in archs})
     if k > 1:
-      runs["update"] = _update_costs(step or plan(config, devices, teacher))
+      runs["update"] = _update_costs(step or plan(config, devices, archs))
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -200,8 +179,8 @@ def estimate_cost(config: ml_collections.ConfigDict, devices: list, teacher: Mod
   def extrapolate(key: str) -> float:
     base = runs["base"][key]
     value = base + (layers - 1) * (runs["deeper"][key] - base)
-    if teacher is not None:
-      value += (teacher.num_layers - 1) * (runs["teacher"][key] - base)
+    for r, a in archs.items():
+      value += (a.num_layers - 1) * (runs[f"frozen {r}"][key] - base)
     if k > 1:  # k micro-batches, one optimizer update
       value = k * (value - runs["update"][key]) + runs["update"][key]
     return value
@@ -220,7 +199,7 @@ def estimate_cost(config: ml_collections.ConfigDict, devices: list, teacher: Mod
   return cost
 
 
-def _update_costs(step: experiment.TrainStep) -> dict[str, float]:
+def _update_costs(step: step_lib.Plan) -> dict[str, float]:
   """Cost of one optimizer update alone (clipping, AdamW, apply) on the step's sharded params."""
   tx, sh = step.tx, step.shardings
 
@@ -299,24 +278,25 @@ class Report:
     return "fits" if self.memory.fits else "does not fit"
 
 
-def analyse(config: ml_collections.ConfigDict, topo: topology.Topology, teacher_model: str = "", cost: bool = True,
-            search: bool = False, devices: list | None = None) -> Report:
+def analyse(config: ml_collections.ConfigDict, topo: topology.Topology, frozen_presets: dict[str, str] | None = None,
+            cost: bool = True, search: bool = False, devices: list | None = None) -> Report:
   """Compiles the run's step for `topo` and reports HBM per chip, the verdict, suggestions and (if `cost` and it
-  fits) the cost model's step time and projected MFU. With `search`, tries `ladder`'s settings until one fits."""
+  fits) the cost model's step time and projected MFU. With `search`, tries `ladder`'s settings until one fits.
+  `frozen_presets`: role -> preset for frozen 'run' models (e.g. {'teacher': 'llama3_70b'})."""
   devices = devices or topology.devices(topo)
-  teacher = teacher_config(config, teacher_model)
+  archs = frozen_architectures(config, frozen_presets)
   capacity = topology.usable_hbm(devices[0])
-  memory, step, _ = compile_memory(config, devices, teacher, capacity)
+  memory, step, _ = compile_memory(config, devices, archs, capacity)
   tried = [("as given", memory)]
   if search and not memory.fits:
     shards = step.mesh.shape["data"] * step.mesh.shape["fsdp"]
     for label, config in list(ladder(config, shards))[1:]:  # if none fits, the report is of the last one tried
-      memory, step, _ = compile_memory(config, devices, teacher, capacity)
+      memory, step, _ = compile_memory(config, devices, archs, capacity)
       tried.append((label, memory))
       if memory.fits:
         break
   mesh = dict(step.mesh.shape)
   tight = memory.capacity and memory.total > 0.9 * memory.capacity
   advice = suggestions(config, memory, topo, mesh) if not memory.fits or tight else []
-  estimate = estimate_cost(config, devices, teacher, step) if cost and memory.fits else None
+  estimate = estimate_cost(config, devices, archs, step) if cost and memory.fits else None
   return Report(config, topo, devices[0].device_kind, mesh, memory, estimate, advice, tried)

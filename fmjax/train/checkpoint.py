@@ -8,6 +8,7 @@ Keep policy: the newest `checkpoint.keep` plus every step that is a multiple of 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from fmjax.errors import UserError
 
 def abstract(state: Any, shardings: Any) -> Any:
   """Shapes, dtypes and target shardings of `state`: what a restore fills in, re-sharding onto this mesh."""
@@ -55,29 +57,34 @@ class Checkpointer:
         config=ocp.args.JsonSave(config)))
     self.last_save = time.monotonic()
 
-  def restore_latest(self, target: Any, data_iter: Any) -> tuple[Any, int] | None:
+  def restore_latest(self, target: Any, data_iter: Any, fresh: Any = None) -> tuple[Any, int] | None:
     """(state, step) of the newest readable checkpoint, with `data_iter` moved to its position; None if none.
+    A field of the state (a dataclass) that the checkpoint predates takes its value from `fresh`.
 
     An unreadable checkpoint is renamed `<step>.unreadable` (kept for inspection, out of the way of a new save)."""
     unreadable, found = [], None
     for step in sorted(self.manager.all_steps(), reverse=True):
       saved = self._saved_process_count(step)
       if saved is not None and saved != jax.process_count():  # not damage: never move it out of the way
-        raise ValueError(
+        raise UserError(
             f"checkpoint {self.directory}/{step} was written by {saved} processes and this run has "
             f"{jax.process_count()}: the data iterator position is stored per process. Resume with {saved} "
             f"processes, or start a new --workdir from its params with "
             f"--config.init_from.workdir={os.path.dirname(self.directory)} --config.init_from.step={step}.")
       try:
+        item, missing = self._saved_fields(step, target, fresh)
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
+            state=ocp.args.StandardRestore(item), data=grain.checkpoint.CheckpointRestore(data_iter)))
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, never fatal
         path = os.path.join(self.directory, str(step))
         logging.warning("checkpoint %s is unreadable (%s: %s); moving it to %s.unreadable and trying the one "
                         "before it", path, type(e).__name__, (str(e).splitlines() or [""])[0][:300], path)
         unreadable.append(path)
         continue
-      found = (restored.state, step)
+      found = (fresh.replace(**restored.state) if missing else restored.state, step)
+      if missing:
+        logging.info("checkpoint %s/%d was written before the state had %s (an older fmjax); fresh values used",
+                     self.directory, step, ", ".join(missing))
       break
     if unreadable:
       if jax.process_index() == 0:
@@ -89,6 +96,18 @@ class Checkpointer:
         multihost_utils.sync_global_devices("fmjax checkpoint: unreadable steps moved")
       self.manager.reload()
     return found
+
+  def _saved_fields(self, step: int, target: Any, fresh: Any) -> tuple[Any, list[str]]:
+    """(what to restore, the target's fields the checkpoint lacks: written before they existed)."""
+    if fresh is None or not dataclasses.is_dataclass(target):
+      return target, []
+    try:
+      saved = set(self.manager.item_metadata(step)["state"].keys())
+    except Exception:  # noqa: BLE001 - no metadata to compare: restore as is (a mismatch is reported then)
+      return target, []
+    names = [f.name for f in dataclasses.fields(target)]
+    missing = [n for n in names if n not in saved]
+    return ({n: getattr(target, n) for n in names if n in saved} if missing else target), missing
 
   def _saved_process_count(self, step: int) -> int | None:
     """How many processes wrote checkpoint `step` (grain names each data file process_<i>-of-<n>.json); None if

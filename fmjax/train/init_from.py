@@ -18,6 +18,7 @@ from fmjax import data
 from fmjax.model import lora
 from fmjax.train import checkpoint
 from fmjax.train import state as train_state
+from fmjax.errors import UserError
 
 
 def check_tokenizer(workdir: str, ours: dict, key: str = "init_from.workdir") -> None:
@@ -29,22 +30,26 @@ def check_tokenizer(workdir: str, ours: dict, key: str = "init_from.workdir") ->
   with open(path) as f:
     theirs = json.load(f).get("tokenizer")
   if theirs and theirs["id"] != ours["id"]:
-    raise ValueError(f"{key}={workdir!r} was trained with tokenizer {theirs['id']} but this run uses "
+    raise UserError(f"{key}={workdir!r} was trained with tokenizer {theirs['id']} but this run uses "
                      f"{ours['id']}; set --config.data.tokenizer_path={data.run_tokenizer_file(workdir) or 'PATH'} "
                      "(its copy of that tokenizer).")
 
 
 def checkpoint_dir(workdir: str, step: int = -1, key: str = "init_from") -> str:
-  """`workdir/checkpoints/<step>` (`step` -1 = the newest committed one); errors name what exists."""
+  """`workdir/checkpoints/<step>` (`step` -1 = the newest committed one); errors name what exists. `key` is the
+  setting that named the run: `init_from` (init_from.workdir / init_from.step) or `objective.teacher` (and
+  objective.teacher_step)."""
+  dir_key, step_key = (f"{key}.workdir", f"{key}.step") if key == "init_from" else (key, f"{key}_step")
   root = os.path.join(workdir, "checkpoints")
   steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
   if not steps:
-    raise FileNotFoundError(f"{key}.workdir={workdir!r} has no checkpoints in {root}; train it first or point "
-                            f"{key}.workdir at a run directory.")
+    raise FileNotFoundError(f"{dir_key}={workdir!r} has no checkpoints in {root}; train it first or point "
+                            f"{dir_key} at a run directory that holds checkpoints.")
   if step == -1:
     step = steps[-1]
   if step not in steps:
-    raise FileNotFoundError(f"{key}.step={step} is not in {root}; it has steps {steps}.")
+    raise FileNotFoundError(f"{step_key}={step} is not in {root}; it has steps {steps}: pick one of them, or -1 "
+                            "for the newest.")
   return os.path.join(root, str(step))
 
 
@@ -56,7 +61,7 @@ def read(workdir: str, step: int, target: Any, key: str = "init_from") -> Any:
   saved = checkpointer.metadata(path).item_metadata.tree["params"]
   if any(lora.is_adapter(tuple(str(getattr(k, "key", k)) for k in p))
          for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]):
-    raise ValueError(f"{key}.workdir={workdir!r} is a LoRA run (its checkpoints hold adapters only); merge it "
+    raise UserError(f"{key}.workdir={workdir!r} is a LoRA run (its checkpoints hold adapters only); merge it "
                      f"into full weights first: python tools/lora.py merge --workdir={workdir} --output=DIR, then "
                      "use DIR.")
   ours = jax.tree_util.tree_flatten_with_path(target)[0]
@@ -64,11 +69,11 @@ def read(workdir: str, step: int, target: Any, key: str = "init_from") -> Any:
   missing = [jax.tree_util.keystr(p) for p, _ in ours if p not in theirs]
   if missing or len(theirs) != len(ours):
     extra = sorted(set(jax.tree_util.keystr(p) for p in theirs) - {jax.tree_util.keystr(p) for p, _ in ours})
-    raise ValueError(f"{key} {path}: the parameter trees differ (only here: {missing[:5]}, only there: "
+    raise UserError(f"{key} {path}: the parameter trees differ (only here: {missing[:5]}, only there: "
                      f"{extra[:5]}); {key} needs the same model architecture (model.* settings).")
   for p, x in ours:
     if tuple(theirs[p].shape) != tuple(x.shape) or theirs[p].dtype != x.dtype:
-      raise ValueError(f"{key} {path}: parameter {jax.tree_util.keystr(p)} is {tuple(theirs[p].shape)} "
+      raise UserError(f"{key} {path}: parameter {jax.tree_util.keystr(p)} is {tuple(theirs[p].shape)} "
                        f"{theirs[p].dtype} there but {tuple(x.shape)} {x.dtype} in this model; use the same "
                        "model.* settings (and tokenizer / model.vocab_size) as the run you start from.")
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
@@ -77,13 +82,16 @@ def read(workdir: str, step: int, target: Any, key: str = "init_from") -> Any:
   return restored["params"]
 
 
-def load(state: Any, shardings: Any, workdir: str, step: int = -1, frozen_only: bool = False) -> Any:
-  """`state` with its model weights (the params, or under LoRA the frozen base, and a frozen reference policy)
-  replaced by those of `workdir`'s checkpoint at `step` (-1 = newest); `frozen_only` (a resume) keeps the params."""
+def load(state: Any, shardings: Any, workdir: str, step: int = -1, frozen_only: bool = False,
+         copies: tuple[str, ...] = ()) -> tuple[Any, Any]:
+  """(`state` with its model weights — the params, or under LoRA the frozen base — replaced by those of `workdir`'s
+  checkpoint at `step` (-1 = newest), those weights); `frozen_only` (a resume) keeps the trained params. `copies`:
+  the roles of frozen copies the caller makes of them (for the log)."""
   target = checkpoint.abstract(train_state.base_params(state), train_state.base_params(shardings))
   params = read(workdir, step, target)
   loaded = (["the frozen LoRA base"] if "base" in state.frozen else [] if frozen_only else ["params"]) + \
-      (["the frozen reference policy"] if "reference" in state.frozen else [])
-  logging.info("initialised %s from %s%s", " and ".join(loaded), os.path.join(checkpoint_dir(workdir, step), "state"),
+      [f"the frozen {role} policy" for role in copies]
+  logging.info("initialised %s from %s%s", " and ".join(loaded) or "nothing",
+               os.path.join(checkpoint_dir(workdir, step), "state"),
                "" if frozen_only else " (optimizer state, step and data position start fresh)")
-  return train_state.with_base_params(state, params, frozen_only)
+  return train_state.with_base_params(state, params, frozen_only), params

@@ -11,140 +11,216 @@ import time
 import jax
 import ml_collections
 
-from fmjax import config_lib, distributed
-from fmjax.data import prepared
-from fmjax.train import checkpoint, init_from, peak, preemption
+from fmjax import config_lib, distributed, objectives
+from fmjax.data import tokenizers
+from fmjax.errors import UserError
+from fmjax.train import checkpoint, frozen, init_from, peak, preemption
 from fmjax.train import metrics as metrics_lib
+from fmjax.train import state as train_state
 from fmjax.train.experiment import Experiment, build
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
+class NonFiniteLossError(UserError):
+  """A step's loss or gradient norm is NaN/inf."""
 
 
-def _bootstrap(spec: str, workdir: str, into: str = "base") -> str:
-  """Pre-trains config `spec` (a path relative to the working or the repository directory) into WORKDIR/`into`, or
-  finds it there already; returns that directory."""
+class DivergenceError(UserError):
+  """Loss spikes went on past train.spike_skips consecutive steps."""
+
+
+def _bootstrap(spec: str, workdir: str, into: str) -> str:
+  """Pre-trains config `spec` (`path.py[:variant]`; config files write it beside themselves, config_lib.sibling)
+  into WORKDIR/`into`, or finds it there already; returns that directory."""
   path, _, variant = spec.partition(":")
   if not os.path.isfile(path):
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), path)
+    raise UserError(f"bootstrap config {spec!r}: {path!r} does not exist; name an existing config file (a relative "
+                    "path is read from the working directory).")
   target = os.path.join(workdir, into)
   logging.info("pre-training %s into %s first", spec, target)
   train(config_lib.load(f"{path}:{variant}" if variant else path), target)
   return target
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one; returns the experiment (its
-  `state` holds the final params). SIGTERM saves a checkpoint at the next step boundary and returns early."""
-  is_main = jax.process_index() == 0
-  if config.objective.teacher_bootstrap and not config.objective.teacher:
-    config.objective.teacher = _bootstrap(config.objective.teacher_bootstrap, workdir, "teacher")
-  exp = build(config)
-  resolved = json.loads(config_lib.resolve(config).to_json_best_effort())
-  resolved["tokenizer"] = {"id": prepared.tokenizer_id(exp.tokenizer), "vocab_size": exp.tokenizer.vocab_size}
-  # Hosts that disagree (another config file, an edited flag, a differently trained tokenizer) would train garbage.
+def _write_run_files(exp: Experiment, workdir: str) -> dict:
+  """config.json (the resolved config and the tokenizer's id) and the tokenizer, on process 0; returns the config.
+  Hosts that disagree (another config file, an edited flag, a differently trained tokenizer) would train garbage."""
+  resolved = json.loads(config_lib.resolve(exp.config).to_json_best_effort())
+  resolved["tokenizer"] = {"id": tokenizers.tokenizer_id(exp.tokenizer), "vocab_size": exp.tokenizer.vocab_size}
   distributed.check_same("resolved config or tokenizer", json.dumps(resolved, sort_keys=True))
-  if is_main:
+  if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     if hasattr(exp.tokenizer, "save"):  # the run directory carries its own tokenizer
       exp.tokenizer.save(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved, f, indent=2)
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-  # Frozen trees (a LoRA base, a reference policy, a teacher) are not checkpointed: they never change, and every
-  # start rebuilds them from their source (init_from, or the seed), so a LoRA checkpoint holds only the adapters.
-  unfrozen = lambda tree: tree.replace(frozen={})  # noqa: E731
-  restored = ckpt.restore_latest(checkpoint.abstract(unfrozen(exp.state), unfrozen(exp.state_shardings)), exp.stream)
+  return resolved
+
+
+def _unfrozen(tree: train_state.TrainState) -> train_state.TrainState:
+  """What a checkpoint holds: frozen trees never change, and every start rebuilds them from their source."""
+  return tree.replace(frozen={})
+
+
+def _starting_state(exp: Experiment, ckpt: checkpoint.Checkpointer, workdir: str, tokenizer: dict) -> int:
+  """Sets `exp.state`: resumed from the newest checkpoint if any, the starting weights from `init_from` (on a
+  resume only the frozen trees: the LoRA base and 'policy' copies), and returns the step it starts at."""
+  config = exp.config
+  restored = ckpt.restore_latest(checkpoint.abstract(_unfrozen(exp.state), _unfrozen(exp.state_shardings)),
+                                 exp.stream, fresh=_unfrozen(exp.state))
   if restored is not None:
     exp.state, resumed = restored[0].replace(frozen=exp.state.frozen), restored[1]
-    dropped = metrics_lib.truncate_after(workdir, resumed) if is_main else 0
+    dropped = metrics_lib.truncate_after(workdir, resumed) if jax.process_index() == 0 else 0
     logging.info("resuming from step %d (%s/%d)%s", resumed, ckpt.directory, resumed,
                  f"; dropped {dropped} metrics rows logged after it" if dropped else "")
-  # A resume still reads the frozen trees (a LoRA base, a reference policy) from init_from: checkpoints lack them.
   if (config.init_from.workdir or config.init_from.bootstrap) and (restored is None or exp.state.frozen):
-    source = config.init_from.workdir or _bootstrap(config.init_from.bootstrap, workdir)
-    init_from.check_tokenizer(source, resolved["tokenizer"])
-    exp.state = init_from.load(exp.state, exp.state_shardings, source, config.init_from.step,
-                               frozen_only=restored is not None)
-  peak_flops, peak_source = peak.total_peak_flops(jax.devices(), config.log.peak_flops)
-  logging.info("peak %.1f TFLOP/s over %d device(s) (%s)", peak_flops / 1e12, jax.device_count(), peak_source)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-  digests = metrics_lib.BatchDigests(workdir) if config.log.batch_digests else None
-  stop = preemption.Watcher()
+    source = config.init_from.workdir or _bootstrap(config.init_from.bootstrap, workdir, "base")
+    init_from.check_tokenizer(source, tokenizer)
+    copies = frozen.policy_roles(exp.frozen_plan)
+    exp.state, start = init_from.load(exp.state, exp.state_shardings, source, config.init_from.step,
+                                      frozen_only=restored is not None, copies=copies)
+    exp.state = exp.state.replace(frozen={**exp.state.frozen, **frozen.policy_copies(exp.frozen_plan, start)})
+  return int(jax.device_get(exp.state.step))
 
-  total = config.train.steps
-  tokens_per_step = config.train.batch_size * config.train.seq_len * exp.sequences_per_row
-  every = config.log.every_steps
-  skipped = 0
-  window_start, window_steps = 0.0, 0
 
-  def finish(step: int, metrics) -> None:
-    nonlocal skipped, window_start, window_steps
+class _Reporter:
+  """Turns each step's device metrics into metrics.jsonl rows and console lines, one step behind the device, and
+  applies the run's stop rules (non-finite losses, loss spikes)."""
+
+  def __init__(self, exp: Experiment, workdir: str, ckpt: checkpoint.Checkpointer):
+    self.config, self.exp, self.ckpt = exp.config, exp, ckpt
+    self.writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    self.peak_flops, source = peak.total_peak_flops(jax.devices(), self.config.log.peak_flops)
+    logging.info("peak %.1f TFLOP/s over %d device(s) (%s)", self.peak_flops / 1e12, jax.device_count(), source)
+    t = self.config.train
+    self.tokens_per_step = t.batch_size * t.seq_len * exp.layout.rows_per_example
+    self.skipped = self.spikes = 0
+    self.window_start, self.window_steps = time.perf_counter(), 0
+
+  def exclude(self, seconds: float) -> None:
+    """Keeps `seconds` (an evaluation, a checkpoint copy) out of the throughput window."""
+    self.window_start += seconds
+
+  def evaluate_start(self, state: train_state.TrainState) -> None:
+    m = {k: float(v) for k, v in jax.device_get(self.exp.evaluate(state)).items()}
+    self.writer.write(0, m)
+    logging.info("step 0 (before training): %s", " | ".join(f"{k} {v:.4f}" for k, v in m.items()
+                                                             if k.startswith("eval_loss")))
+    self.window_start = time.perf_counter()
+
+  def finish(self, step: int, metrics: dict) -> None:
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    window_steps += 1
+    self.window_steps += 1
+    total, every = self.config.train.steps, self.config.log.every_steps
+    if step % every and step != total and "eval_loss" not in m and not m.get("spike"):
+      return self._check(step, m)
+    now = time.perf_counter()
+    step_seconds = (now - self.window_start) / self.window_steps
+    self.window_start, self.window_steps = now, 0
+    m["tokens_per_sec"] = self.tokens_per_step / step_seconds
+    if self.peak_flops:
+      m["mfu"] = self.exp.flops_per_token * m["tokens_per_sec"] / self.peak_flops
+    self.writer.write(step, m)
+    self.writer.console(step, total, m, (total - step) * step_seconds)
+    self._check(step, m)
+
+  def _check(self, step: int, m: dict) -> None:
+    t = self.config.train
     if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
-      if not config.train.skip_nonfinite:
+      if not t.skip_nonfinite:
         raise NonFiniteLossError(
             f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite. Lower optimizer.lr, raise "
             "optimizer.warmup_steps, or set train.skip_nonfinite=True to skip such steps.")
-      skipped += 1
-      logging.warning("step %d: non-finite loss %s, update skipped (%d so far)", step, m["loss"], skipped)
-    if step % every and step != total and "eval_loss" not in m:
+      self.skipped += 1
+      logging.warning("step %d: non-finite loss %s, update skipped (%d so far)", step, m["loss"], self.skipped)
+    self.spikes = self.spikes + 1 if m.get("spike") else 0
+    if not self.spikes:
       return
-    now = time.perf_counter()
-    step_seconds = (now - window_start) / window_steps
-    window_start, window_steps = now, 0
-    m["tokens_per_sec"] = tokens_per_step / step_seconds
-    if peak_flops:
-      m["mfu"] = exp.flops_per_token * m["tokens_per_sec"] / peak_flops
-    writer.write(step, m)
-    writer.console(step, total, m, (total - step) * step_seconds)
+    what = (f"step {step}: loss {m['loss']:.4g} is a spike (median of the last accepted losses {m['loss_median']:.4g}, "
+            f"train.spike_factor={t.spike_factor})")
+    if self.spikes <= t.spike_skips:
+      logging.warning("%s; update skipped (%d in a row, at most train.spike_skips=%d)", what, self.spikes,
+                      t.spike_skips)
+      return
+    newest = self.ckpt.manager.latest_step()
+    raise DivergenceError(
+        f"{what}, {self.spikes} in a row: the run diverges. Lower optimizer.lr or raise optimizer.warmup_steps "
+        f"(or change data.seed), or raise train.spike_factor / train.spike_skips (train.spike_factor=0 turns the "
+        f"guard off); {f'the newest checkpoint is step {newest}: ' if newest else ''}run the same command to resume.")
 
-  state = exp.state
-  start = int(jax.device_get(state.step))
-  pending = None
-  if config.eval.at_start and config.eval.every_steps and start == 0:  # the starting point, e.g. a CPT base
-    m = {k: float(v) for k, v in jax.device_get(exp.evaluate(state)).items()}
-    writer.write(0, m)
-    logging.info("step 0 (before training): %s", " | ".join(f"{k} {v:.4f}" for k, v in m.items()
-                                                             if k.startswith("eval_loss")))
-  window_start = time.perf_counter()
-  step = start
-  for step in range(start + 1, total + 1):
-    batch = exp.next_batch()
-    if digests is not None:
-      digests.write(step, batch)
-    state, metrics = exp.step_fn(state, batch)
+  def close(self) -> None:
+    self.writer.close()
+
+
+def _save_due(exp: Experiment, ckpt: checkpoint.Checkpointer, stop: preemption.Watcher, step: int,
+              start: int) -> tuple[bool, bool]:
+  """(preempted or told to stop after this step, due a checkpoint)."""
+  preempted = stop.requested(step) or step - start == exp.config.train.stop_after
+  return preempted, preempted or step == exp.config.train.steps or ckpt.due(step)
+
+
+def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Reporter, stop: preemption.Watcher,
+               start: int, resolved: dict, digests) -> int:
+  """Steps start+1 .. train.steps (or until preempted); returns the last step taken."""
+  config, state, pending, step = exp.config, exp.state, None, start
+  every_eval, total = config.eval.every_steps, config.train.steps
+  try:
+    for step in range(start + 1, total + 1):
+      batch = exp.next_batch()
+      if digests is not None:
+        digests.write(step, batch)
+      state, metrics = exp.step(state, batch)
+      if pending is not None:
+        reporter.finish(*pending)
+      if every_eval and (step % every_eval == 0 or step == total):
+        jax.block_until_ready(metrics)  # the train step's time stays in its throughput window, the eval's does not
+        t0 = time.perf_counter()
+        metrics = {**metrics, **jax.device_get(exp.evaluate(state))}
+        reporter.exclude(time.perf_counter() - t0)
+      pending = (step, metrics)
+      preempted, save = _save_due(exp, ckpt, stop, step, start)
+      if save:
+        t0 = time.perf_counter()
+        ckpt.save(step, _unfrozen(state), exp.stream, resolved)  # copied to the host, then written in the background
+        reporter.exclude(time.perf_counter() - t0)
+      if preempted:
+        break
     if pending is not None:
-      finish(*pending)
-    if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == total):
-      jax.block_until_ready(metrics)  # the train step's time stays in its throughput window ...
-      t0 = time.perf_counter()
-      metrics = {**metrics, **jax.device_get(exp.evaluate(state))}
-      window_start += time.perf_counter() - t0  # ... the evaluation's does not
-    pending = (step, metrics)
-    preempted = stop.requested(step) or step - start == config.train.stop_after
-    if preempted or step == total or ckpt.due(step):
-      t0 = time.perf_counter()
-      ckpt.save(step, unfrozen(state), exp.stream, resolved)  # copied to the host, then written in the background
-      window_start += time.perf_counter() - t0
-    if preempted:
-      break
-  if pending is not None:
-    finish(*pending)
-  ckpt.wait()
-  ckpt.close()
-  stop.restore()
-  exp.state = state
-  writer.close()
-  if digests is not None:
-    digests.close()
-  if hasattr(exp.stream, "close"):
-    exp.stream.close()  # stops grain's worker processes, if any
-  if step < total:
+      reporter.finish(*pending)
+  finally:
+    exp.state = state
+  return step
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one; returns the experiment (its
+  `state` holds the final params). SIGTERM saves a checkpoint at the next step boundary and returns early."""
+  config_lib.check_run(config, workdir)  # bad values, the run directory and the inputs: before any work
+  for key, spec in frozen.bootstrap_specs(config, objectives.get(config.objective)):
+    config.objective[key] = _bootstrap(spec, workdir, key)
+  exp = build(config)
+  resolved = _write_run_files(exp, workdir)
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+  start = _starting_state(exp, ckpt, workdir, resolved["tokenizer"])
+  reporter = _Reporter(exp, workdir, ckpt)
+  digests = metrics_lib.BatchDigests(workdir) if config.log.batch_digests else None
+  stop = preemption.Watcher()
+  step = start
+  try:
+    if config.eval.at_start and config.eval.every_steps and start == 0:  # the starting point, e.g. a CPT base
+      reporter.evaluate_start(exp.state)
+    step = _run_steps(exp, ckpt, reporter, stop, start, resolved, digests)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    stop.restore()
+    reporter.close()
+    if digests is not None:
+      digests.close()
+    if hasattr(exp.stream, "close"):
+      exp.stream.close()  # stops grain's worker processes, if any
+  if step < config.train.steps:
     logging.info("stopped (%s): saved step %d to %s; run the same command again to resume",
                  stop.reason if stop.signalled else "train.stop_after", step, ckpt.directory)
   else:
-    logging.info("done: %d steps in %s", total - start, workdir)
+    logging.info("done: %d steps in %s", config.train.steps - start, workdir)
   return exp

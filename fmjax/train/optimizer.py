@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from fmjax.errors import UserError
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -20,9 +21,9 @@ def make_schedule(opt: Any, total_steps: int) -> optax.Schedule:
   """
   peak, warmup, floor = opt.lr, opt.warmup_steps, opt.lr * opt.min_lr_ratio
   if opt.schedule not in SCHEDULES:
-    raise ValueError(f"optimizer.schedule={opt.schedule!r} is not one of {SCHEDULES}.")
+    raise UserError(f"optimizer.schedule={opt.schedule!r} is not one of {SCHEDULES}.")
   if warmup >= total_steps and total_steps > 1:
-    raise ValueError(f"optimizer.warmup_steps={warmup} must be smaller than train.steps={total_steps}.")
+    raise UserError(f"optimizer.warmup_steps={warmup} must be smaller than train.steps={total_steps}.")
   warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
   rest = max(total_steps - warmup, 1)
   if opt.schedule == "cosine":
@@ -39,7 +40,7 @@ def make_schedule(opt: Any, total_steps: int) -> optax.Schedule:
       return peak - (peak - floor) * shape
 
     if opt.decay_shape not in ("linear", "sqrt"):
-      raise ValueError(f"optimizer.decay_shape={opt.decay_shape!r}: use 'linear' or 'sqrt'.")
+      raise UserError(f"optimizer.decay_shape={opt.decay_shape!r}: use 'linear' or 'sqrt'.")
   return optax.join_schedules([warm, after], [warmup]) if warmup else after
 
 
@@ -64,5 +65,5 @@ def make_optimizer(opt: Any, schedule: optax.Schedule) -> optax.GradientTransfor
   elif opt.name == "sgd":
     core = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask), optax.sgd(schedule))
   else:
-    raise ValueError(f"optimizer.name={opt.name!r} is not one of {OPTIMIZERS}.")
+    raise UserError(f"optimizer.name={opt.name!r} is not one of {OPTIMIZERS}.")
   return optax.chain(optax.clip_by_global_norm(opt.clip_norm), core) if opt.clip_norm > 0 else core

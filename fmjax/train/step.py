@@ -1,17 +1,30 @@
-"""The one train step every stage shares: `(state, batch) -> (state, metrics)`."""
+"""The one train step every stage shares, `(state, batch) -> (state, metrics)`: `make` builds the pure function,
+`plan` jits it for a config on a mesh over an abstract state (nothing allocated), which both `experiment.build`
+and the AOT planner (fmjax/train/aot.py) compile."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fmjax import config_lib, objectives, sharding
+from fmjax.data.layout import Layout
+from fmjax.model import ModelConfig, Transformer
 from fmjax.objectives import LossContext, LossOutput
 from fmjax.sharding import BATCH_AXES
+from fmjax.train import frozen as frozen_lib
+from fmjax.train import optimizer as optim
+from fmjax.train import state as train_state
 from fmjax.train.state import TrainState
+
+_GUARD_MIN_HISTORY = 8  # accepted steps before the divergence guard judges a loss
 
 
 def split_microbatches(batch: dict[str, jax.Array], n: int, mesh) -> dict[str, jax.Array]:
@@ -25,12 +38,21 @@ def split_microbatches(batch: dict[str, jax.Array], n: int, mesh) -> dict[str, j
   return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn: Callable[..., LossOutput], context: Callable[..., LossContext],
-                    tx: optax.GradientTransformation, schedule: optax.Schedule, *, grad_accum: int = 1,
-                    skip_nonfinite: bool = False, mesh=None) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
-  """Builds the pure step. Losses are (sum, weight) pairs: gradients and metrics are summed over micro-batches and
-  divided once by the total weight, so accumulation gives exactly the full-batch token mean. `context(frozen, rng)`
-  gives what a head calls (state.make_context); each micro-batch gets its own dropout rng."""
+def is_spike(loss: jax.Array, recent_losses: jax.Array, factor: float) -> tuple[jax.Array, jax.Array]:
+  """(spike, median): a loss above median + factor · max(median, 1) of the recent accepted losses is a spike.
+  max(median, 1) keeps small losses (a converged preference head's 0.01) from calling ordinary noise a spike."""
+  median = jnp.nan_to_num(jnp.nanmedian(recent_losses))  # 0 before any loss was accepted
+  enough = jnp.sum(~jnp.isnan(recent_losses)) >= min(recent_losses.shape[0], _GUARD_MIN_HISTORY)
+  return (factor > 0) & enough & (loss > median + factor * jnp.maximum(median, 1.0)), median
+
+
+def make(loss_fn: Callable[..., LossOutput], context: Callable[..., LossContext], tx: optax.GradientTransformation,
+         schedule: optax.Schedule, *, grad_accum: int = 1, skip_nonfinite: bool = False, spike_factor: float = 0.0,
+         mesh=None) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+  """The pure step. Losses are (sum, weight) pairs: gradients and metrics are summed over micro-batches and divided
+  once by the total weight, so accumulation gives exactly the full-batch token mean. `context(frozen, rng)` gives
+  what a head calls (frozen.make_context); each micro-batch gets its own dropout rng. A step whose loss is a spike
+  (`is_spike`) or, with `skip_nonfinite`, not finite keeps the old params and optimizer state."""
 
   def sums(params, batch, frozen, rng):
     ctx = context(frozen, rng)
@@ -62,15 +84,68 @@ def make_train_step(loss_fn: Callable[..., LossOutput], context: Callable[..., L
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if skip_nonfinite:  # keep the old params and optimizer state; only the step counter moves on
-      keep = lambda n, o: jnp.where(finite, n, o)  # noqa: E731
-      new = new.replace(params=jax.tree.map(keep, params, state.params),
-                        opt_state=jax.tree.map(keep, opt_state, state.opt_state))
+    spike, median = is_spike(loss, state.recent_losses, spike_factor)
+    keep_old = spike | (~finite if skip_nonfinite else False)
+    keep = lambda n, o: jnp.where(keep_old, o, n)  # noqa: E731  (the step counter still moves on)
+    accepted = finite & ~spike
+    recent = jnp.where(accepted, jnp.roll(state.recent_losses, 1).at[0].set(loss), state.recent_losses)
+    new = state.replace(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
+                        opt_state=jax.tree.map(keep, opt_state, state.opt_state), recent_losses=recent)
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step), "tokens": weight,
-               "skipped": (~finite).astype(jnp.int32),
-               **{k: v / denom for k, v in metric_sums.items()}}
+               "skipped": keep_old.astype(jnp.int32), **{k: v / denom for k, v in metric_sums.items()}}
+    if spike_factor > 0:
+      metrics.update(spike=spike.astype(jnp.int32), loss_median=median)
     return new, metrics
 
   return step
+
+
+@dataclasses.dataclass
+class Plan:
+  """The train step of a config on a mesh, jitted with its shardings, and the abstract arguments it compiles for.
+  Nothing is allocated: `experiment.build` compiles it and then creates the state; the AOT planner compiles it for
+  a TPU topology that is not attached."""
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  model: Transformer
+  head: objectives.Head
+  layout: Layout
+  frozen: frozen_lib.Plan
+  tx: Any  # optax.GradientTransformation
+  context: Callable  # frozen.make_context's: frozen trees -> LossContext
+  state: TrainState  # leaves are jax.ShapeDtypeStructs carrying their shardings
+  shardings: TrainState
+  batch: dict[str, jax.ShapeDtypeStruct]  # one global batch
+  jitted: Callable  # (state, batch) -> (state, metrics), state donated
+
+  def lower(self) -> jax.stages.Lowered:
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.jitted.lower(self.state, self.batch)
+
+
+def plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, layout: Layout,
+         archs: dict[str, ModelConfig] | None = None) -> Plan:
+  """The jitted step of `config` on `mesh` for batches of `layout`, over an abstract state: the trained params and
+  optimizer state plus the frozen trees (the LoRA base; the frozen models the head declares, 'run' ones with the
+  networks `archs` gives, default: `frozen.architectures`)."""
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  head = objectives.get(config.objective)
+  model = Transformer(config_lib.resolved_model(config), config_lib.lora_config(config))
+  schedule = optim.make_schedule(config.optimizer, config.train.steps)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  state, shardings = train_state.abstract(model, tx, mesh, rules, config.train.seed, config.train.spike_window)
+  start, start_sh = train_state.base_params(state), train_state.base_params(shardings)
+  archs = frozen_lib.architectures(config, head) if archs is None else archs
+  fp = frozen_lib.plan(head, model, start, start_sh, mesh, rules, archs)
+  state = state.replace(frozen={**state.frozen, **fp.abstract})
+  shardings = shardings.replace(frozen={**shardings.frozen, **fp.shardings})
+  context = frozen_lib.make_context(model, fp)
+  pure = make(head.loss, context, tx, schedule, grad_accum=config.train.grad_accum,
+              skip_nonfinite=config.train.skip_nonfinite, spike_factor=config.train.spike_factor, mesh=mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  jitted = jax.jit(pure, in_shardings=(shardings, batch_sh), out_shardings=(shardings, sharding.replicated(mesh)),
+                   donate_argnums=0)
+  batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), dtype, sharding=batch_sh)
+           for k, dtype in layout.dtypes().items()}
+  return Plan(mesh, rules, model, head, layout, fp, tx, context, state, shardings, batch, jitted)

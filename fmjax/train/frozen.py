@@ -1,0 +1,152 @@
+"""The frozen models a loss head declares (`objectives.Frozen`), built in this one place for training, evaluation
+and the AOT planner: their architectures, abstract sharded trees, weights, and the context a head calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from fmjax import config_lib, sharding
+from fmjax.errors import UserError
+from fmjax.model import ModelConfig, Transformer, init_params, lora, resolve
+from fmjax.objectives import Frozen, Head, LossContext
+from fmjax.train import checkpoint, init_from, weights
+
+
+def run_keys(config: ml_collections.ConfigDict, spec: Frozen) -> tuple[str, int, str]:
+  """(run directory, step, bootstrap config) of a 'run' model, from objective.<key>, <key>_step, <key>_bootstrap."""
+  key, o = spec.config_key, config.objective
+  if key not in o:
+    raise UserError(f"the head {o.name!r} reads its frozen {spec.role!r} from objective.{key}, which this config "
+                    f"lacks; add c.objective.{key} = '' (a run directory) in the config file.")
+  return o[key], o.get(f"{key}_step", -1), o.get(f"{key}_bootstrap", "")
+
+
+def architecture(config: ml_collections.ConfigDict, spec: Frozen, preset: str = "") -> ModelConfig | None:
+  """The network of a frozen model: None for 'policy' (the run's own); for 'run', `preset` (the AOT planner's
+  override), else the run directory's config.json, else the config its bootstrap would pre-train."""
+  if spec.source == "policy":
+    return None
+  workdir, _, bootstrap = run_keys(config, spec)
+  key = f"objective.{spec.config_key}"
+  if preset:
+    cfg = resolve(preset)
+  elif workdir:
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+      raise UserError(f"{key}={workdir!r} is not an fmjax run directory (no config.json); point it at a trained run "
+                      "(any size, with this run's tokenizer).")
+    cfg = config_lib.resolved_model(weights.run_config(workdir))
+  elif bootstrap:
+    cfg = config_lib.resolved_model(config_lib.load(bootstrap))
+  else:
+    raise UserError(f"objective.name={config.objective.name!r} needs {key}=WORKDIR: a trained run (of any size, with "
+                    f"this run's tokenizer) as its frozen {spec.role}.")
+  vocab = config_lib.resolved_model(config).vocab_size
+  if cfg.vocab_size != vocab:
+    raise UserError(f"{key}: the frozen {spec.role} has vocab_size {cfg.vocab_size} but this run {vocab}; they share "
+                    "one tokenizer: use a run (or preset) of the same vocabulary, or set model.vocab_size.")
+  return cfg
+
+
+def architectures(config: ml_collections.ConfigDict, head: Head,
+                  presets: dict[str, str] | None = None) -> dict[str, ModelConfig]:
+  """Role -> network of each 'run' model the head reads."""
+  presets = presets or {}
+  return {s.role: architecture(config, s, presets.get(s.role, "")) for s in head.frozen if s.source == "run"}
+
+
+@dataclasses.dataclass
+class Plan:
+  """The frozen models of a run on a mesh; nothing allocated."""
+  specs: tuple[Frozen, ...]
+  networks: dict[str, Transformer]  # role -> network, for 'run' models
+  abstract: dict[str, Any]  # role -> abstract params carrying their shardings, for every tree the state holds
+  shardings: dict[str, Any]
+
+
+def plan(head: Head, model: Transformer, params: Any, param_shardings: Any, mesh: Mesh, rules,
+         archs: dict[str, ModelConfig]) -> Plan:
+  """`params` / `param_shardings`: the run's own (abstract) model weights, which a 'policy' copy mirrors. Under a
+  parameterisation (LoRA) the policy is the frozen base with adapters off: no tree is added for it."""
+  networks, abstract, shardings = {}, {}, {}
+  for spec in head.frozen:
+    if spec.source == "policy":
+      if model.lora is None:
+        abstract[spec.role], shardings[spec.role] = params, param_shardings
+      continue
+    cfg = archs[spec.role]
+    boxed = jax.eval_shape(lambda r, c=cfg: init_params(c, r, boxed=True), jax.random.PRNGKey(0))
+    shardings[spec.role] = sharding.logical_shardings(boxed, mesh, rules)
+    abstract[spec.role] = checkpoint.abstract(nn.unbox(boxed), shardings[spec.role])
+    networks[spec.role] = Transformer(cfg)
+  return Plan(tuple(head.frozen), networks, abstract, shardings)
+
+
+def policy_roles(p: Plan) -> tuple[str, ...]:
+  """The 'policy' models the state holds as copies (none under LoRA: the base serves)."""
+  return tuple(s.role for s in p.specs if s.source == "policy" and s.role in p.abstract)
+
+
+def policy_copies(p: Plan, start: Any) -> dict[str, Any]:
+  """Role -> a copy of the starting weights, for each 'policy' copy the state holds (new buffers: a donated state
+  must not hold one buffer twice)."""
+  return {role: jax.tree.map(jnp.copy, start) for role in policy_roles(p)}
+
+
+def load_runs(config: ml_collections.ConfigDict, p: Plan, tokenizer_id: str) -> dict[str, Any]:
+  """Role -> weights of each 'run' model, read into its shardings (read at every start: not checkpointed)."""
+  out = {}
+  for spec in p.specs:
+    if spec.source != "run":
+      continue
+    workdir, step, _ = run_keys(config, spec)
+    key = f"objective.{spec.config_key}"
+    init_from.check_tokenizer(workdir, {"id": tokenizer_id}, key=key)
+    out[spec.role] = init_from.read(workdir, step, p.abstract[spec.role], key=key)
+    cfg = p.networks[spec.role].cfg
+    logging.info("frozen %s: %s (%s parameters, d_model %d, %d layers)", spec.role, workdir,
+                 f"{sum(x.size for x in jax.tree.leaves(out[spec.role])):,}", cfg.d_model, cfg.num_layers)
+  return out
+
+
+def bootstrap_specs(config: ml_collections.ConfigDict, head: Head) -> list[tuple[str, str]]:
+  """(objective key, bootstrap config) of each 'run' model to pre-train first: no directory, a bootstrap set."""
+  out = []
+  for spec in head.frozen:
+    if spec.source == "run":
+      workdir, _, bootstrap = run_keys(config, spec)
+      if bootstrap and not workdir:
+        out.append((spec.config_key, bootstrap))
+  return out
+
+
+def make_context(model: Transformer, p: Plan) -> Callable[..., LossContext]:
+  """`context(frozen, rng=None) -> LossContext`: `apply(params, tokens, segment_ids, positions) -> logits` runs the
+  model on the trained params (under LoRA: the adapters over `frozen['base']`; with `rng`, dropout is on), and
+  `frozen[role](tokens, segment_ids, positions)` each declared frozen model."""
+  plain = type(model)(model.cfg)  # the same network without adapters
+
+  def context(frozen: Any, rng: jax.Array | None = None) -> LossContext:
+    def apply(params, tokens, segment_ids, positions):
+      full = lora.combine(frozen["base"], params) if "base" in frozen else params
+      return model.apply({"params": full}, tokens, segment_ids, positions,
+                         rngs=None if rng is None else {"dropout": rng})
+
+    fns = {}
+    for spec in p.specs:
+      if spec.source == "run":
+        fns[spec.role] = lambda *b, net=p.networks[spec.role], w=frozen[spec.role]: net.apply({"params": w}, *b)
+      else:  # the starting policy: its copy, or under LoRA the base with its adapters off
+        w = frozen[spec.role] if spec.role in frozen else frozen["base"]
+        fns[spec.role] = lambda *b, w=w: plain.apply({"params": w}, *b)
+    return LossContext(apply=apply, frozen=fns)
+
+  return context

@@ -1,0 +1,138 @@
+"""The package's import structure: no import cycles among fmjax's modules, and `import fmjax` stays light."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+
+PACKAGE = "fmjax"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def modules(root: str = ROOT, package: str = PACKAGE) -> dict[str, str]:
+  """Every module of `package` by dotted name -> file; a package is named by its `__init__.py`."""
+  out = {}
+  for directory, dirs, files in os.walk(os.path.join(root, package)):
+    dirs[:] = sorted(d for d in dirs if os.path.isfile(os.path.join(directory, d, "__init__.py")))
+    parts = os.path.relpath(directory, root).split(os.sep)
+    for name in sorted(files):
+      if name.endswith(".py"):
+        out[".".join(parts if name == "__init__.py" else [*parts, name[:-3]])] = os.path.join(directory, name)
+  return out
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+  return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+      isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _module_level_imports(body: list[ast.stmt]):
+  """Import statements that run when the module is imported: not those inside functions (deliberate lazy imports)
+  nor under `if TYPE_CHECKING:`; those inside classes, `if`, `try` and `with` blocks count."""
+  for node in body:
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+      yield node
+    elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      continue
+    elif isinstance(node, ast.If):
+      if not _is_type_checking(node.test):
+        yield from _module_level_imports(node.body)
+      yield from _module_level_imports(node.orelse)
+    elif isinstance(node, ast.ClassDef):
+      yield from _module_level_imports(node.body)
+    elif isinstance(node, (ast.Try, getattr(ast, "TryStar", ast.Try))):
+      for block in (node.body, *(h.body for h in node.handlers), node.orelse, node.finalbody):
+        yield from _module_level_imports(block)
+    elif isinstance(node, (ast.With, ast.AsyncWith, ast.For, ast.While)):
+      yield from _module_level_imports(node.body)
+      yield from _module_level_imports(getattr(node, "orelse", []))
+
+
+def import_graph(root: str = ROOT, package: str = PACKAGE) -> dict[str, set[str]]:
+  """module -> the package's modules it imports at module level. `from a.b import c` is module a.b.c when that is a
+  submodule, else a.b (its __init__, its own node: importing a.b.c does not count as importing a.b here)."""
+  mods = modules(root, package)
+  graph: dict[str, set[str]] = {m: set() for m in mods}
+  for name, path in mods.items():
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read(), path)
+    is_package = path.endswith("__init__.py")
+    for node in _module_level_imports(tree.body):
+      if isinstance(node, ast.Import):
+        targets = [alias.name for alias in node.names]
+      else:
+        base = node.module or ""
+        if node.level:  # relative: from the module's package, one level up per extra dot
+          anchor = name.split(".") if is_package else name.split(".")[:-1]
+          anchor = anchor[:len(anchor) - (node.level - 1)]
+          base = ".".join([*anchor, base] if base else anchor)
+        targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in mods else base for alias in node.names]
+      for target in targets:
+        while target and target not in mods and "." in target:  # `import fmjax.x.f` where f is not a module
+          target = target.rsplit(".", 1)[0]
+        if target in mods and target != name:
+          graph[name].add(target)
+  return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """One cycle [a, b, ..., a] of `graph`, or None."""
+  state: dict[str, int] = {}  # 1: on the current path, 2: done
+  path: list[str] = []
+
+  def visit(node: str) -> list[str] | None:
+    state[node] = 1
+    path.append(node)
+    for nxt in sorted(graph.get(node, ())):
+      if state.get(nxt) == 1:
+        return path[path.index(nxt):] + [nxt]
+      if nxt not in state and (cycle := visit(nxt)):
+        return cycle
+    path.pop()
+    state[node] = 2
+    return None
+
+  for node in sorted(graph):
+    if node not in state and (cycle := visit(node)):
+      return cycle
+  return None
+
+
+def test_graph_resolves_submodules_and_packages():
+  graph = import_graph()
+  assert "fmjax.data" in graph and "fmjax.data.sources" in graph
+  assert "fmjax.errors" in graph["fmjax.data.sources"]  # `from fmjax.errors import UserError`: a name -> the module
+  assert "fmjax.data.embedded" in graph["fmjax.data.sources"]  # `from fmjax.data import embedded`: a submodule
+  assert "fmjax.data" not in graph["fmjax.data.sources"]
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+  assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_finds_module_level_cycles_only(tmp_path):
+  """A package shaped like fmjax.data once was: `prepared` imports `sources` at module level, `sources` imports
+  `prepared` inside a function (no cycle by this test's rule), then at module level (a cycle)."""
+  pkg = tmp_path / "pkg"
+  (pkg / "data").mkdir(parents=True)
+  (pkg / "__init__.py").write_text("")
+  (pkg / "data" / "__init__.py").write_text("from pkg.data.sources import open_source\n")
+  (pkg / "data" / "prepared.py").write_text("from pkg.data.sources import WHERE\n")
+  lazy = "WHERE = 1\ndef open_source():\n  from pkg.data.prepared import PreparedSource\n"
+  (pkg / "data" / "sources.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                           "  from pkg.data import prepared\n" + lazy)
+  assert find_cycle(import_graph(str(tmp_path), "pkg")) is None
+  (pkg / "data" / "sources.py").write_text("try:\n  from . import prepared\nexcept ImportError:\n  pass\n" + lazy)
+  cycle = find_cycle(import_graph(str(tmp_path), "pkg"))
+  assert cycle is not None and cycle[0] == cycle[-1] and set(cycle) == {"pkg.data.prepared", "pkg.data.sources"}
+
+
+def test_no_import_cycles():
+  cycle = find_cycle(import_graph())
+  assert cycle is None, "module-level import cycle: " + " -> ".join(cycle)
+
+
+def test_import_fmjax_does_not_import_jax():
+  code = "import sys, fmjax; print(sorted(m for m in ('jax', 'flax', 'numpy') if m in sys.modules))"
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", f"`import fmjax` imported {out.stdout.strip()}; keep its __init__ light"
