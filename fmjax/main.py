@@ -31,10 +31,12 @@ _TIMEOUT = flags.DEFINE_float("distributed_timeout", 300.0, "Seconds to wait for
 
 
 class _QuietLibraries:
-  """Keeps orbax's and grain's per-save / per-worker INFO lines out of the run log (warnings still show)."""
+  """Keeps orbax's and grain's per-save / per-worker INFO lines, and JAX's (e.g. "Unable to initialize backend
+  'tpu'" where no TPU exists, which reads as a failure), out of the run log; warnings still show."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= std_logging.WARNING or not any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain"))
+    return record.levelno >= std_logging.WARNING or not any(f"/{lib}/" in record.pathname
+                                                            for lib in ("orbax", "grain", "jax/_src"))
 
 
 def main(argv: list[str]) -> None:
@@ -42,7 +44,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   startup.use_short_info_format()
-  logging.get_absl_logger().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(_QuietLibraries())  # the handler: it sees every library's records
   try:
     settings = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if settings is not None:

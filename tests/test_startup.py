@@ -125,3 +125,20 @@ def test_short_info_format():
   assert re.fullmatch(r"W\d{4} [\d:.]+ +\d+ metrics\.py:12\] step 1/2 \| loss 1\.0", warning), warning
   other = fmt.format(_record(logging.INFO, "/site-packages/orbax/checkpoint.py"))  # other libraries' lines too
   assert other.startswith("I") and "checkpoint.py:12] " in other, other
+
+
+def test_the_run_log_drops_library_info_lines_but_keeps_warnings_and_fmjax_lines():
+  """JAX's INFO "Unable to initialize backend 'tpu'" (seen where libtpu is absent) reads as a failure: dropped."""
+  import logging as std_logging
+
+  from fmjax.main import _QuietLibraries
+
+  def record(path: str, level: int) -> std_logging.LogRecord:
+    return std_logging.LogRecord("x", level, path, 1, "msg", None, None)
+
+  quiet = _QuietLibraries()
+  site = "/venv/lib/python3.11/site-packages"
+  assert not quiet.filter(record(f"{site}/jax/_src/xla_bridge.py", std_logging.INFO))
+  assert not quiet.filter(record(f"{site}/orbax/checkpoint/x.py", std_logging.INFO))
+  assert quiet.filter(record(f"{site}/jax/_src/xla_bridge.py", std_logging.WARNING))
+  assert quiet.filter(record("/home/me/jax/fmjax/train/loop.py", std_logging.INFO))
