@@ -48,7 +48,7 @@ def main_row(id_: str, names: str, fix: str, *args: str, config: str = PRETRAIN,
 # Through the command line, as a user types it (each row is a subprocess: keep this table to what only a process
 # shows; VALUES and INPUTS below check the rest of the validation in-process).
 ROWS = [
-    # config values (config_lib.validate): refused before any work, an existing run left as it is
+    # config values (config_checks.validate): refused before any work, an existing run left as it is
     main_row("lr_negative_on_a_run", "optimizer.lr=-1.0", "peak learning rate", "--config.optimizer.lr=-1",
              workdir="run"),
     main_row("b2_above_1", "optimizer.b2=1.5", "in [0, 1)", "--config.optimizer.b2=1.5"),
@@ -139,7 +139,7 @@ def inputs(tmp_path_factory) -> Inputs:
   (files / "notes.json").write_text('{"not": "a tokenizer"}\n')
   (files / "body.jsonl").write_text(json.dumps({"body": "hello there"}) + "\n" + json.dumps({"body": "x"}) + "\n")
   (files / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + '{"text": "unterminated\n')
-  (files / "untrained" / "config.json").write_text("{}\n")
+  (files / "untrained" / "config.json").write_text(json.dumps({"model": {"name": "smoke"}}) + "\n")  # never trained
   (run / "config.json").write_text(json.dumps({"model": {"name": "smoke"}}) + "\n")
   (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 5.0}) + "\n")
   for step in ("10", "20"):
@@ -202,7 +202,7 @@ def test_debug_shows_the_traceback(row: Row, inputs: Inputs, prefetched):
 
 
 # In-process: every config value with a range or a set of choices, with a value outside it -> (key=value named, a
-# word of what it must be). `test_every_rule_has_a_row` keeps this table and config_lib's in step.
+# word of what it must be). `test_every_rule_has_a_row` keeps this table and config_checks' in step.
 VALUES = [
     ("train.steps", 0, "> 0"), ("train.batch_size", 0, "> 0"), ("train.seq_len", 0, "> 0"),
     ("train.grad_accum", 0, "> 0"), ("train.stop_after", -1, ">= 0"),
@@ -250,10 +250,10 @@ def load(spec: str = "configs/pretrain.py:smoke", **overrides):
 
 
 def test_every_rule_has_a_row():
-  from fmjax import config_lib
+  from fmjax import config_checks, config_lib
 
   base, rows = config_lib.base(), {key for key, _, _ in VALUES}
-  for key, _, _ in config_lib._rules():
+  for key, _, _ in config_checks._rules():
     section, name = key.split(".")
     assert name in base[section], f"rule for {key}, which base() does not have"
     assert key in rows, f"no row of VALUES checks {key}"
@@ -261,11 +261,11 @@ def test_every_rule_has_a_row():
 
 @pytest.mark.parametrize("key,value,fix", VALUES, ids=[v[0] for v in VALUES])
 def test_a_value_out_of_range_names_the_key_the_value_and_the_range(key, value, fix):
-  from fmjax import config_lib
+  from fmjax import config_checks
   from fmjax.errors import UserError
 
   with pytest.raises(UserError) as e:
-    config_lib.validate(load(**{key: value}))
+    config_checks.validate(load(**{key: value}))
   assert f"{key}={shown(value)} must be" in str(e.value) and fix in str(e.value), str(e.value)
 
 
@@ -312,14 +312,14 @@ INPUTS = [
 
 @pytest.mark.parametrize("row", INPUTS, ids=[i[0] for i in INPUTS])
 def test_check_run_refuses_with_the_key_and_the_fix(row, inputs: Inputs, tmp_path):
-  from fmjax import config_lib
+  from fmjax import config_checks
   from fmjax.errors import UserError
 
   _, spec, overrides, workdir, names, fix = row
   fill = lambda v: v.format(files=inputs.files, run=inputs.run) if isinstance(v, str) else v  # noqa: E731
   config = load(fill(spec), **{k: fill(v) for k, v in overrides.items()})
   with pytest.raises(UserError) as e:
-    config_lib.check_run(config, str(tmp_path / "run") if workdir == "new" else fill(workdir))
+    config_checks.check_run(config, str(tmp_path / "run") if workdir == "new" else fill(workdir))
   message = str(e.value)
   assert fill(names) in message and fill(fix) in message, message
   assert "\n" not in message

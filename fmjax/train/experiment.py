@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fmjax import config_lib, data, objectives, sharding
+from fmjax import config_checks, config_lib, data, objectives, sharding
 from fmjax.data import layout as layout_lib
 from fmjax.data import tokenizers
 from fmjax.model import ModelConfig, Transformer, flops
@@ -67,10 +67,10 @@ class Experiment:
 def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
   """Mesh, tokenizer, data, the compiled step and eval step, and the state: initialised (seed), with the frozen
   models the head declares ('policy' copies of the initial params, 'run' models read from their directories)."""
-  config_lib.validate(config)
+  config_checks.validate(config)
   model_cfg = config_lib.resolved_model(config)
   mesh = sharding.make_mesh(config.mesh, devices)
-  config_lib.check_batch(config, mesh.shape["data"] * mesh.shape["fsdp"])
+  config_checks.check_batch(config, mesh.shape["data"] * mesh.shape["fsdp"])
   head = objectives.get(config.objective)
 
   tokenizer = data.make_tokenizer(config.data)

@@ -11,7 +11,7 @@ import time
 import jax
 import ml_collections
 
-from fmjax import config_lib, distributed, objectives
+from fmjax import config_checks, config_lib, distributed, objectives
 from fmjax.data import tokenizers
 from fmjax.errors import UserError
 from fmjax.train import checkpoint, frozen, init_from, peak, preemption
@@ -72,10 +72,11 @@ def _starting_state(exp: Experiment, ckpt: checkpoint.Checkpointer, workdir: str
     dropped = metrics_lib.truncate_after(workdir, resumed) if jax.process_index() == 0 else 0
     logging.info("resuming from step %d (%s/%d)%s", resumed, ckpt.directory, resumed,
                  f"; dropped {dropped} metrics rows logged after it" if dropped else "")
-  if (config.init_from.workdir or config.init_from.bootstrap) and (restored is None or exp.state.frozen):
+  copies = frozen.policy_roles(exp.frozen_plan)
+  from_start = restored is None or "base" in exp.state.frozen or copies  # what a resume still reads from init_from
+  if (config.init_from.workdir or config.init_from.bootstrap) and from_start:
     source = config.init_from.workdir or _bootstrap(config.init_from.bootstrap, workdir, "base")
     init_from.check_tokenizer(source, tokenizer)
-    copies = frozen.policy_roles(exp.frozen_plan)
     exp.state, start = init_from.load(exp.state, exp.state_shardings, source, config.init_from.step,
                                       frozen_only=restored is not None, copies=copies)
     exp.state = exp.state.replace(frozen={**exp.state.frozen, **frozen.policy_copies(exp.frozen_plan, start)})
@@ -194,7 +195,7 @@ def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Report
 def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one; returns the experiment (its
   `state` holds the final params). SIGTERM saves a checkpoint at the next step boundary and returns early."""
-  config_lib.check_run(config, workdir)  # bad values, the run directory and the inputs: before any work
+  config_checks.check_run(config, workdir)  # bad values, the run directory and the inputs: before any work
   for key, spec in frozen.bootstrap_specs(config, objectives.get(config.objective)):
     config.objective[key] = _bootstrap(spec, workdir, key)
   exp = build(config)
