@@ -109,6 +109,7 @@ class _Reporter:
     self.window_start = time.perf_counter()
 
   def finish(self, step: int, metrics: dict) -> None:
+    jax.block_until_ready(metrics)  # every device's copy: reading one copy may end before another device's work
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     self.window_steps += 1
     total, every = self.config.train.steps, self.config.log.every_steps
@@ -180,6 +181,7 @@ def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Report
       pending = (step, metrics)
       preempted, save = _save_due(exp, ckpt, stop, step, start)
       if save:
+        jax.block_until_ready(metrics)  # the save waits for the step: that wait is the step's time, not the save's
         t0 = time.perf_counter()
         ckpt.save(step, _unfrozen(state), exp.stream, resolved)  # copied to the host, then written in the background
         reporter.exclude(time.perf_counter() - t0)
