@@ -135,6 +135,8 @@ def run(main: Callable[..., object]) -> None:
   if not required:
     cli(main)()
     return
-  from absl import app
+  from absl import app, flags
 
+  if "debug" not in flags.FLAGS:  # shown by --help; read from argv (debug_requested), so it works before parsing
+    flags.DEFINE_bool("debug", False, f"On an error, show its traceback instead of one line (or {DEBUG_ENV}=1).")
   app.run(cli(main), flags_parser=_parse_flags)
