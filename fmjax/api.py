@@ -61,7 +61,7 @@ class Model:
     """`text` as int32 ids, after the tokenizer's BOS when `bos`."""
     if self.tokenizer is None:
       raise UserError(f"{self.source} has no tokenizer (no tokenizer.json); pass token ids to .logits instead, or "
-                       "put the model's tokenizer.json beside its config.json.")
+                      "put the model's tokenizer.json beside its config.json.")
     ids = self.tokenizer.encode(text)
     return np.concatenate([[self.tokenizer.bos_id], ids]).astype(np.int32) if bos else np.asarray(ids, np.int32)
 

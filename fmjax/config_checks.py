@@ -216,4 +216,4 @@ def check_batch(config: ml_collections.ConfigDict, batch_shards: int) -> None:
   micro = config.train.batch_size // config.train.grad_accum
   if micro % batch_shards:
     raise UserError(f"the micro-batch train.batch_size/train.grad_accum = {micro} must be divisible by the "
-                     f"data×fsdp mesh size {batch_shards}; change train.batch_size, train.grad_accum or mesh.*.")
+                    f"data×fsdp mesh size {batch_shards}; change train.batch_size, train.grad_accum or mesh.*.")

@@ -93,7 +93,7 @@ def generate(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, params, prompt
     raise UserError(f"prompt ids must lie in [0, {model_cfg.vocab_size}) (model.vocab_size).")
   if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
     raise UserError(f"need max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
-                     f"{max_new_tokens=}, {temperature=}, {top_k=}, {top_p=}.")
+                    f"{max_new_tokens=}, {temperature=}, {top_k=}, {top_p=}.")
   if stop_texts and decode is None:
     raise UserError(f"stop_texts={list(stop_texts)} needs `decode` (ids -> text) to be found.")
   B, longest = len(prompts), max(len(p) for p in prompts)

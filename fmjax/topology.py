@@ -62,22 +62,22 @@ def parse(name: str, num_slices: int = 1) -> Topology:
   m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)([-:])([0-9x]+)", name.strip().lower())
   if not m or num_slices < 1:
     raise UserError(f"--topology={name!r} (--num_slices={num_slices}) is not a Cloud TPU slice; use e.g. v5p-8, "
-                     "v4-32, v5e-16 (v5litepod-16), v6e-256 or a chip grid such as v5p:4x4x12, and num_slices >= 1.")
+                    "v4-32, v5e-16 (v5litepod-16), v6e-256 or a chip grid such as v5p:4x4x12, and num_slices >= 1.")
   gen = _ALIASES.get(m[1], m[1])
   _, dims, counts_cores, _, _ = GENERATIONS[gen]
   if m[2] == ":":
     grid = tuple(int(s) for s in m[3].split("x") if s)
     if len(grid) != dims or min(grid) < 1:
       raise UserError(f"--topology={name!r}: a {gen} chip grid has {dims} positive sizes, e.g. "
-                       f"{gen}:{'x'.join(['2'] * dims)}.")
+                      f"{gen}:{'x'.join(['2'] * dims)}.")
     return Topology(name, gen, grid, num_slices)
   n = int(m[3])
   chips = n // 2 if counts_cores else n
   grid = _grid(chips, dims)
   if grid is None or (counts_cores and n % 2):
     raise UserError(f"--topology={name!r}: no {gen} slice of that size is known here ({gen} names count "
-                     f"{'TensorCores, 2 per chip' if counts_cores else 'chips'}); pass its chip grid instead, e.g. "
-                     f"--topology={gen}:{'4x4x12' if dims == 3 else '8x16'}.")
+                    f"{'TensorCores, 2 per chip' if counts_cores else 'chips'}); pass its chip grid instead, e.g. "
+                    f"--topology={gen}:{'4x4x12' if dims == 3 else '8x16'}.")
   return Topology(name, gen, grid, num_slices)
 
 

@@ -54,7 +54,7 @@ class CurationConfig:
       raise UserError(f"near_dedup_threshold={self.near_dedup_threshold} must be in (0, 1), e.g. 0.8.")
     if self.num_perm < 2 or self.shingle_size < 1:
       raise UserError(f"num_perm={self.num_perm} must be >= 2 (128 is typical) and shingle_size={self.shingle_size} "
-                       ">= 1 (5 is typical).")
+                      ">= 1 (5 is typical).")
 
 
 class Report:

@@ -99,13 +99,13 @@ def check_vocab(tokenizer: Tokenizer, model_vocab: int, multiple: int = 128) -> 
   if isinstance(tokenizer, HFTokenizer):
     if model_vocab < tokenizer.vocab_size:
       raise UserError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but model.vocab_size="
-                       f"{model_vocab}; use the model this tokenizer came with.")
+                      f"{model_vocab}; use the model this tokenizer came with.")
     return
   padded = -(-tokenizer.vocab_size // multiple) * multiple
   if model_vocab != padded:
     raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={model_vocab}; set "
-                     f"model.vocab_size={padded} (the tokenizer's size padded to a multiple of {multiple}), or use "
-                     "a tokenizer of that size (data.vocab_size / data.tokenizer_path).")
+                    f"model.vocab_size={padded} (the tokenizer's size padded to a multiple of {multiple}), or use "
+                    "a tokenizer of that size (data.vocab_size / data.tokenizer_path).")
 
 
 def documents(spec: str, split: str = "train", field: str = "text", max_chars: int = 0) -> list[str]:

@@ -26,7 +26,7 @@ class ChatTemplate:
     template = PRESETS.get(spec, spec)
     if template.count("{content}") != 1 or "{role}" not in template.split("{content}")[0]:
       raise UserError(f"data.chat_template={spec!r} is neither a preset {sorted(PRESETS)} nor a template with "
-                       "'{role}' before one '{content}', e.g. '<|{role}|>{content}<|end|>'.")
+                      "'{role}' before one '{content}', e.g. '<|{role}|>{content}<|end|>'.")
     self.spec = spec
     self.header, self.footer = template.split("{content}")
 

@@ -29,7 +29,7 @@ class Schedule:
         points = [(int(s), float(v)) for s, v in (p.split(":") for p in text.split(","))]
     except ValueError as e:
       raise UserError(f"{name}={text!r} is not a weight: write a number (0.3) or step:value points "
-                       "(0:0.0,1000:0.3).") from e
+                      "(0:0.0,1000:0.3).") from e
     points.sort()
     if any(v < 0 for _, v in points):
       raise UserError(f"{name}={text!r}: weights must be >= 0.")

@@ -53,7 +53,7 @@ def train_specs(data_cfg: Any) -> list[SourceSpec]:
     unknown = set(entry) - set(MIXTURE_KEYS)
     if unknown or "source" not in entry:
       raise UserError(f"data.mixture.{name} has keys {sorted(entry)}; it needs 'source' and may set "
-                       f"{MIXTURE_KEYS[1:]}.")
+                      f"{MIXTURE_KEYS[1:]}.")
     specs.append(SourceSpec(name, entry["source"], entry.get("format", data_cfg.format),
                             entry.get("field", data_cfg.field), str(entry.get("weight", "1"))))
   return specs
@@ -176,7 +176,7 @@ def shard_range(data_cfg: Any, batch: int, process_index: int, process_count: in
     raise UserError(f"train.batch_size={batch} must be divisible by the process count {process_count}.")
   if shards % process_count or batch % shards:
     raise UserError(f"data.shards={shards} must be a multiple of the process count {process_count} and divide "
-                     f"train.batch_size={batch}; change data.shards (0 = one per process).")
+                    f"train.batch_size={batch}; change data.shards (0 = one per process).")
   per_process = shards // process_count
   return range(process_index * per_process, (process_index + 1) * per_process)
 

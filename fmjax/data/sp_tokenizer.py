@@ -42,7 +42,7 @@ class SentencePieceTokenizer:
     self.pad_id, self.bos_id, self.eos_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
     if min(self.pad_id, self.bos_id, self.eos_id) < 0:
       raise UserError(f"tokenizer {model_path!r} lacks a PAD, BOS or EOS id; retrain it with "
-                       "tools/train_tokenizer.py.")
+                      "tools/train_tokenizer.py.")
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self.sp.encode(text), np.int32)

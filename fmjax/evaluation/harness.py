@@ -40,7 +40,7 @@ class FmjaxLM(TemplateLM):
     del max_batch_size, device  # passed by lm_eval's CLI; batches are fixed and JAX places the weights
     if (model is None) == (pretrained is None):
       raise UserError("FmjaxLM takes one of model= (an fmjax.api.Model) or pretrained= (an fmjax run directory or "
-                       "Hugging Face checkpoint directory).")
+                      "Hugging Face checkpoint directory).")
     if not str(batch_size).isdigit() or int(batch_size) < 1:
       raise UserError(f"batch_size={batch_size!r} must be a positive integer (rows per forward pass).")
     self.model = model if model is not None else api.load(pretrained, dtype=dtype)

@@ -40,7 +40,7 @@ def logprobs(model: Any, inputs: Sequence[Sequence[int]], targets: Sequence[Sequ
     for b, i in enumerate(rows):
       if len(inputs[i]) != len(targets[i]) or len(inputs[i]) > T:
         raise UserError(f"row {i}: {len(inputs[i])} inputs and {len(targets[i])} targets must match and fit "
-                         f"in {T} positions.")
+                        f"in {T} positions.")
       tokens_BxT[b, :len(inputs[i])] = inputs[i]
       targets_BxT[b, :len(targets[i])] = targets[i]
     logp_BxT, greedy_BxT = jax.device_get(_score(model.module, model.params, tokens_BxT, targets_BxT))

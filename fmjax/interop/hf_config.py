@@ -29,7 +29,7 @@ def _rope(hf: dict) -> dict:
     return {"rope_theta": float(theta), "rope_scaling_factor": 0.0}
   if kind != "llama3":
     raise UserError(f"RoPE type {kind!r} (config.json rope_scaling/rope_parameters) is not supported; fmjax "
-                     "implements the default and Llama-3 ('llama3') rotary embeddings.")
+                    "implements the default and Llama-3 ('llama3') rotary embeddings.")
   return {"rope_theta": float(theta), "rope_scaling_factor": float(scaling["factor"]),
           "rope_low_freq_factor": float(scaling["low_freq_factor"]),
           "rope_high_freq_factor": float(scaling["high_freq_factor"]),
@@ -54,7 +54,7 @@ def to_model_config(hf: dict) -> ModelConfig:
       raise UserError(f"config.json {flag}=true is not supported (fmjax has no MLP biases).")
   if kind == "qwen2" and hf.get("use_sliding_window"):
     raise UserError("config.json use_sliding_window=true: fmjax attends to the whole context; sliding-window "
-                     "Qwen2 layers are not supported.")
+                    "Qwen2 layers are not supported.")
   heads = hf["num_attention_heads"]
   cfg = ModelConfig(
       vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"], num_heads=heads,

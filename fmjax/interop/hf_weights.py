@@ -71,7 +71,7 @@ def check_names(names: list[str], cfg: ModelConfig) -> None:
   missing = sorted(expected - set(names))
   if extra or missing:
     raise UserError(f"the checkpoint's tensors do not match its config.json: missing {missing[:4]}, unexpected "
-                     f"{extra[:4]} (biases, a vision tower or another architecture are not converted).")
+                    f"{extra[:4]} (biases, a vision tower or another architecture are not converted).")
 
 
 def hf_tensors(cfg: ModelConfig) -> Iterator[tuple[Param, int, str]]:

@@ -45,7 +45,7 @@ class ModelConfig:
     """Raises UserError naming the field when the shape or a setting is impossible."""
     if self.num_heads % self.num_kv_heads:
       raise UserError(f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads="
-                       f"{self.num_kv_heads} (grouped-query attention); change one of them.")
+                      f"{self.num_kv_heads} (grouped-query attention); change one of them.")
     if self.head_dim % 2:
       raise UserError(f"model.head_dim={self.head_dim} must be even for RoPE.")
     if self.remat not in REMAT_POLICIES:

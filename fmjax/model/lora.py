@@ -109,11 +109,11 @@ def targeted_paths(base: Any, lora: LoraConfig) -> list[str]:
   wrong = [p for p in selected if p.rsplit("/", 1)[-1] not in ADAPTABLE]
   if wrong:
     raise UserError(f"lora.targets={lora.targets!r} selects {wrong[:3]}, which cannot take adapters; only the "
-                     f"projection kernels {ADAPTABLE} can (e.g. the default {DEFAULT_TARGETS!r}).")
+                    f"projection kernels {ADAPTABLE} can (e.g. the default {DEFAULT_TARGETS!r}).")
   if not selected:
     adaptable = [p for p in paths if p.rsplit("/", 1)[-1] in ADAPTABLE]
     raise UserError(f"lora.targets={lora.targets!r} matches no parameter path; paths look like {adaptable[:4]} "
-                     f"(regex searched in each). The default is {DEFAULT_TARGETS!r}.")
+                    f"(regex searched in each). The default is {DEFAULT_TARGETS!r}.")
   return selected
 
 

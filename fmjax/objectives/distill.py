@@ -62,8 +62,8 @@ def make(objective_cfg: Any) -> Head:
     raise UserError(f"objective.divergence={cfg.divergence!r} is not one of {DIVERGENCES}.")
   if not 0 <= cfg.alpha <= 1 or cfg.temperature <= 0 or not 0 < cfg.jsd_beta < 1 or cfg.top_k < 0:
     raise UserError(f"distill: need 0 <= objective.alpha <= 1 (got {cfg.alpha}), objective.temperature > 0 "
-                     f"({cfg.temperature}), 0 < objective.jsd_beta < 1 ({cfg.jsd_beta}), objective.top_k >= 0 "
-                     f"({cfg.top_k}).")
+                    f"({cfg.temperature}), 0 < objective.jsd_beta < 1 ({cfg.jsd_beta}), objective.top_k >= 0 "
+                    f"({cfg.top_k}).")
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
     inputs = (batch["tokens"], batch["segment_ids"], batch["positions"])

@@ -31,8 +31,8 @@ def check_tokenizer(workdir: str, ours: dict, key: str = "init_from.workdir") ->
     theirs = json.load(f).get("tokenizer")
   if theirs and theirs["id"] != ours["id"]:
     raise UserError(f"{key}={workdir!r} was trained with tokenizer {theirs['id']} but this run uses "
-                     f"{ours['id']}; set --config.data.tokenizer_path={data.run_tokenizer_file(workdir) or 'PATH'} "
-                     "(its copy of that tokenizer).")
+                    f"{ours['id']}; set --config.data.tokenizer_path={data.run_tokenizer_file(workdir) or 'PATH'} "
+                    "(its copy of that tokenizer).")
 
 
 def checkpoint_dir(workdir: str, step: int = -1, key: str = "init_from") -> str:
@@ -62,20 +62,20 @@ def read(workdir: str, step: int, target: Any, key: str = "init_from") -> Any:
   if any(lora.is_adapter(tuple(str(getattr(k, "key", k)) for k in p))
          for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]):
     raise UserError(f"{key}.workdir={workdir!r} is a LoRA run (its checkpoints hold adapters only); merge it "
-                     f"into full weights first: python tools/lora.py merge --workdir={workdir} --output=DIR, then "
-                     "use DIR.")
+                    f"into full weights first: python tools/lora.py merge --workdir={workdir} --output=DIR, then "
+                    "use DIR.")
   ours = jax.tree_util.tree_flatten_with_path(target)[0]
   theirs = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
   missing = [jax.tree_util.keystr(p) for p, _ in ours if p not in theirs]
   if missing or len(theirs) != len(ours):
     extra = sorted(set(jax.tree_util.keystr(p) for p in theirs) - {jax.tree_util.keystr(p) for p, _ in ours})
     raise UserError(f"{key} {path}: the parameter trees differ (only here: {missing[:5]}, only there: "
-                     f"{extra[:5]}); {key} needs the same model architecture (model.* settings).")
+                    f"{extra[:5]}); {key} needs the same model architecture (model.* settings).")
   for p, x in ours:
     if tuple(theirs[p].shape) != tuple(x.shape) or theirs[p].dtype != x.dtype:
       raise UserError(f"{key} {path}: parameter {jax.tree_util.keystr(p)} is {tuple(theirs[p].shape)} "
-                       f"{theirs[p].dtype} there but {tuple(x.shape)} {x.dtype} in this model; use the same "
-                       "model.* settings (and tokenizer / model.vocab_size) as the run you start from.")
+                      f"{theirs[p].dtype} there but {tuple(x.shape)} {x.dtype} in this model; use the same "
+                      "model.* settings (and tokenizer / model.vocab_size) as the run you start from.")
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
       item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
