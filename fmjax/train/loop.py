@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -97,9 +98,14 @@ class _Reporter:
     self.skipped = self.spikes = 0
     self.window_start, self.window_steps = time.perf_counter(), 0
 
-  def exclude(self, seconds: float) -> None:
-    """Keeps `seconds` (an evaluation, a checkpoint copy) out of the throughput window."""
-    self.window_start += seconds
+  @contextlib.contextmanager
+  def untimed(self, metrics: dict):
+    """Keeps what runs inside (an evaluation, a checkpoint copy) out of the throughput window. It first waits for
+    the step whose `metrics` these are: that wait is the step's time, and stays in the window."""
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    yield
+    self.window_start += time.perf_counter() - t0
 
   def evaluate_start(self, state: train_state.TrainState) -> None:
     m = {k: float(v) for k, v in jax.device_get(self.exp.evaluate(state)).items()}
@@ -174,17 +180,13 @@ def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Report
       if pending is not None:
         reporter.finish(*pending)
       if every_eval and (step % every_eval == 0 or step == total):
-        jax.block_until_ready(metrics)  # the train step's time stays in its throughput window, the eval's does not
-        t0 = time.perf_counter()
-        metrics = {**metrics, **jax.device_get(exp.evaluate(state))}
-        reporter.exclude(time.perf_counter() - t0)
+        with reporter.untimed(metrics):
+          metrics = {**metrics, **jax.device_get(exp.evaluate(state))}
       pending = (step, metrics)
       preempted, save = _save_due(exp, ckpt, stop, step, start)
       if save:
-        jax.block_until_ready(metrics)  # the save waits for the step: that wait is the step's time, not the save's
-        t0 = time.perf_counter()
-        ckpt.save(step, _unfrozen(state), exp.stream, resolved)  # copied to the host, then written in the background
-        reporter.exclude(time.perf_counter() - t0)
+        with reporter.untimed(metrics):
+          ckpt.save(step, _unfrozen(state), exp.stream, resolved)  # copied to the host, written in the background
       if preempted:
         break
     if pending is not None:
