@@ -84,6 +84,11 @@ def _starting_state(exp: Experiment, ckpt: checkpoint.Checkpointer, workdir: str
   return int(jax.device_get(exp.state.step))
 
 
+def _evaluates(config: ml_collections.ConfigDict, step: int) -> bool:
+  every = config.eval.every_steps
+  return bool(every) and (step % every == 0 or step == config.train.steps)
+
+
 class _Reporter:
   """Turns each step's device metrics into metrics.jsonl rows and console lines, one step behind the device, and
   applies the run's stop rules (non-finite losses, loss spikes)."""
@@ -96,7 +101,18 @@ class _Reporter:
     t = self.config.train
     self.tokens_per_step = t.batch_size * t.seq_len * exp.layout.rows_per_example
     self.skipped = self.spikes = 0
-    self.window_start, self.window_steps = time.perf_counter(), 0
+    self.window_start, self.window_steps, self.window_end = time.perf_counter(), 0, (0, 0.0)
+
+  def logs(self, step: int) -> bool:
+    """Whether `step` writes a row with the throughput (a spike writes one too, found only when it is read)."""
+    return step % self.config.log.every_steps == 0 or step == self.config.train.steps or _evaluates(self.config, step)
+
+  def close_window(self, step: int, metrics: dict) -> None:
+    """Called before the next step is dispatched: on a logged step, waits for its device work and ends the window
+    there. A later clock is wrong where dispatch itself runs the step (CPU): it would hold the next step's work."""
+    if self.logs(step):
+      jax.block_until_ready(metrics)
+      self.window_end = (step, time.perf_counter())
 
   @contextlib.contextmanager
   def untimed(self, metrics: dict):
@@ -116,12 +132,12 @@ class _Reporter:
 
   def finish(self, step: int, metrics: dict) -> None:
     jax.block_until_ready(metrics)  # every device's copy: reading one copy may end before another device's work
+    now = self.window_end[1] if self.window_end[0] == step else time.perf_counter()
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     self.window_steps += 1
-    total, every = self.config.train.steps, self.config.log.every_steps
-    if step % every and step != total and "eval_loss" not in m and not m.get("spike"):
+    total = self.config.train.steps
+    if not self.logs(step) and not m.get("spike"):
       return self._check(step, m)
-    now = time.perf_counter()
     step_seconds = (now - self.window_start) / self.window_steps
     self.window_start, self.window_steps = now, 0
     m["tokens_per_sec"] = self.tokens_per_step / step_seconds
@@ -170,16 +186,15 @@ def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Report
                start: int, resolved: dict, digests) -> int:
   """Steps start+1 .. train.steps (or until preempted); returns the last step taken."""
   config, state, pending, step = exp.config, exp.state, None, start
-  every_eval, total = config.eval.every_steps, config.train.steps
   try:
-    for step in range(start + 1, total + 1):
+    for step in range(start + 1, config.train.steps + 1):
       batch = exp.next_batch()
       if digests is not None:
         digests.write(step, batch)
       state, metrics = exp.step(state, batch)
       if pending is not None:
         reporter.finish(*pending)
-      if every_eval and (step % every_eval == 0 or step == total):
+      if _evaluates(config, step):
         with reporter.untimed(metrics):
           metrics = {**metrics, **jax.device_get(exp.evaluate(state))}
       pending = (step, metrics)
@@ -187,6 +202,7 @@ def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Report
       if save:
         with reporter.untimed(metrics):
           ckpt.save(step, _unfrozen(state), exp.stream, resolved)  # copied to the host, written in the background
+      reporter.close_window(step, metrics)
       if preempted:
         break
     if pending is not None:
