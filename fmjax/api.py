@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax.model import ModelConfig, Transformer, lora
+from fmjax.adapters import Adapter
+from fmjax.model import ModelConfig, Transformer
 from fmjax.errors import UserError
 
 
@@ -31,22 +32,24 @@ class Model:
   config: ModelConfig
   params: Any
   tokenizer: Any
-  lora_config: lora.LoraConfig | None = None
+  adapter: Adapter | None = None  # the parameterisation `params` include (fmjax/adapters), if any
   chat_template: str = "fmjax"
   source: str = ""
 
   @functools.cached_property
   def module(self) -> Transformer:
-    return Transformer(self.config, self.lora_config)
+    return Transformer(self.config, self.adapter)
 
   @functools.cached_property
   def _logits_fn(self):
-    return jax.jit(lambda params, tokens, segments, positions: self.module.apply(
-        {"params": params}, tokens, segments, positions))
+    return jax.jit(lambda params, tokens, segments, positions, inputs: self.module.apply(
+        {"params": params}, tokens, segments, positions, adapter_inputs=inputs or None))
 
-  def logits(self, tokens: Any, segment_ids: Any = None, positions: Any = None) -> np.ndarray:
+  def logits(self, tokens: Any, segment_ids: Any = None, positions: Any = None,
+             prompt_lengths: Sequence[int] | None = None) -> np.ndarray:
     """Float32 logits [B,T,V] for int tokens [B,T] (one sequence per row from position 0 unless `segment_ids` /
-    `positions` say otherwise). Rows over `config.vocab_size` ids are an error."""
+    `positions` say otherwise). Rows over `config.vocab_size` ids are an error. A parameterisation that edits
+    prompt positions takes each row's first `prompt_lengths[b]` tokens (default: all) as its prompt."""
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2:
       raise UserError(f"tokens must be [batch, length], got shape {tokens.shape}.")
@@ -55,7 +58,11 @@ class Model:
     segment_ids = np.ones_like(tokens) if segment_ids is None else np.asarray(segment_ids, np.int32)
     if positions is None:
       positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-    return np.asarray(self._logits_fn(self.params, tokens, segment_ids, np.asarray(positions, np.int32)))
+    inputs = {}
+    if self.adapter is not None and self.adapter.columns:
+      lengths = np.full(len(tokens), tokens.shape[1]) if prompt_lengths is None else np.asarray(prompt_lengths)
+      inputs = self.adapter.prompt_columns(lengths, tokens.shape[1])
+    return np.asarray(self._logits_fn(self.params, tokens, segment_ids, np.asarray(positions, np.int32), inputs))
 
   def encode(self, text: str, bos: bool = True) -> np.ndarray:
     """`text` as int32 ids, after the tokenizer's BOS when `bos`."""
@@ -91,7 +98,7 @@ class Model:
       prompts = [template.prompt([{"role": "user", "content": p}]) for p in prompts]
     stop_ids = self.stop_ids(chat) + [int(s) for s in stop if not isinstance(s, str)]
     stop_texts = [s for s in stop if isinstance(s, str)]
-    outs = sample.generate(self.config, self.lora_config, self.params, [self.encode(p) for p in prompts],
+    outs = sample.generate(self.config, self.adapter, self.params, [self.encode(p) for p in prompts],
                            max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
                            rng=jax.random.PRNGKey(seed), stop_texts=stop_texts, decode=self.tokenizer.decode)
     texts = []
@@ -103,19 +110,19 @@ class Model:
 
 
 def load(path: str, step: int = -1, dtype: str | None = None) -> Model:
-  """The model in `path`: an fmjax run directory (checkpoint `step`, -1 = newest; a LoRA run's adapters come over
-  their base) or a Hugging Face checkpoint directory (converted in memory). `dtype` casts the weights (e.g.
-  'bfloat16') and sets the compute dtype."""
+  """The model in `path`: an fmjax run directory (checkpoint `step`, -1 = newest; a parameterised run's trained
+  tree comes over its base) or a Hugging Face checkpoint directory (converted in memory). `dtype` casts the weights
+  (e.g. 'bfloat16') and sets the compute dtype."""
   from fmjax.interop import hf
 
   if hf.is_hf_dir(path):
     model_cfg, params, tokenizer, chat_template = hf.load(path)
-    lora_cfg = None
+    adapter = None
   elif os.path.isfile(os.path.join(path, "config.json")):
     from fmjax.train import weights
 
     run = weights.load(path, step)
-    model_cfg, params, lora_cfg, tokenizer = run.model_cfg, run.params, run.lora_cfg, run.tokenizer()
+    model_cfg, params, adapter, tokenizer = run.model_cfg, run.params, run.adapter, run.tokenizer()
     chat_template = run.config.data.chat_template
   else:
     raise FileNotFoundError(f"{path!r} is neither an fmjax run directory (config.json + checkpoints/) nor a Hugging "
@@ -125,4 +132,4 @@ def load(path: str, step: int = -1, dtype: str | None = None) -> Model:
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
   else:
     params = jax.tree.map(jnp.asarray, params)
-  return Model(model_cfg, params, tokenizer, lora_cfg, chat_template, source=os.path.abspath(path))
+  return Model(model_cfg, params, tokenizer, adapter, chat_template, source=os.path.abspath(path))

@@ -10,8 +10,17 @@ from typing import Any, Callable
 import ml_collections
 
 from fmjax import data as data_lib
-from fmjax.config_lib import lora_config, resolved_model
+from fmjax import adapters
+from fmjax.config_lib import resolved_model
 from fmjax.errors import UserError
+
+
+def is_regex(v: str) -> bool:
+  try:
+    re.compile(v)
+    return True
+  except re.error:
+    return False
 
 
 def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
@@ -27,13 +36,6 @@ def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
 
   def one_of(choices) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in choices), f"one of {tuple(choices)}"
-
-  def regex(v: str) -> bool:
-    try:
-      re.compile(v)
-      return True
-    except re.error:
-      return False
 
   def template(v: str) -> bool:
     try:
@@ -63,7 +65,7 @@ def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
       ("optimizer.b2", fraction, "in [0, 1) (Adam's second-moment decay)"),
       ("optimizer.eps", positive, "> 0 (Adam's epsilon)"),
       ("optimizer.weight_decay", non_negative, ">= 0"),
-      ("optimizer.no_decay_regex", regex, "a valid regular expression"),
+      ("optimizer.no_decay_regex", is_regex, "a valid regular expression"),
       ("optimizer.clip_norm", non_negative, ">= 0 (0 = no clipping)"),
       ("checkpoint.every_steps", non_negative, ">= 0 (0 = only at the end)"),
       ("checkpoint.every_minutes", non_negative, ">= 0 (0 = off)"),
@@ -100,10 +102,7 @@ def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
       ("objective.alpha", lambda v: 0 <= v <= 1, "in [0, 1] (the weight of the hard-label loss)"),
       ("objective.top_k", non_negative, ">= 0 (0 = the whole vocabulary)"),
       ("init_from.step", lambda v: v >= -1, ">= -1 (-1 = the newest checkpoint)"),
-      ("lora.rank", non_negative, ">= 0 (0 = off)"),
-      ("lora.alpha", positive, "> 0 (the adapter scale is alpha / rank)"),
-      ("lora.dropout", fraction, "in [0, 1)"),
-      ("lora.targets", regex, "a valid regular expression"),
+      *((f"{name}.{key}", ok, what) for name, cls in adapters.registered().items() for key, ok, what in cls.rules),
       *((f"mesh.{axis}", *mesh) for axis in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor")),
   ]
 
@@ -135,7 +134,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"optimizer.warmup_steps={opt.warmup_steps} must be smaller than train.steps={t.steps}; lower it "
                     "or train longer.")
   resolved_model(config)  # model.*: fmjax/model/config.py's checks
-  lora_config(config)
+  adapters.get(config)  # the parameterisation's own checks
 
 
 def check_workdir(path: str) -> None:

@@ -14,7 +14,8 @@ from ml_collections import config_dict
 from fmjax import data as data_lib
 from fmjax import sharding
 from fmjax.model import config as model_config
-from fmjax.model import lora as lora_lib
+from fmjax import adapters
+from fmjax.adapters import lora as lora_lib
 from fmjax.errors import UserError
 
 
@@ -148,6 +149,14 @@ def base() -> ml_collections.ConfigDict:
   c.lora.targets = lora_lib.DEFAULT_TARGETS  # regex searched in parameter paths, e.g. 'layers/attn/q_kernel'
   c.lora.rslora = False  # rank-stabilised scale alpha / sqrt(rank)
 
+  c.reft = ml_collections.ConfigDict()  # representation fine-tuning: edits of the residual stream (fmjax/adapters)
+  c.reft.rank = 0  # 0 = off; r > 0: train rank-r interventions over a frozen base
+  c.reft.method = "loreft"  # loreft h + Rᵀ(Wh + b − Rh), R orthonormal | noreft (R free) | direft h + Rᵀ(Wh + b)
+  c.reft.layers = "all"  # the blocks whose output is edited: 'all' or indices '2,4,6'
+  c.reft.positions = "f5+l5"  # prompt positions edited: first k / last k of each example's prompt ('f3', 'l7', ...)
+  c.reft.share_weights = False  # one intervention per layer for first and last positions (else one each)
+  c.reft.dropout = 0.0  # dropout on the edit while training
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 200  # held-out loss period in steps (and at the last step); 0 = never
   c.eval.batches = 4  # fixed held-out batches of train.batch_size × train.seq_len, per eval source
@@ -210,13 +219,9 @@ def resolved_model(config: ml_collections.ConfigDict) -> model_config.ModelConfi
   return model_config.resolve(config.model.name, overrides)
 
 
-def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
-  """The LoRA parameterisation of this run, or None when every parameter trains (`lora.rank` = 0)."""
-  if config.lora.rank < 0:
-    raise UserError(f"lora.rank={config.lora.rank} must be >= 0 (0 = off).")
-  if not config.lora.rank:
-    return None
-  return lora_lib.LoraConfig(**config.lora.to_dict()).validate()
+def adapter(config: ml_collections.ConfigDict) -> adapters.Adapter | None:
+  """The parameterisation this run trains (fmjax/adapters/), or None when every parameter trains."""
+  return adapters.get(config)
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax.model import ModelConfig, Transformer, init_cache
-from fmjax.model.lora import LoraConfig
+from fmjax.adapters import Adapter
 from fmjax.errors import UserError
 
 BUCKET = 64  # prefill and cache lengths are multiples of this
@@ -49,23 +49,23 @@ def sample_logits(rng: jax.Array, logits_BxV: jax.Array, temperature: float | ja
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, sampling: bool):
+def _compiled(model_cfg: ModelConfig, adapter: Adapter | None, sampling: bool):
   """(prefill, step) jitted for one model; jit keeps one executable per shape."""
-  module = Transformer(model_cfg, lora_cfg)
+  module = Transformer(model_cfg, adapter)
 
   @functools.partial(jax.jit, static_argnums=2)
-  def prefill(params, tokens_BxP, cache_len):
+  def prefill(params, tokens_BxP, cache_len, inputs):
     B, P = tokens_BxP.shape
     positions_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     _, cache = module.apply({"params": params}, tokens_BxP, jnp.ones_like(tokens_BxP), positions_BxP,
-                            cache=init_cache(model_cfg, B, cache_len))
+                            cache=init_cache(model_cfg, B, cache_len), adapter_inputs=inputs)
     return cache  # the logits are unused, so XLA drops the unembedding
 
   @functools.partial(jax.jit, donate_argnums=1)
-  def step(params, cache, tokens_B, positions_B, rng, t, temperature, top_k, top_p):
+  def step(params, cache, tokens_B, positions_B, rng, t, temperature, top_k, top_p, inputs):
     tokens_Bx1 = tokens_B[:, None]
     logits_Bx1xV, cache = module.apply({"params": params}, tokens_Bx1, jnp.ones_like(tokens_Bx1), positions_B[:, None],
-                                       cache=cache)
+                                       cache=cache, adapter_inputs=inputs)
     if sampling:
       next_B = sample_logits(jax.random.fold_in(rng, t), logits_Bx1xV[:, 0], temperature, top_k, top_p)
     else:
@@ -79,7 +79,7 @@ def _bucket(n: int) -> int:
   return -(-n // BUCKET) * BUCKET
 
 
-def generate(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, params, prompts: Sequence[np.ndarray],
+def generate(model_cfg: ModelConfig, adapter: Adapter | None, params, prompts: Sequence[np.ndarray],
              max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids: Sequence[int] = (), rng: jax.Array | None = None, stop_texts: Sequence[str] = (),
              decode: Callable[[list[int]], str] | None = None) -> list[np.ndarray]:
@@ -101,13 +101,19 @@ def generate(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, params, prompt
   tokens_BxP = np.zeros((B, _bucket(longest)), np.int32)
   for i, p in enumerate(prompts):
     tokens_BxP[i, :len(p)] = p
-  prefill, step = _compiled(model_cfg, lora_cfg, temperature > 0)
-  cache = prefill(params, tokens_BxP, _bucket(longest + max_new_tokens))
+  prefill, step = _compiled(model_cfg, adapter, temperature > 0)
+  # a parameterisation's per-token columns (e.g. edit positions) cover the prompt: the prefill, and the first
+  # step, which re-feeds each prompt's last token; later steps get zeros
+  columns = adapter.prompt_columns(lengths_B, tokens_BxP.shape[1]) if adapter is not None else {}
+  cache = prefill(params, tokens_BxP, _bucket(longest + max_new_tokens), columns)
   tokens_B, positions_B = tokens_BxP[np.arange(B), lengths_B - 1], lengths_B - 1
+  last = {k: v[np.arange(B), lengths_B - 1][:, None] for k, v in columns.items()}
+  later = {k: np.zeros_like(v) for k, v in last.items()}
   rng = jax.random.PRNGKey(0) if rng is None else rng
   out, done = [[] for _ in range(B)], np.zeros(B, bool)
   for t in range(max_new_tokens):
-    cache, next_B = step(params, cache, tokens_B, positions_B, rng, t, temperature, top_k, top_p)
+    cache, next_B = step(params, cache, tokens_B, positions_B, rng, t, temperature, top_k, top_p,
+                         last if t == 0 else later)
     next_B = np.asarray(next_B)
     for i in np.flatnonzero(~done):  # a finished row re-feeds one token at one position: its outputs are ignored
       out[i].append(int(next_B[i]))

@@ -39,7 +39,7 @@ DEFAULT_RULES = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
-    ("lora_rank", None),
+    ("adapter_rank", None),
 )
 
 

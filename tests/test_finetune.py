@@ -78,4 +78,4 @@ def test_finetune_configs_start_from_the_base_with_its_tokenizer(repo):
   assert s.data.source == "embedded:instruct" and s.eval.at_start
   with pytest.raises(ValueError, match="lora.rank=-1 must be >= 0"):
     c.lora.rank = -1
-    config_lib.lora_config(c)
+    config_lib.adapter(c)

@@ -19,9 +19,8 @@ def make_anchored_lm(objective_cfg) -> objectives.Head:
   """Next-token loss plus KL(policy ‖ anchor) per token: a head that keeps the model near where it started."""
 
   def loss(params, batch, ctx):
-    inputs = (batch["tokens"], batch["segment_ids"], batch["positions"])
-    logits = ctx.apply(params, *inputs)
-    anchor = jax.lax.stop_gradient(ctx.frozen[ANCHOR.role](*inputs))
+    logits = ctx.apply(params, batch)
+    anchor = jax.lax.stop_gradient(ctx.frozen[ANCHOR.role](batch))
     mask = batch["loss_mask"].astype(jnp.float32)
     log_p, log_q = jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(anchor, -1)
     kl = jnp.sum(jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1) * mask)

@@ -205,7 +205,8 @@ def test_lora_run_exports_merged_and_as_a_peft_adapter(importer, tmp_path):
   """A LoRA run over an imported model: the merged export and the PEFT adapter over the original HF model both give
   the LoRA run's logits in transformers."""
   peft_lib = pytest.importorskip("peft")
-  from fmjax.model import init_params, lora
+  from fmjax.adapters import lora
+  from fmjax.model import init_params
 
   _, source, run, theirs = importer("llama")
   config = weights.run_config(run)
@@ -214,7 +215,7 @@ def test_lora_run_exports_merged_and_as_a_peft_adapter(importer, tmp_path):
   config.init_from.workdir = run
   model_cfg = fmjax.load(run).config
   lora_cfg = lora.LoraConfig(rank=4, alpha=8.0, targets=config.lora.targets)
-  adapters, _ = lora.split(init_params(model_cfg, jax.random.PRNGKey(0), lora=lora_cfg))
+  adapters, _ = lora.split(init_params(model_cfg, jax.random.PRNGKey(0), adapter=lora_cfg))
   keys = jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(adapters)))
   adapters = jax.tree.unflatten(jax.tree.structure(adapters), [
       0.1 * np.asarray(jax.random.normal(k, x.shape)) for k, x in zip(keys, jax.tree.leaves(adapters))])

@@ -8,7 +8,8 @@ import pytest
 from flax import traverse_util
 
 from fmjax import config_lib
-from fmjax.model import Transformer, init_params, lora, peft, resolve
+from fmjax.adapters import lora, peft
+from fmjax.model import Transformer, init_params, resolve
 from fmjax.train import experiment, memory
 
 ALL = r"(q|k|v|o|gate|up|down)_kernel$|unembed"
@@ -25,7 +26,7 @@ def batch(cfg, B=2, T=16, seed=1):
 def smoke():
   cfg = resolve("smoke", {"qkv_bias": True})
   lora_cfg = lora.LoraConfig(rank=4, alpha=8.0, targets=ALL, dropout=0.1)
-  params = init_params(cfg, jax.random.PRNGKey(0), lora=lora_cfg)
+  params = init_params(cfg, jax.random.PRNGKey(0), adapter=lora_cfg)
   return cfg, lora_cfg, params
 
 
@@ -86,7 +87,7 @@ def test_targets_select_exactly_the_expected_paths():
   with pytest.raises(ValueError, match=r"selects \['layers/attn_norm/scale'\], which cannot take adapters"):
     select("attn_norm")
   # the model creates adapters for exactly the selected kernels
-  params = init_params(resolve("smoke"), jax.random.PRNGKey(0), lora=lora.LoraConfig(rank=2, targets="attn/(q|v)_"))
+  params = init_params(resolve("smoke"), jax.random.PRNGKey(0), adapter=lora.LoraConfig(rank=2, targets="attn/(q|v)_"))
   assert sorted("/".join(p) for p in traverse_util.flatten_dict(lora.split(params)[0])) == [
       "layers/attn/q_kernel_lora_a", "layers/attn/q_kernel_lora_b", "layers/attn/v_kernel_lora_a",
       "layers/attn/v_kernel_lora_b"]
@@ -141,9 +142,9 @@ def test_lora_step_on_8_devices_matches_1(repo, lora_one_device):
 
 
 def test_memory_table_counts_match_the_lora_formula():
-  full = memory.footprint("1b", 0)
+  full = memory.footprint("1b")
   assert full.trainable == full.total == 1_235_814_400 and full.frozen_bytes == 0
-  m = memory.footprint("1b", 8)
+  m = memory.footprint("1b", lora.LoraConfig(rank=8))
   D, F, Q, KV, L = 2048, 8192, 32 * 64, 8 * 64, 16  # Llama-3.2-1B: q/o 2048↔2048, k/v 2048→512, MLP 2048↔8192
   per_layer = 8 * ((D + Q) + 2 * (D + KV) + (Q + D) + 2 * (D + F) + (F + D))
   assert m.trainable == L * per_layer == 5_636_096  # what PEFT reports for Llama-3.2-1B, r=8, all linear layers

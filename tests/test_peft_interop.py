@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft_lib = pytest.importorskip("peft")
 
-from fmjax.model import Transformer, init_params, lora, peft, resolve  # noqa: E402
+from fmjax.adapters import lora, peft  # noqa: E402
+from fmjax.model import Transformer, init_params, resolve  # noqa: E402
 
 
 def hf_llama(cfg, params):
@@ -46,7 +47,7 @@ def hf_llama(cfg, params):
 def test_peft_loads_the_exported_adapter_and_matches_fmjax_logits(tmp_path):
   cfg = resolve("smoke")
   lora_cfg = lora.LoraConfig(rank=4, alpha=8.0, targets=r"(q|k|v|o|gate|up|down)_kernel$|unembed")
-  params = init_params(cfg, jax.random.PRNGKey(0), lora=lora_cfg)
+  params = init_params(cfg, jax.random.PRNGKey(0), adapter=lora_cfg)
   adapters, base = lora.split(params)
   leaves, tree = jax.tree.flatten(adapters)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))

@@ -87,9 +87,9 @@ def test_pairs_share_segments_across_sides():
 
 
 def fake_model(seed):
-  """apply(tokens, segment_ids, positions) -> logits that depend on each token and its position only."""
+  """apply(inputs) -> logits that depend on each token and its position only."""
   table = jax.random.normal(jax.random.PRNGKey(seed), (512, TOK.vocab_size))
-  return lambda tokens, seg, pos: 3.0 * table[(tokens * 7 + pos) % 512]
+  return lambda inputs: 3.0 * table[(inputs["tokens"] * 7 + inputs["positions"]) % 512]
 
 
 def per_pair_reference(batch, model_seed, ref_seed, beta):
@@ -103,7 +103,7 @@ def per_pair_reference(batch, model_seed, ref_seed, beta):
           sel = batch[side + "segment_ids"][i] == s
           tokens, targets = batch[side + "tokens"][i][sel], batch[side + "targets"][i][sel]
           mask = batch[side + "loss_mask"][i][sel]
-          logits = np.asarray(fake_model(seed)(tokens, None, np.arange(len(tokens))), np.float64)
+          logits = np.asarray(fake_model(seed)({"tokens": tokens, "positions": np.arange(len(tokens))}), np.float64)
           lp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
           logps[name + side] = np.sum(np.take_along_axis(lp, targets[:, None], -1)[:, 0] * mask)
       h = (logps["pchosen_"] - logps["prejected_"]) - (logps["rchosen_"] - logps["rrejected_"])
@@ -118,7 +118,7 @@ def test_dpo_head_on_packed_pairs_equals_each_pair_alone_and_ignores_padding(pad
   cfg = config_lib.base().objective
   cfg.name, cfg.beta = "dpo", 0.5
   policy, reference = fake_model(1), fake_model(2)
-  ctx = LossContext(apply=lambda params, *x: policy(*x), frozen={"reference": reference})
+  ctx = LossContext(apply=lambda params, inputs: policy(inputs), frozen={"reference": reference})
   loss_sum, weight, metrics = objectives.get(cfg).loss(None, {k: jnp.asarray(v) for k, v in batch.items()}, ctx)
   expected = per_pair_reference(batch, 1, 2, 0.5)
   assert float(weight) == len(expected) == 12
@@ -151,14 +151,14 @@ def test_kto_on_unpaired_records_matches_each_response_alone():
   cfg = config_lib.base().objective
   cfg.name, cfg.beta, cfg.kto_undesirable_weight = "kto", 0.5, 1.5
   policy, reference = fake_model(1), fake_model(2)
-  ctx = LossContext(apply=lambda params, *x: policy(*x), frozen={"reference": reference})
+  ctx = LossContext(apply=lambda params, inputs: policy(inputs), frozen={"reference": reference})
   loss_sum, weight, metrics = objectives.get(cfg).loss(None, {k: jnp.asarray(v) for k, v in batch.items()}, ctx)
   r, labels = [], []  # each response alone, float64
   for i in range(batch["tokens"].shape[0]):
     for s in np.unique(batch["segment_ids"][i][batch["segment_ids"][i] > 0]):
       sel = batch["segment_ids"][i] == s
       tokens, targets, mask = batch["tokens"][i][sel], batch["targets"][i][sel], batch["loss_mask"][i][sel]
-      lp = [np.sum(np.take_along_axis(log_softmax_np(m(tokens, None, np.arange(len(tokens)))), targets[:, None],
+      lp = [np.sum(np.take_along_axis(log_softmax_np(m({"tokens": tokens, "positions": np.arange(len(tokens))})), targets[:, None],
                                       -1)[:, 0] * mask) for m in (policy, reference)]
       r.append(lp[0] - lp[1])
       labels.append(batch["label"][i][sel][0] > 0)

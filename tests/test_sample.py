@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fmjax import sample
-from fmjax.model import Transformer, init_cache, init_params, lora, resolve
+from fmjax.adapters import lora
+from fmjax.model import Transformer, init_cache, init_params, resolve
 
 FILTER, SAMPLE = jax.jit(sample.filter_logits), jax.jit(sample.sample_logits)  # one compile per shape
 
@@ -29,7 +30,7 @@ VARIANTS = {
 def random_params(cfg, lora_cfg=None, seed=0):
   """The model's parameter tree filled from NumPy (no compiles): weights, biases and LoRA adapters N(0, 0.1), norm
   scales 1 + N(0, 0.05). Logits come out O(1) (float32 error ~1e-6), and every bias, norm and adapter matters."""
-  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), lora=lora_cfg))
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), adapter=lora_cfg))
   rs = np.random.default_rng(seed)
 
   def fill(path, leaf):

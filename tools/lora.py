@@ -25,23 +25,23 @@ def main() -> None:
   p.add_argument("--base_model", default=None, help="export: base_model_name_or_path to record (e.g. an HF id)")
   args = p.parse_args()
 
-  from fmjax.model import lora, peft
+  from fmjax.adapters import lora, peft
   from fmjax.train import weights
 
   run = weights.load(args.workdir, args.step)
-  if run.lora_cfg is None:
+  if not isinstance(run.adapter, lora.LoraConfig):
     raise errors.UserError(f"--workdir={args.workdir} is not a LoRA run (its lora.rank is 0); nothing to "
                            f"{args.command}.")
   if args.command == "merge":
     config = run.config
     config.lora.rank = 0
-    target = weights.write_run(args.output, lora.merge(run.params, run.lora_cfg), config, run.step,
+    target = weights.write_run(args.output, lora.merge(run.params, run.adapter), config, run.step,
                                run.tokenizer_path)
     print(f"merged the adapters of {args.workdir} (step {run.step}) into {target}; start from it with "
           f"--config.init_from.workdir={args.output}")
   else:
     adapters, _ = lora.split(run.params)
-    config = peft.save(args.output, adapters, run.lora_cfg, run.model_cfg.num_layers, args.base_model)
+    config = peft.save(args.output, adapters, run.adapter, run.model_cfg.num_layers, args.base_model)
     print(f"wrote {args.output}/adapter_model.safetensors and adapter_config.json (r={config['r']}, "
           f"modules {config['target_modules']}) from {args.workdir} step {run.step}")
 

@@ -23,7 +23,7 @@ def main() -> None:
   p.add_argument("--param_dtype", default="bfloat16", help="dtype of the base weights")
   args = p.parse_args()
 
-  from fmjax.model import lora
+  from fmjax.adapters import lora
   from fmjax.train import memory
 
   targets = args.targets or lora.DEFAULT_TARGETS
@@ -32,7 +32,8 @@ def main() -> None:
   print("|---|---|---|---|---|---|---|---|")
   for name in args.models.split(","):
     for rank in [0] + [int(r) for r in args.ranks.split(",")]:
-      m = memory.footprint(name, rank, targets, args.param_dtype)
+      adapter = lora.LoraConfig(rank=rank, targets=targets).validate() if rank else None
+      m = memory.footprint(name, adapter, args.param_dtype)
       method = "full fine-tuning" if not rank else f"LoRA r={rank}"
       print(f"| {name} | {method} | {m.trainable:,} | {100 * m.trainable / m.total:.3f}% | "
             f"{memory.gib(m.trainable_bytes)} | {memory.gib(m.optimizer_bytes)} | {memory.gib(m.frozen_bytes)} | "

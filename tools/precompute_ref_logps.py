@@ -45,12 +45,12 @@ def main() -> None:
   tokenizer = run.tokenizer()
   encode = formats.Encoder("preference", tokenizer, max_len=args.max_len, overlong="drop",
                            chat_template=run.config.data.chat_template)
-  model = Transformer(run.model_cfg, run.lora_cfg)
+  model = Transformer(run.model_cfg, run.adapter)
 
   @jax.jit
-  def logps(params, tokens, targets, mask):
+  def logps(params, tokens, targets, mask, columns):
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits = model.apply({"params": params}, tokens, jnp.ones_like(tokens), pos)
+    logits = model.apply({"params": params}, tokens, jnp.ones_like(tokens), pos, adapter_inputs=columns or None)
     return jnp.sum(-token_nll(logits, targets)[0] * mask, axis=-1)
 
   os.makedirs(args.output, exist_ok=True)
@@ -66,11 +66,18 @@ def main() -> None:
         width = -(-max(len(e[s + "tokens"]) for _, e in pairs for s in ("chosen_", "rejected_")) // 64) * 64
         rows = {k: np.zeros((2 * len(pairs), width), np.float32 if k == "loss_mask" else np.int32)
                 for k in ("tokens", "targets", "loss_mask")}
+        lengths = np.zeros(2 * len(pairs), np.int32)
         for i, (_, e) in enumerate(pairs):
           for j, side in enumerate(("chosen_", "rejected_")):
+            lengths[2 * i + j] = len(e[side + "tokens"])
             for k in rows:
               rows[k][2 * i + j, :len(e[side + k])] = e[side + k]
-        values = np.asarray(logps(run.params, rows["tokens"], rows["targets"], rows["loss_mask"]))
+        columns = {}  # a parameterisation's per-token columns (a REFT reference edits each row's prompt)
+        if run.adapter is not None and run.adapter.columns:
+          per_row = [run.adapter.batch_columns({"segment_ids": (np.arange(width) < n).astype(np.int32), "loss_mask": m})
+                     for n, m in zip(lengths, rows["loss_mask"])]
+          columns = {k: np.stack([c[k] for c in per_row]) for k in run.adapter.columns}
+        values = np.asarray(logps(run.params, rows["tokens"], rows["targets"], rows["loss_mask"], columns))
         for i, (record, _) in enumerate(pairs):
           fields = {k: v for k, v in record.items() if k != "_where"}
           fields["ref_chosen_logps"], fields["ref_rejected_logps"] = float(values[2 * i]), float(values[2 * i + 1])

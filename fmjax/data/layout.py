@@ -4,7 +4,7 @@
   pairs     two packed rows per preference pair, the same five keys prefixed `chosen_` and `rejected_`
   unpaired  one packed row per labelled response, plus `label` (+1 desirable / −1 undesirable)
 Per-example columns (`ref_logps`, `label`) travel as per-token arrays holding the value at each example's first
-position, so they stay right under packing.
+position, so they stay right under packing; a parameterisation's columns (e.g. `intervene`) are per-token.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fmjax.errors import UserError
 
 NAMES = ("text", "pairs", "unpaired")
 _DTYPES = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32,
-           "positions": np.int32, "ref_logps": np.float32, "label": np.float32}
+           "positions": np.int32, "ref_logps": np.float32, "label": np.float32, "intervene": np.int32}
 SEQUENCE = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -56,6 +56,12 @@ def for_head(layouts: tuple[str, ...], columns: tuple[str, ...], data_format: st
   name = of_format(data_format).name if data_format != "auto" else layouts[0]
   base = of_format({"pairs": "preference", "unpaired": "unpaired"}.get(name, "text"))
   return Layout(name if name in layouts else layouts[0], tuple(dict.fromkeys(base.columns + columns)))
+
+
+def with_adapter(data: Layout, adapter) -> Layout:
+  """The layout plus the per-token columns the run's parameterisation reads (e.g. `intervene`)."""
+  extra = tuple(c for c in (adapter.columns if adapter is not None else ()) if c not in data.columns)
+  return dataclasses.replace(data, columns=data.columns + extra) if extra else data
 
 
 def check(data: Layout, head_name: str, layouts: tuple[str, ...], columns: tuple[str, ...]) -> None:

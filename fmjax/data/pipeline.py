@@ -27,6 +27,7 @@ from absl import flags
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset, ZipIterDataset
 
+from fmjax import adapters
 from fmjax.data import formats, layout, mixture
 from fmjax.data.layout import Layout
 from fmjax.data.sources import DataError, PreparedSource, open_source
@@ -97,7 +98,7 @@ class _Fit:
     return formats.fit(record, self.max_len, self.overlong, where)
 
 
-def _pack(ds: grain.IterDataset, fmt: str, seq_len: int, bins: int, seed: int) -> grain.IterDataset:
+def _pack(ds: grain.IterDataset, fmt: str, seq_len: int, bins: int, seed: int, columns=None) -> grain.IterDataset:
   keys = [p + k for p in formats.sequence_keys(fmt) for k in formats.features(fmt)]
   lengths = {k: seq_len for k in keys}
   if fmt == "text":
@@ -105,7 +106,7 @@ def _pack(ds: grain.IterDataset, fmt: str, seq_len: int, bins: int, seed: int) -
   else:
     packed = FirstFitPackIterDataset(ds, length_struct=lengths, num_packing_bins=bins, seed=seed,
                                      shuffle_bins=False)
-  return packed.map(_Contract(formats.sequence_keys(fmt)))
+  return packed.map(_Contract(formats.sequence_keys(fmt), columns))
 
 
 class _JsonRestorable(grain.IterDataset):
@@ -131,10 +132,11 @@ class _JsonRestorableIterator(grain.DatasetIterator):
 
 
 class _Contract:
-  """Renames grain's packing outputs to the batch contract's keys and dtypes."""
+  """Renames grain's packing outputs to the batch contract's keys and dtypes, and adds the per-token columns of the
+  run's parameterisation (`columns(row) -> dict`, from each packed row's own segments)."""
 
-  def __init__(self, prefixes: tuple[str, ...]):
-    self.prefixes = prefixes
+  def __init__(self, prefixes: tuple[str, ...], columns=None):
+    self.prefixes, self.columns = prefixes, columns
 
   def __call__(self, row: dict) -> dict[str, np.ndarray]:
     out = {}
@@ -148,11 +150,14 @@ class _Contract:
       for extra in formats.PER_EXAMPLE:
         if p + extra in row:
           out[p + extra] = (row[p + extra] * (seg > 0)).astype(np.float32)
+      if self.columns is not None:
+        side = {k: out[p + k] for k in layout.SEQUENCE}
+        out.update({p + k: v for k, v in self.columns(side).items()})
     return out
 
 
 def _rows(records, encode, fmt: str, data_cfg: Any, seq_len: int, seed: int, shard: int, shards: int,
-          train: bool) -> grain.IterDataset:
+          train: bool, columns=None) -> grain.IterDataset:
   ds = grain.MapDataset.source(records)
   if shards > 1:
     ds = ds[shard::shards]
@@ -166,7 +171,7 @@ def _rows(records, encode, fmt: str, data_cfg: Any, seq_len: int, seed: int, sha
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use their defaults
       flags.FLAGS.mark_as_parsed()
     examples = examples.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
-  return _pack(examples, fmt, seq_len, data_cfg.packing_bins, seed)
+  return _pack(examples, fmt, seq_len, data_cfg.packing_bins, seed, columns)
 
 
 def shard_range(data_cfg: Any, batch: int, process_index: int, process_count: int) -> range:
@@ -199,10 +204,12 @@ def train_dataset(config: Any, tokenizer: Any, process_index: int = 0,
     kinds = sorted(f"{x.name}{'+' if x.columns else ''}{'+'.join(x.columns)}" for x in layouts)
     raise UserError(f"data.mixture mixes sources whose batches have different keys ({kinds}: preference or not, "
                     f"with or without precomputed ref_*_logps) in {[s.name for s in specs]}. Mix sources of one kind.")
+  adapter = adapters.get(config)
+  columns = adapter.batch_columns if adapter is not None and adapter.columns else None
   batched = []
   for shard in mine:
-    streams = [_rows(records, encode, fmt, data_cfg, seq_len, data_cfg.seed + 1000 * k, shard, shards, train=True)
-               for k, (records, encode, fmt) in enumerate(opened)]
+    streams = [_rows(records, encode, fmt, data_cfg, seq_len, data_cfg.seed + 1000 * k, shard, shards, train=True,
+                     columns=columns) for k, (records, encode, fmt) in enumerate(opened)]
     if len(streams) == 1:
       rows = streams[0]
     else:
@@ -210,7 +217,7 @@ def train_dataset(config: Any, tokenizer: Any, process_index: int = 0,
       rows = mixture.StepMixIterDataset(streams, schedules, per_shard, data_cfg.seed, shard)
     batched.append(rows.batch(per_shard, drop_remainder=True))
   out = batched[0] if len(batched) == 1 else ZipIterDataset(batched).map(_concat)
-  return out, layouts.pop()
+  return out, layout.with_adapter(layouts.pop(), adapter)
 
 
 def _concat(parts: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
@@ -223,10 +230,12 @@ def eval_batches(config: Any, tokenizer: Any, process_index: int = 0,
   """Name → this process's rows of each fixed held-out global batch of that eval source."""
   data_cfg, seq_len, batch = config.data, config.train.seq_len, config.train.batch_size
   local = batch // process_count
+  adapter = adapters.get(config)
+  columns = adapter.batch_columns if adapter is not None and adapter.columns else None
   out = {}
   for spec, split in eval_specs(config):
     records, encode, fmt = _open(spec, data_cfg, split, tokenizer, seq_len)
-    rows = _take(iter(_rows(records, encode, fmt, data_cfg, seq_len, 0, 0, 1, train=False)),
+    rows = _take(iter(_rows(records, encode, fmt, data_cfg, seq_len, 0, 0, 1, train=False, columns=columns)),
                  config.eval.batches * batch)
     if not rows:
       raise DataError(f"eval source {spec.name!r} ({spec.source}, {split}) holds no examples; raise data.holdout or "

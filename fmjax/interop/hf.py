@@ -204,12 +204,12 @@ def export_dir(workdir: str, hf_dir: str, step: int = -1, dtype: str | None = No
   config.json, safetensors shards and the tokenizer files. A LoRA run is merged into full weights (`lora_mode`
   'merge') or written as a PEFT adapter directory ('peft'). `dtype` defaults to the run's parameter dtype.
   Returns a one-line summary."""
-  from fmjax.model import lora, peft
+  from fmjax.adapters import peft, split
   from fmjax.train import weights
 
   config = weights.run_config(workdir)
   cfg = config_lib.resolved_model(config)
-  lora_cfg = config_lib.lora_config(config)
+  adapter = config_lib.adapter(config)
   template_dir = _template_dir(workdir)
   template = None
   if template_dir:
@@ -217,15 +217,17 @@ def export_dir(workdir: str, hf_dir: str, step: int = -1, dtype: str | None = No
       template = json.load(f)
   if lora_mode not in ("merge", "peft"):
     raise UserError(f"lora_mode={lora_mode!r}: use 'merge' (full weights) or 'peft' (an adapter directory).")
-  if lora_cfg is not None and lora_mode == "peft":
+  if adapter is not None and lora_mode == "peft":
+    if not isinstance(adapter, peft.LoraConfig):
+      raise UserError(f"{workdir} is a {adapter.title} run; PEFT adapter export is for LoRA runs.")
     run = weights.load(workdir, step)
     base = template.get("_name_or_path") if template else None
-    peft.save(hf_dir, lora.split(run.params)[0], lora_cfg, cfg.num_layers,
+    peft.save(hf_dir, split(adapter, run.params)[0], adapter, cfg.num_layers,
               base_model=base or config.init_from.workdir or None)
     return f"wrote the PEFT adapter of {workdir} (step {run.step}) to {hf_dir}"
-  if lora_cfg is not None:
+  if adapter is not None:
     run = weights.load(workdir, step)
-    merged = traverse_util.flatten_dict(lora.merge(run.params, lora_cfg))
+    merged = traverse_util.flatten_dict(adapter.merge(run.params))
     read, step = merged.__getitem__, run.step
   else:
     step = int(os.path.basename(weights.init_from.checkpoint_dir(workdir, step)))

@@ -4,8 +4,9 @@ Convention (as MaxText): count matmul FLOPs only (2 per multiply-add) of the for
 SwiGLU, the unembedding (the embedding lookup is a gather, not a matmul) and the two attention matmuls QKᵀ and AV —
 then ×3 for forward + backward. Causal attention computes half of the T×T score matrix, so its FLOPs are halved.
 Recomputation from remat is NOT counted: this is model FLOPs utilisation, not hardware FLOPs utilisation.
-Under LoRA the base weights get no gradient, so the weight-gradient third of the backward pass is not done: 4·N
-instead of 6·N (the adapters' own FLOPs, ~r/d of the rest, are left out).
+Over a frozen base (a parameterisation, fmjax/adapters) the base weights get no gradient, so the weight-gradient
+third of the backward pass is not done: 4·N instead of 6·N; the parameterisation adds its own FLOPs
+(`fmjax.adapters.train_flops_per_token`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, frozen_weights: bool = False) -> float:
   """Forward + backward FLOPs per trained token: 6·(matmul params) + 3·(causal attention FLOPs); 4·(matmul params)
-  when the weights are frozen (LoRA: gradients flow through them but are not taken for them)."""
+  when the weights are frozen (a parameterisation over a frozen base: gradients flow through them but are not taken
+  for them)."""
   attention_fwd = 4 * seq_len * cfg.num_heads * cfg.head_dim * cfg.num_layers / 2  # QKᵀ and AV, causal half
   return (4.0 if frozen_weights else 6.0) * matmul_params(cfg) + 3.0 * attention_fwd

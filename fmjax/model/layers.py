@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.model.config import ModelConfig
-from fmjax.model.lora import LoraConfig, project
+from fmjax.adapters.base import Adapter
 
 constrain = nn.with_logical_constraint
 ACT_BTD = ("act_batch", "act_len", "act_embed")
@@ -96,13 +96,22 @@ def write_cache(cache_BxSxKxH: jax.Array, x_BxTxKxH: jax.Array, positions_BxT: j
   return cache_BxSxKxH.at[rows_Bx1, positions_BxT].set(x_BxTxKxH.astype(cache_BxSxKxH.dtype))
 
 
+def project(module: nn.Module, adapter: Adapter | None, name: str, spec: str, x: jax.Array, w: jax.Array,
+            axes: tuple[str, ...], out_dtype=None) -> jax.Array:
+  """The projection hook: einsum(spec, x, w) for kernel `name` of `module`, as the active parameterisation computes
+  it (`axes`: the kernel's logical axis names)."""
+  if adapter is None:
+    return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+  return adapter.project(module, name, spec, x, w, axes, out_dtype)
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with RoPE, optional QKV bias and QK-norm. With `cache` ({'k', 'v'} [B,S,K,H]) the
   new keys/values are written at `positions` and the queries attend to all S cache slots under the mask; it returns
   (out, new_cache) then, else (out, None) with S = T."""
 
   cfg: ModelConfig
-  lora: LoraConfig | None = None
+  adapter: Adapter | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, mask_Bx1xTxS: jax.Array, sin: jax.Array, cos: jax.Array,
@@ -114,7 +123,7 @@ class Attention(nn.Module):
     wv = dense_param(self, "v_kernel", (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
     wo = dense_param(self, "o_kernel", (N, H, D), ("heads", "head_dim", "embed"), cfg,
                      std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
-    proj = lambda name, spec, x, w, axes: project(self, name, spec, x, w, axes, self.lora)  # noqa: E731
+    proj = lambda name, spec, x, w, axes: project(self, self.adapter, name, spec, x, w, axes)  # noqa: E731
     q_BxTxNxH = proj("q_kernel", "BTD,DNH->BTNH", x_BxTxD, wq, ("embed", "heads", "head_dim"))
     k_BxTxKxH = proj("k_kernel", "BTD,DKH->BTKH", x_BxTxD, wk, ("embed", "kv_heads", "head_dim"))
     v_BxTxKxH = proj("v_kernel", "BTD,DKH->BTKH", x_BxTxD, wv, ("embed", "kv_heads", "head_dim"))
@@ -146,7 +155,7 @@ class SwiGLU(nn.Module):
   """down(silu(gate(x)) * up(x))."""
 
   cfg: ModelConfig
-  lora: LoraConfig | None = None
+  adapter: Adapter | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
@@ -156,7 +165,7 @@ class SwiGLU(nn.Module):
     w_up = dense_param(self, "up_kernel", (D, F), ("embed", "mlp"), cfg)
     w_down = dense_param(self, "down_kernel", (F, D), ("mlp", "embed"), cfg,
                          std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
-    proj = lambda name, spec, x, w, axes: project(self, name, spec, x, w, axes, self.lora)  # noqa: E731
+    proj = lambda name, spec, x, w, axes: project(self, self.adapter, name, spec, x, w, axes)  # noqa: E731
     gate_BxTxF = proj("gate_kernel", "BTD,DF->BTF", x_BxTxD, w_gate, ("embed", "mlp"))
     h_BxTxF = jax.nn.silu(gate_BxTxF) * proj("up_kernel", "BTD,DF->BTF", x_BxTxD, w_up, ("embed", "mlp"))
     h_BxTxF = constrain(h_BxTxF, ("act_batch", "act_len", "act_mlp"))

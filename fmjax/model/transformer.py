@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.model.config import ModelConfig
-from fmjax.model.lora import LoraConfig, combine, project, split
-from fmjax.model.layers import ACT_BTD, Attention, RMSNorm, SwiGLU, attention_mask, cache_mask, constrain, rope_tables
+from fmjax.adapters.base import Adapter, combine, split
+from fmjax.model.layers import (ACT_BTD, Attention, RMSNorm, SwiGLU, attention_mask, cache_mask, constrain, project,
+                                rope_tables)
 
 _POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -22,22 +23,25 @@ class Block(nn.Module):
   """x + attn(norm(x)), then + mlp(norm(x)). Returns (x, this layer's new cache or None) so it can be scanned."""
 
   cfg: ModelConfig
-  lora: LoraConfig | None = None
+  adapter: Adapter | None = None
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask, sin, cos, cache=None, positions_BxT=None):
+  def __call__(self, x_BxTxD, mask, sin, cos, adapter_inputs=None, layer_params=None, cache=None, positions_BxT=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
-    attn_BxTxD, cache = Attention(cfg, self.lora, name="attn")(norm("attn_norm")(x_BxTxD), mask, sin, cos, cache,
-                                                               positions_BxT)
+    attn_BxTxD, cache = Attention(cfg, self.adapter, name="attn")(norm("attn_norm")(x_BxTxD), mask, sin, cos, cache,
+                                                                  positions_BxT)
     x_BxTxD = x_BxTxD + attn_BxTxD
-    x_BxTxD = x_BxTxD + SwiGLU(cfg, self.lora, name="mlp")(norm("mlp_norm")(x_BxTxD))
+    x_BxTxD = x_BxTxD + SwiGLU(cfg, self.adapter, name="mlp")(norm("mlp_norm")(x_BxTxD))
+    if self.adapter is not None:
+      x_BxTxD = self.adapter.block_output(self, x_BxTxD, layer_params, adapter_inputs)
     return constrain(x_BxTxD, ACT_BTD), cache
 
 
 class Transformer(nn.Module):
-  """`apply({'params': p}, tokens, segment_ids, positions) -> logits [B,T,V]` in float32. With `lora`, the targeted
-  projections carry low-rank adapters (fmjax/model/lora.py); LoRA dropout is active when a 'dropout' rng is given.
+  """`apply({'params': p}, tokens, segment_ids, positions) -> logits [B,T,V]` in float32. With an `adapter` (a
+  parameterisation, fmjax/adapters/) the projections and block outputs go through its hooks, `adapter_inputs` holds
+  the per-token batch columns it declares, and its dropout is active when a 'dropout' rng is given.
 
   With `cache` (from `init_cache`) it returns (logits, new_cache): each row is one sequence whose new keys/values go
   to the cache slots of their `positions`, and a token at position p attends to the slots s <= p of its row
@@ -45,11 +49,11 @@ class Transformer(nn.Module):
   overwrites the slot after its last one, and stale slots beyond a row's position stay masked."""
 
   cfg: ModelConfig
-  lora: LoraConfig | None = None
+  adapter: Adapter | None = None
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array, positions_BxT: jax.Array,
-               return_hidden: bool = False, cache: dict | None = None):
+               return_hidden: bool = False, cache: dict | None = None, adapter_inputs: dict | None = None):
     cfg = self.cfg
     embedding_VxD = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                          ("vocab", "embed")),
@@ -58,20 +62,24 @@ class Transformer(nn.Module):
     mask = attention_mask(segment_ids_BxT) if cache is None else cache_mask(positions_BxT, cache["k"].shape[2])
     sin, cos = rope_tables(positions_BxT, cfg)
     extra = () if cache is None else (cache, positions_BxT)  # the training forward keeps its exact signature
+    layer_params = None if self.adapter is None else self.adapter.layer_params(self, cfg.num_layers)
 
     block = Block
     if cfg.remat != "none":
       block = nn.remat(Block, policy=_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      in_axes = (nn.broadcast, nn.broadcast, nn.broadcast) + (() if cache is None else (0, nn.broadcast))
+      in_axes = (nn.broadcast,) * 4 + (0,) + (() if cache is None else (0, nn.broadcast))
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=in_axes, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxTxD, cache = stack(cfg, self.lora, name="layers")(x_BxTxD, mask, sin, cos, *extra)
+      x_BxTxD, cache = stack(cfg, self.adapter, name="layers")(x_BxTxD, mask, sin, cos, adapter_inputs, layer_params,
+                                                               *extra)
     else:
       layer_caches = []
       for i in range(cfg.num_layers):
         extra_i = () if cache is None else (jax.tree.map(lambda c, i=i: c[i], cache), positions_BxT)
-        x_BxTxD, layer_cache = block(cfg, self.lora, name=f"layers_{i}")(x_BxTxD, mask, sin, cos, *extra_i)
+        params_i = jax.tree.map(lambda p, i=i: p[i], layer_params)
+        x_BxTxD, layer_cache = block(cfg, self.adapter, name=f"layers_{i}")(x_BxTxD, mask, sin, cos, adapter_inputs,
+                                                                            params_i, *extra_i)
         layer_caches.append(layer_cache)
       if cache is not None:
         cache = jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
@@ -83,8 +91,8 @@ class Transformer(nn.Module):
       unembed_DxV = self.param("unembed", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                       ("embed", "vocab")),
                                (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
-    logits_BxTxV = project(self, "unembed", "BTD,DV->BTV", h_BxTxD, unembed_DxV.astype(cfg.dtype), ("embed", "vocab"),
-                           None if cfg.tie_embeddings else self.lora, out_dtype=jnp.float32)
+    logits_BxTxV = project(self, None if cfg.tie_embeddings else self.adapter, "unembed", "BTD,DV->BTV", h_BxTxD,
+                           unembed_DxV.astype(cfg.dtype), ("embed", "vocab"), out_dtype=jnp.float32)
     logits_BxTxV = constrain(logits_BxTxV, ("act_batch", "act_len", "act_vocab"))
     out = (logits_BxTxV, h_BxTxD) if return_hidden else logits_BxTxV
     return out if cache is None else (out, cache)
@@ -98,12 +106,14 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = N
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, boxed: bool = False, lora: LoraConfig | None = None):
-  """Fresh parameters (with `lora`, adapters included): a plain pytree, or with `boxed` the logically-partitioned
-  Flax boxes (for shardings)."""
+def init_params(cfg: ModelConfig, rng: jax.Array, boxed: bool = False, adapter: Adapter | None = None):
+  """Fresh parameters (with `adapter`, its parameters included): a plain pytree, or with `boxed` the
+  logically-partitioned Flax boxes (for shardings)."""
   dummy = jnp.ones((1, 1), jnp.int32)
   params = Transformer(cfg).init(rng, dummy, dummy, jnp.zeros_like(dummy))["params"]
-  if lora is not None:  # adapters from their own init, so the base is the same with or without them
-    with_adapters = Transformer(cfg, lora).init(jax.random.fold_in(rng, 1), dummy, dummy, jnp.zeros_like(dummy))
-    params = combine(params, split(with_adapters["params"])[0])
+  if adapter is not None:  # its parameters from their own init, so the base is the same with or without them
+    inputs = {c: jnp.zeros_like(dummy) for c in adapter.columns}
+    with_adapter = Transformer(cfg, adapter).init(jax.random.fold_in(rng, 1), dummy, dummy, jnp.zeros_like(dummy),
+                                                  adapter_inputs=inputs)
+    params = combine(params, split(adapter, with_adapter["params"])[0])
   return params if boxed else nn.unbox(params)

@@ -15,8 +15,9 @@ import jax
 # gradient accumulation, packing and multi-host all give the true mean over tokens (or pairs, for pair losses).
 LossOutput = tuple[jax.Array, jax.Array, dict[str, jax.Array]]
 
-# logits_fn(tokens, segment_ids, positions) -> logits [B,T,V] float32
-LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# logits_fn(inputs) -> logits [B,T,V] float32. `inputs` maps "tokens", "segment_ids", "positions" (and the per-token
+# columns the run's parameterisation reads, e.g. REFT's "intervene") to [B,T] arrays: a batch, or one side of one.
+LogitsFn = Callable[[Mapping[str, jax.Array]], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Frozen:
   """A frozen model a head compares with, read by the head as `ctx.frozen[role]`.
 
   source "policy": the params the run starts from (its `init_from`, else its initialisation), held as a copy; under a
-    parameterisation such as LoRA, the frozen base with the adapters off, so no second copy exists.
+    parameterisation (fmjax/adapters), the frozen base with it off, so no second copy exists.
   source "run": another run's weights: `objective.<key>` names its run directory, `objective.<key>_step` the step
     (-1 = newest) and, with no directory, `objective.<key>_bootstrap` a config pre-trained into WORKDIR/<key> first.
     Its architecture is that run's; it must share this run's vocabulary.
@@ -57,5 +58,5 @@ class Head:
 @dataclasses.dataclass(frozen=True)
 class LossContext:
   """What a head may use besides the trainable params and the batch."""
-  apply: Callable[..., jax.Array]  # apply(params, tokens, segment_ids, positions) -> logits [B,T,V] float32
+  apply: Callable[..., jax.Array]  # apply(params, inputs) -> logits [B,T,V] float32 (inputs: as LogitsFn's)
   frozen: Mapping[str, LogitsFn] = dataclasses.field(default_factory=dict)  # role -> the frozen model's logits

@@ -66,9 +66,8 @@ def make(objective_cfg: Any) -> Head:
                     f"({cfg.top_k}).")
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
-    inputs = (batch["tokens"], batch["segment_ids"], batch["positions"])
-    student = ctx.apply(params, *inputs)
-    teacher = jax.lax.stop_gradient(ctx.frozen[TEACHER.role](*inputs))
+    student = ctx.apply(params, batch)
+    teacher = jax.lax.stop_gradient(ctx.frozen[TEACHER.role](batch))
     mask = batch["loss_mask"].astype(jnp.float32)
     nll = token_nll(student, batch["targets"])[0]
     div = divergence(teacher, student, cfg.divergence, cfg.temperature, cfg.jsd_beta, cfg.top_k)

@@ -35,7 +35,7 @@ def make(objective_cfg: Any) -> Head:
   z_loss = float(objective_cfg.z_loss)
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
-    logits = ctx.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"])
+    logits = ctx.apply(params, batch)
     return masked_nll(logits, batch["targets"], batch["loss_mask"].astype(jnp.float32), z_loss)
 
   return Head(loss, reports_nll=True)

@@ -7,7 +7,7 @@ A preference batch holds packed chosen and rejected rows (`chosen_*`, `rejected_
 row i on both sides is one pair. Both sides go through ONE forward pass (stacked on the batch axis); each response's
 log-probability is the sum over its loss-bearing tokens, gathered per (row, segment), so any number of pairs may
 share a row and padding contributes nothing. Heads with a reference read it through `ctx.frozen['reference']` (the
-frozen initial policy, or under LoRA the base with adapters off) without gradient, or, with `objective.reference =
+frozen initial policy, or under a parameterisation the base with it off) without gradient, or, with `objective.reference =
 'precomputed'`, from the batch's `chosen_ref_logps` / `rejected_ref_logps` columns, so no reference is in memory.
 
 Metrics (means over pairs; `eval_` on held-out data): `rewards/chosen` = β·(logπ − logπ_ref)(chosen),
@@ -30,7 +30,7 @@ from fmjax.objectives.lm import token_nll
 from fmjax.errors import UserError
 
 SIDES = ("chosen_", "rejected_")
-REFERENCE = Frozen("reference")  # the policy the run starts from (under LoRA: the base with adapters off)
+REFERENCE = Frozen("reference")  # the policy the run starts from (under a parameterisation: the base with it off)
 
 
 def segment_sums(values_BxT: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
@@ -44,7 +44,8 @@ def pair_logps(apply: Callable[..., jax.Array], batch: dict[str, jax.Array]) -> 
   """Per-pair sums over response tokens, each [B, T+1] (row, segment): `logp_c`, `logp_r`, token counts `n_c`,
   `n_r`, and `valid` (1 where both responses exist). One forward pass over both sides."""
   cat = lambda key: jnp.concatenate([batch["chosen_" + key], batch["rejected_" + key]])  # noqa: E731
-  logits = apply(cat("tokens"), cat("segment_ids"), cat("positions"))
+  keys = [k[len("chosen_"):] for k in batch if k.startswith("chosen_") and "rejected_" + k[len("chosen_"):] in batch]
+  logits = apply({k: cat(k) for k in keys})
   mask = cat("loss_mask").astype(jnp.float32)
   logp = -token_nll(logits, cat("targets"))[0] * mask
   seg = cat("segment_ids")
@@ -71,7 +72,7 @@ def make_head(pair_loss: Callable[..., tuple[jax.Array, dict]], reference: bool)
 
   def make(objective_cfg: Any) -> Head:
     def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
-      p = pair_logps(lambda *x: ctx.apply(params, *x), batch)
+      p = pair_logps(lambda inputs: ctx.apply(params, inputs), batch)
       ref = None
       if reference and objective_cfg.reference == "precomputed":  # tools/precompute_ref_logps.py's columns
         ref = {f"logp_{s[0]}": segment_sums(batch[s + "ref_logps"], batch[s + "segment_ids"]) for s in SIDES}
@@ -135,11 +136,10 @@ def _kto(p, ref, cfg):
 def _kto_unpaired(params, batch: dict[str, jax.Array], ctx: LossContext, cfg: Any) -> LossOutput:
   """KTO on unpaired records (`label` +1 desirable / −1 undesirable per example): the mean over responses of
   λ_D·(1 − σ(β·(r − z0))) or λ_U·(1 − σ(β·(z0 − r))), r = logπ − logπ_ref summed over the completion."""
-  inputs = (batch["tokens"], batch["segment_ids"], batch["positions"])
   mask, seg = batch["loss_mask"].astype(jnp.float32), batch["segment_ids"]
   sums = lambda logits: segment_sums(-token_nll(logits, batch["targets"])[0] * mask, seg)  # noqa: E731
-  logp = sums(ctx.apply(params, *inputs))
-  ref = jax.lax.stop_gradient(sums(ctx.frozen[REFERENCE.role](*inputs)))
+  logp = sums(ctx.apply(params, batch))
+  ref = jax.lax.stop_gradient(sums(ctx.frozen[REFERENCE.role](batch)))
   label = segment_sums(batch["label"], seg)
   good = (label > 0) & (segment_sums(mask, seg) > 0)
   bad = (label < 0) & (segment_sums(mask, seg) > 0)

@@ -21,7 +21,7 @@ def make(objective_cfg: Any) -> Head:
   z_loss, completion_only = float(objective_cfg.z_loss), bool(objective_cfg.completion_only)
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
-    logits_BxTxV = ctx.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"])
+    logits_BxTxV = ctx.apply(params, batch)
     if completion_only:
       mask_BxT = batch["loss_mask"].astype(jnp.float32)
     else:

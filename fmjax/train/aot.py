@@ -17,10 +17,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from fmjax import config_checks, config_lib, objectives, sharding, topology
+from fmjax import adapters, config_checks, config_lib, objectives, sharding, topology
 from fmjax.data import layout
 from fmjax.data.layout import Layout
-from fmjax.model import ModelConfig, flops
+from fmjax.model import ModelConfig
 from fmjax.train import frozen, peak
 from fmjax.train import step as step_lib
 
@@ -30,7 +30,8 @@ GiB = topology.GiB
 def batch_layout(config: ml_collections.ConfigDict) -> Layout:
   """The batch layout the run's data would yield, from the head's declaration (the data itself is not opened)."""
   head = objectives.get(config.objective)
-  return layout.for_head(head.layouts, head.columns, config.data.format)
+  return layout.with_adapter(layout.for_head(head.layouts, head.columns, config.data.format),
+                             config_lib.adapter(config))
 
 
 def frozen_architectures(config: ml_collections.ConfigDict, presets: dict[str, str] | None = None
@@ -104,7 +105,8 @@ def argument_bytes(step: step_lib.Plan) -> dict[str, int]:
   """Per-chip bytes of the step's arguments by category (one device per chip on every TPU generation here)."""
   s = step.state
   out = {"params (trained)": _per_chip(s.params), "optimizer state": _per_chip(s.opt_state)}
-  out.update({"frozen LoRA base" if k == "base" else f"frozen {k}": _per_chip(v) for k, v in s.frozen.items()})
+  base = f"frozen {step.model.adapter.title} base" if step.model.adapter else ""
+  out.update({base if k == "base" else f"frozen {k}": _per_chip(v) for k, v in s.frozen.items()})
   out["batch"] = _per_chip(step.batch)
   out["step, rng"] = _per_chip((s.step, s.rng, s.recent_losses))
   return out
@@ -144,7 +146,7 @@ def model_flops(config: ml_collections.ConfigDict) -> float:
   """Model FLOPs of one step (fmjax.model.flops, the convention of every MFU fmjax prints) x tokens per step."""
   cfg = config_lib.resolved_model(config)
   rows = batch_layout(config).rows_per_example  # a preference pair's chosen and rejected rows both train
-  per_token = flops.train_flops_per_token(cfg, config.train.seq_len, frozen_weights=config.lora.rank > 0)
+  per_token = adapters.train_flops_per_token(cfg, config.train.seq_len, config_lib.adapter(config))
   return per_token * config.train.batch_size * config.train.seq_len * rows
 
 

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fmjax import config_checks, config_lib, data, objectives, sharding
+from fmjax import adapters, config_checks, config_lib, data, objectives, sharding
 from fmjax.data import layout as layout_lib
 from fmjax.data import tokenizers
-from fmjax.model import ModelConfig, Transformer, flops
+from fmjax.model import ModelConfig, Transformer
 from fmjax.train import frozen as frozen_lib
 from fmjax.train import state as train_state
 from fmjax.train import step as step_lib
@@ -37,7 +37,7 @@ class Experiment:
   state_shardings: train_state.TrainState
   step: Callable  # compiled (state, batch) -> (state, metrics); donates state
   compile_seconds: float  # of the train step
-  num_params: int  # trained parameters (under LoRA: the adapters)
+  num_params: int  # trained parameters (under a parameterisation: its tree)
   flops_per_token: float
   eval_fn: Callable | None = None  # compiled (state, batch) -> (loss_sum, weight, metric_sums)
   eval_batches: dict = dataclasses.field(default_factory=dict)  # eval source name -> fixed global batches, on device
@@ -95,12 +95,13 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
       eval_step = lambda st, b: head.loss(st.params, b, plan.context(st.frozen))  # noqa: E731
       eval_fn = jax.jit(eval_step, in_shardings=(plan.shardings, sharding.batch_sharding(mesh)),
                         out_shardings=sharding.replicated(mesh)).lower(plan.state, plan.batch).compile()
-  flops_per_token = flops.train_flops_per_token(model_cfg, config.train.seq_len, frozen_weights=model.lora is not None)
+  trained = train_state.count_params(state.params)
+  flops_per_token = adapters.train_flops_per_token(model_cfg, config.train.seq_len, model.adapter, trained)
   exp = Experiment(config, model_cfg, mesh, model, tokenizer, dataset, iter(dataset), head, batch_layout, plan.frozen,
-                   state, plan.shardings, compiled, compile_seconds, train_state.count_params(state.params),
+                   state, plan.shardings, compiled, compile_seconds, trained,
                    flops_per_token, eval_fn, eval_batches)
   base = train_state.count_params(state.frozen.get("base", {}))
-  notes = ([f"{exp.num_params:,} trained: LoRA adapters"] if model.lora else []) + \
+  notes = ([model.adapter.describe(exp.num_params)] if model.adapter else []) + \
       [f"+ frozen {s.role}" + (" (a copy)" if s.role in state.frozen and s.source == "policy" else "")
        for s in head.frozen]
   logging.info("model %s: %s parameters%s, %.1f MFLOP/token (training); mesh %s; step compiled in %.1fs",

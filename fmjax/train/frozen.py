@@ -16,7 +16,8 @@ from jax.sharding import Mesh
 
 from fmjax import config_lib, sharding
 from fmjax.errors import UserError
-from fmjax.model import ModelConfig, Transformer, init_params, lora, resolve
+from fmjax.adapters import combine
+from fmjax.model import ModelConfig, Transformer, init_params, resolve
 from fmjax.objectives import Frozen, Head, LossContext
 from fmjax.train import checkpoint, init_from, weights
 
@@ -75,11 +76,11 @@ class Plan:
 def plan(head: Head, model: Transformer, params: Any, param_shardings: Any, mesh: Mesh, rules,
          archs: dict[str, ModelConfig]) -> Plan:
   """`params` / `param_shardings`: the run's own (abstract) model weights, which a 'policy' copy mirrors. Under a
-  parameterisation (LoRA) the policy is the frozen base with adapters off: no tree is added for it."""
+  parameterisation the policy is the frozen base with it off: no tree is added for it."""
   networks, abstract, shardings = {}, {}, {}
   for spec in head.frozen:
     if spec.source == "policy":
-      if model.lora is None:
+      if model.adapter is None:
         abstract[spec.role], shardings[spec.role] = params, param_shardings
       continue
     cfg = archs[spec.role]
@@ -91,7 +92,7 @@ def plan(head: Head, model: Transformer, params: Any, param_shardings: Any, mesh
 
 
 def policy_roles(p: Plan) -> tuple[str, ...]:
-  """The 'policy' models the state holds as copies (none under LoRA: the base serves)."""
+  """The 'policy' models the state holds as copies (none under a parameterisation: the base serves)."""
   return tuple(s.role for s in p.specs if s.source == "policy" and s.role in p.abstract)
 
 
@@ -129,24 +130,30 @@ def bootstrap_specs(config: ml_collections.ConfigDict, head: Head) -> list[tuple
 
 
 def make_context(model: Transformer, p: Plan) -> Callable[..., LossContext]:
-  """`context(frozen, rng=None) -> LossContext`: `apply(params, tokens, segment_ids, positions) -> logits` runs the
-  model on the trained params (under LoRA: the adapters over `frozen['base']`; with `rng`, dropout is on), and
-  `frozen[role](tokens, segment_ids, positions)` each declared frozen model."""
-  plain = type(model)(model.cfg)  # the same network without adapters
+  """`context(frozen, rng=None) -> LossContext`: `apply(params, inputs) -> logits` runs the model on the trained
+  params (under a parameterisation: its tree over `frozen['base']`, reading its columns of `inputs`; with `rng`,
+  dropout is on), and `frozen[role](inputs)` each declared frozen model. `inputs`: tokens, segment_ids, positions."""
+  plain = type(model)(model.cfg)  # the same network with no parameterisation
+  columns = () if model.adapter is None else model.adapter.columns
 
   def context(frozen: Any, rng: jax.Array | None = None) -> LossContext:
-    def apply(params, tokens, segment_ids, positions):
-      full = lora.combine(frozen["base"], params) if "base" in frozen else params
-      return model.apply({"params": full}, tokens, segment_ids, positions,
-                         rngs=None if rng is None else {"dropout": rng})
+    def apply(params, inputs):
+      full = combine(frozen["base"], params) if "base" in frozen else params
+      extra = {"adapter_inputs": {c: inputs[c] for c in columns}} if columns else {}
+      return model.apply({"params": full}, *model_inputs(inputs), rngs=None if rng is None else {"dropout": rng},
+                         **extra)
 
     fns = {}
     for spec in p.specs:
       if spec.source == "run":
-        fns[spec.role] = lambda *b, net=p.networks[spec.role], w=frozen[spec.role]: net.apply({"params": w}, *b)
-      else:  # the starting policy: its copy, or under LoRA the base with its adapters off
-        w = frozen[spec.role] if spec.role in frozen else frozen["base"]
-        fns[spec.role] = lambda *b, w=w: plain.apply({"params": w}, *b)
+        net, w = p.networks[spec.role], frozen[spec.role]
+      else:  # the starting policy: its copy, or under a parameterisation the base with it off
+        net, w = plain, frozen[spec.role] if spec.role in frozen else frozen["base"]
+      fns[spec.role] = lambda inputs, net=net, w=w: net.apply({"params": w}, *model_inputs(inputs))
     return LossContext(apply=apply, frozen=fns)
 
   return context
+
+
+def model_inputs(inputs: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+  return inputs["tokens"], inputs["segment_ids"], inputs["positions"]

@@ -1,6 +1,6 @@
 """`init_from`: start a run from another run's parameters (not its optimizer, step or data position).
 
-This is how continuous pre-training, SFT, LoRA, DPO and distillation begin. Only the `params` subtree of the saved
+This is how continuous pre-training, SFT, parameter-efficient runs, DPO and distillation begin. Only the `params` subtree of the saved
 state is read, directly into this run's shardings (any mesh); shapes and dtypes must match this run's model.
 """
 
@@ -14,8 +14,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from fmjax import data
-from fmjax.model import lora
+from fmjax import adapters, data
 from fmjax.train import checkpoint
 from fmjax.train import state as train_state
 from fmjax.errors import UserError
@@ -55,15 +54,19 @@ def checkpoint_dir(workdir: str, step: int = -1, key: str = "init_from") -> str:
 
 def read(workdir: str, step: int, target: Any, key: str = "init_from") -> Any:
   """The params of `workdir`'s checkpoint at `step`, restored straight into `target` (abstract arrays with
-  shardings); another tree, shape or dtype, or a LoRA run's adapters, is an error naming the parameter and the fix."""
+  shardings); another tree, shape or dtype, or a run under a parameterisation (its checkpoints hold only its
+  trained tree), is an error naming the parameter and the fix."""
   path = os.path.join(checkpoint_dir(workdir, step, key), "state")
   checkpointer = ocp.PyTreeCheckpointer()
   saved = checkpointer.metadata(path).item_metadata.tree["params"]
-  if any(lora.is_adapter(tuple(str(getattr(k, "key", k)) for k in p))
-         for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]):
-    raise UserError(f"{key}.workdir={workdir!r} is a LoRA run (its checkpoints hold adapters only); merge it "
-                    f"into full weights first: python tools/lora.py merge --workdir={workdir} --output=DIR, then "
-                    "use DIR.")
+  owners = {adapters.owner(tuple(str(getattr(k, "key", k)) for k in p))
+            for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]} - {None}
+  if owners:
+    cls = owners.pop()
+    fix = (f"merge it into full weights first: {cls.merge_command.format(workdir=workdir)}, then use DIR"
+           if cls.merge_command else f"start from the run {workdir} was trained over instead")
+    raise UserError(f"{key}.workdir={workdir!r} is a {cls.title} run (its checkpoints hold its trained tree only); "
+                    f"{fix}.")
   ours = jax.tree_util.tree_flatten_with_path(target)[0]
   theirs = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
   missing = [jax.tree_util.keystr(p) for p, _ in ours if p not in theirs]
@@ -83,13 +86,14 @@ def read(workdir: str, step: int, target: Any, key: str = "init_from") -> Any:
 
 
 def load(state: Any, shardings: Any, workdir: str, step: int = -1, frozen_only: bool = False,
-         copies: tuple[str, ...] = ()) -> tuple[Any, Any]:
-  """(`state` with its model weights — the params, or under LoRA the frozen base — replaced by those of `workdir`'s
-  checkpoint at `step` (-1 = newest), those weights); `frozen_only` (a resume) keeps the trained params. `copies`:
-  the roles of frozen copies the caller makes of them (for the log)."""
+         copies: tuple[str, ...] = (), base_name: str = "") -> tuple[Any, Any]:
+  """(`state` with its model weights — the params, or under a parameterisation the frozen base — replaced by those
+  of `workdir`'s checkpoint at `step` (-1 = newest), those weights); `frozen_only` (a resume) keeps the trained
+  params. `copies`: the roles of frozen copies the caller makes of them; `base_name`: the parameterisation's title
+  (both for the log)."""
   target = checkpoint.abstract(train_state.base_params(state), train_state.base_params(shardings))
   params = read(workdir, step, target)
-  loaded = (["the frozen LoRA base"] if "base" in state.frozen else [] if frozen_only else ["params"]) + \
+  loaded = ([f"the frozen {base_name} base"] if "base" in state.frozen else [] if frozen_only else ["params"]) + \
       [f"the frozen {role} policy" for role in copies]
   logging.info("initialised %s from %s%s", " and ".join(loaded) or "nothing",
                os.path.join(checkpoint_dir(workdir, step), "state"),

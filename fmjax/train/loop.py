@@ -64,7 +64,7 @@ def _unfrozen(tree: train_state.TrainState) -> train_state.TrainState:
 
 def _starting_state(exp: Experiment, ckpt: checkpoint.Checkpointer, workdir: str, tokenizer: dict) -> int:
   """Sets `exp.state`: resumed from the newest checkpoint if any, the starting weights from `init_from` (on a
-  resume only the frozen trees: the LoRA base and 'policy' copies), and returns the step it starts at."""
+  resume only the frozen trees: a parameterisation's base and 'policy' copies), and returns the step it starts at."""
   config = exp.config
   restored = ckpt.restore_latest(checkpoint.abstract(_unfrozen(exp.state), _unfrozen(exp.state_shardings)),
                                  exp.stream, fresh=_unfrozen(exp.state))
@@ -79,7 +79,8 @@ def _starting_state(exp: Experiment, ckpt: checkpoint.Checkpointer, workdir: str
     source = config.init_from.workdir or _bootstrap(config.init_from.bootstrap, workdir, "base")
     init_from.check_tokenizer(source, tokenizer)
     exp.state, start = init_from.load(exp.state, exp.state_shardings, source, config.init_from.step,
-                                      frozen_only=restored is not None, copies=copies)
+                                      frozen_only=restored is not None, copies=copies,
+                                      base_name=exp.model.adapter.title if exp.model.adapter else "")
     exp.state = exp.state.replace(frozen={**exp.state.frozen, **frozen.policy_copies(exp.frozen_plan, start)})
   return int(jax.device_get(exp.state.step))
 

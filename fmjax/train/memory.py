@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import optax
 
-from fmjax.model import init_params, lora, resolve
+from fmjax import adapters
+from fmjax.model import init_params, resolve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,20 +18,18 @@ class Footprint:
   trainable: int  # parameters that train
   trainable_bytes: int
   optimizer_bytes: int  # AdamW state for the trained parameters
-  frozen_bytes: int  # weights held but not trained (the LoRA base)
+  frozen_bytes: int  # weights held but not trained (a parameterisation's base)
 
 
 def _bytes(tree) -> int:
   return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def footprint(model: str, rank: int = 0, targets: str = lora.DEFAULT_TARGETS,
-              param_dtype: str = "bfloat16") -> Footprint:
-  """Sizes for full fine-tuning (`rank` 0) or LoRA rank `rank` of preset `model`, via `jax.eval_shape`."""
+def footprint(model: str, adapter: adapters.Adapter | None = None, param_dtype: str = "bfloat16") -> Footprint:
+  """Sizes for full fine-tuning (no `adapter`) or training `adapter` over preset `model`, via `jax.eval_shape`."""
   cfg = resolve(model, {"param_dtype": param_dtype})
-  lora_cfg = lora.LoraConfig(rank=rank, targets=targets).validate() if rank else None
-  params = jax.eval_shape(lambda r: init_params(cfg, r, lora=lora_cfg), jax.random.PRNGKey(0))
-  trained, frozen = lora.split(params) if lora_cfg else (params, {})
+  params = jax.eval_shape(lambda r: init_params(cfg, r, adapter=adapter), jax.random.PRNGKey(0))
+  trained, frozen = adapters.split(adapter, params) if adapter else (params, {})
   opt = jax.eval_shape(optax.adamw(1e-4).init, trained)
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
   return Footprint(count(params), count(trained), _bytes(trained), _bytes(opt), _bytes(frozen))

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from fmjax import sharding
-from fmjax.model import init_params, lora
+from fmjax import adapters, sharding
+from fmjax.model import init_params
 
 
 @flax.struct.dataclass
@@ -22,7 +22,7 @@ class TrainState:
   opt_state: Any  # optimizer state for `params`
   rng: jax.Array  # PRNG key for stochastic heads and dropout
   recent_losses: jax.Array  # [train.spike_window] float32: the last accepted losses (NaN = none yet), for the guard
-  frozen: Any = flax.struct.field(default_factory=dict)  # frozen trees: the LoRA base, the heads' frozen models
+  frozen: Any = flax.struct.field(default_factory=dict)  # frozen trees: an adapter's base, the heads' frozen models
 
 
 def _plan(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int,
@@ -30,11 +30,12 @@ def _plan(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
   """(init fn: rng -> state, its rng, state shardings) of `create` and `abstract`; nothing is allocated."""
   rng = jax.random.PRNGKey(seed)
   init_rng, state_rng = jax.random.split(rng)
-  boxed = jax.eval_shape(lambda r: init_params(model.cfg, r, boxed=True, lora=model.lora), init_rng)
+  adapter = model.adapter
+  boxed = jax.eval_shape(lambda r: init_params(model.cfg, r, boxed=True, adapter=adapter), init_rng)
   param_sh = sharding.logical_shardings(boxed, mesh, rules)
-  split = _split if model.lora is not None else (lambda tree: (tree, {}))
-  if model.lora is not None:
-    lora.targeted_paths(split(nn.unbox(boxed))[1]["base"], model.lora)  # a regex that selects nothing fails here
+  split = (lambda tree: (tree, {})) if adapter is None else (lambda tree: _split(adapter, tree))
+  if adapter is not None:
+    adapter.check(split(nn.unbox(boxed))[1]["base"])  # e.g. targets that select nothing fail here
   param_sh, frozen_sh = split(param_sh)
   opt_abstract = jax.eval_shape(tx.init, split(nn.unbox(boxed))[0])
   repl = sharding.replicated(mesh)
@@ -43,7 +44,7 @@ def _plan(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
                          frozen=frozen_sh)
 
   def init(r):
-    params, frozen = split(init_params(model.cfg, r, lora=model.lora))
+    params, frozen = split(init_params(model.cfg, r, adapter=adapter))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
                       recent_losses=jnp.full((max(window, 1),), jnp.nan, jnp.float32), frozen=frozen)
 
@@ -52,9 +53,9 @@ def _plan(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
 
 def create(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int,
            window: int = 1) -> tuple[TrainState, TrainState]:
-  """(state, state shardings): params and optimizer state are initialised directly into their shards. With LoRA
-  (`model.lora`), `params` holds only the adapters and `frozen['base']` the base weights, once; the optimizer
-  state covers the adapters alone. `window`: the divergence guard's loss history."""
+  """(state, state shardings): params and optimizer state are initialised directly into their shards. Under a
+  parameterisation (`model.adapter`), `params` holds only its trainable tree and `frozen['base']` the base weights,
+  once; the optimizer state covers the trainable tree alone. `window`: the divergence guard's loss history."""
   init, init_rng, shardings = _plan(model, tx, mesh, rules, seed, window)
   return jax.jit(init, out_shardings=shardings)(init_rng), shardings
 
@@ -68,19 +69,19 @@ def abstract(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rul
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings), shardings
 
 
-def _split(tree: Any) -> tuple[Any, dict]:
-  """(trainable adapters, {'base': the rest})."""
-  adapters, base = lora.split(tree)
-  return adapters, {"base": base}
+def _split(adapter: adapters.Adapter, tree: Any) -> tuple[Any, dict]:
+  """(the adapter's trainable tree, {'base': the rest})."""
+  trained, base = adapters.split(adapter, tree)
+  return trained, {"base": base}
 
 
 def base_params(state: TrainState) -> Any:
-  """The model weights that `init_from` fills: the frozen base under LoRA, else the trained params."""
+  """The model weights that `init_from` fills: the frozen base under a parameterisation, else the trained params."""
   return state.frozen["base"] if "base" in state.frozen else state.params
 
 
 def with_base_params(state: TrainState, params: Any, frozen_only: bool = False) -> TrainState:
-  """`state` with the weights read from a run: the frozen base (LoRA) or, unless `frozen_only` (a resume, whose
+  """`state` with the weights read from a run: the frozen base (under a parameterisation) or, unless `frozen_only` (a resume, whose
   trained params come from the checkpoint), the params."""
   if "base" in state.frozen:
     return state.replace(frozen={**state.frozen, "base": params})

@@ -127,11 +127,11 @@ class Plan:
 def plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, layout: Layout,
          archs: dict[str, ModelConfig] | None = None) -> Plan:
   """The jitted step of `config` on `mesh` for batches of `layout`, over an abstract state: the trained params and
-  optimizer state plus the frozen trees (the LoRA base; the frozen models the head declares, 'run' ones with the
+  optimizer state plus the frozen trees (a parameterisation's base; the frozen models the head declares, 'run' ones with the
   networks `archs` gives, default: `frozen.architectures`)."""
   rules = tuple(tuple(r) for r in config.mesh.rules)
   head = objectives.get(config.objective)
-  model = Transformer(config_lib.resolved_model(config), config_lib.lora_config(config))
+  model = Transformer(config_lib.resolved_model(config), config_lib.adapter(config))
   schedule = optim.make_schedule(config.optimizer, config.train.steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
   state, shardings = train_state.abstract(model, tx, mesh, rules, config.train.seed, config.train.spike_window)

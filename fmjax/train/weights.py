@@ -1,4 +1,4 @@
-"""A run directory's weights on the host (NumPy), for tools: read a checkpoint's params, put a LoRA run's adapters
+"""A run directory's weights on the host (NumPy), for tools: read a checkpoint's params, put a parameterisation's trained tree
 back over their base, write params as a run that `init_from` accepts."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fmjax import config_lib, data
-from fmjax.model import ModelConfig, init_params, lora
+from fmjax import adapters
+from fmjax.model import ModelConfig, init_params
 from fmjax.train import init_from
 
 
@@ -22,8 +23,8 @@ from fmjax.train import init_from
 class RunWeights:
   config: ml_collections.ConfigDict  # the run's resolved config (config.json)
   model_cfg: ModelConfig
-  lora_cfg: lora.LoraConfig | None
-  params: dict  # the full tree: base weights, plus the adapters for a LoRA run
+  adapter: adapters.Adapter | None  # the parameterisation it trained, if any
+  params: dict  # the full tree: base weights, plus the parameterisation's tree
   step: int
   tokenizer_path: str  # the run's copy of its tokenizer ('' for the byte tokenizer)
 
@@ -74,20 +75,20 @@ def read_param(workdir: str, step: int, path: tuple[str, ...]) -> np.ndarray:
 
 
 def load(workdir: str, step: int = -1) -> RunWeights:
-  """The weights of run `workdir`; for a LoRA run, its adapters over the base it trained on (its init_from, its
-  bootstrapped WORKDIR/base, or the seed's initialisation)."""
+  """The weights of run `workdir`; under a parameterisation (fmjax/adapters), its trained tree over the base it trained
+  on (its init_from, its bootstrapped WORKDIR/base, or the seed's initialisation)."""
   config = run_config(workdir)
   model_cfg = config_lib.resolved_model(config)
-  lora_cfg = config_lib.lora_config(config)
+  adapter = config_lib.adapter(config)
   params, step = read_params(workdir, step)
-  if lora_cfg is not None:
+  if adapter is not None:
     source = config.init_from.workdir or (os.path.join(workdir, "base") if config.init_from.bootstrap else "")
     if source:
       base, _ = read_params(source, config.init_from.step)
     else:
       base = jax.device_get(init_params(model_cfg, jax.random.split(jax.random.PRNGKey(config.train.seed))[0]))
-    params = lora.combine(base, params)
-  return RunWeights(config, model_cfg, lora_cfg, params, step, data.run_tokenizer_file(workdir))
+    params = adapters.combine(base, params)
+  return RunWeights(config, model_cfg, adapter, params, step, data.run_tokenizer_file(workdir))
 
 
 def write_run(output: str, params: dict, config: ml_collections.ConfigDict, step: int, tokenizer_path: str) -> str:

@@ -15,22 +15,34 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from fmjax.adapters.base import Adapter
+from fmjax.adapters.base import combine
+from fmjax.adapters.base import split as _split
 from fmjax.errors import UserError
+
+__all__ = ["ADAPTABLE", "DEFAULT_TARGETS", "LoraConfig", "combine", "delta", "is_adapter", "merge", "project", "split",
+           "targeted_paths"]
 
 ADAPTABLE = ("q_kernel", "k_kernel", "v_kernel", "o_kernel", "gate_kernel", "up_kernel", "down_kernel", "unembed")
 SUFFIXES = ("_lora_a", "_lora_b")
 DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_kernel$"  # every attention and MLP projection
 
 
+def _regex(v: str) -> bool:
+  from fmjax.config_checks import is_regex  # imported here: config_checks reads this module's rules
+
+  return is_regex(v)
+
+
 @dataclasses.dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(Adapter):
   """Which kernels get adapters, and their rank, scale and dropout."""
 
   rank: int = 8  # r: inner width of the adapters
@@ -38,6 +50,26 @@ class LoraConfig:
   dropout: float = 0.0  # dropout on the adapters' input, in training only
   targets: str = DEFAULT_TARGETS  # regex searched in parameter paths 'layers/attn/q_kernel'
   rslora: bool = False  # rank-stabilised scale alpha / sqrt(rank)
+
+  title: ClassVar[str] = "LoRA"
+  merge_command: ClassVar[str] = "python tools/lora.py merge --workdir={workdir} --output=DIR"
+  off_hint: ClassVar[str] = "lora.rank=0"
+  rules: ClassVar[tuple] = (
+      ("rank", lambda v: v >= 0, ">= 0 (0 = off)"),
+      ("alpha", lambda v: v > 0, "> 0 (the adapter scale is alpha / rank)"),
+      ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+      ("targets", _regex, "a valid regular expression"),
+  )
+
+  @classmethod
+  def enabled(cls, section: Any) -> bool:
+    if section.rank < 0:
+      raise UserError(f"lora.rank={section.rank} must be >= 0 (0 = off).")
+    return section.rank > 0
+
+  @classmethod
+  def owns_path(cls, path: tuple[str, ...]) -> bool:
+    return path[-1].endswith(SUFFIXES)
 
   @property
   def scale(self) -> float:
@@ -57,6 +89,23 @@ class LoraConfig:
       raise UserError(f"lora.targets={self.targets!r} is not a valid regex ({e}).") from e
     return self
 
+  def project(self, module: nn.Module, name: str, spec: str, x: jax.Array, w: jax.Array, axes: tuple[str, ...],
+              out_dtype: Any = None) -> jax.Array:
+    return project(module, name, spec, x, w, axes, self, out_dtype)
+
+  def check(self, base: Any) -> None:
+    targeted_paths(base, self)
+
+  def merge(self, params: Any) -> dict:
+    return merge(params, self)
+
+  def flops_per_token(self, cfg: Any, seq_len: int, trained: int) -> float:
+    """Every adapter weight does one multiply-add per token: 2 FLOPs forward, 4 backward."""
+    return 6.0 * trained
+
+  def describe(self, trained: int) -> str:
+    return f"{trained:,} trained: LoRA adapters"
+
 
 def project(module: nn.Module, name: str, spec: str, x: jax.Array, w: jax.Array, axes: tuple[str, ...],
             lora: LoraConfig | None, out_dtype: Any = None) -> jax.Array:
@@ -72,9 +121,10 @@ def project(module: nn.Module, name: str, spec: str, x: jax.Array, w: jax.Array,
   n_in = sum(c in xs for c in ws)
   ins, outs = ws[:n_in], ws[n_in:]
   init_a = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1)
-  a = module.param(name + "_lora_a", nn.with_logical_partitioning(init_a, (*axes[:n_in], "lora_rank")),
+  a = module.param(name + "_lora_a", nn.with_logical_partitioning(init_a, (*axes[:n_in], "adapter_rank")),
                    (*w.shape[:n_in], lora.rank), jnp.float32)  # PEFT's init: U(±1/√fan_in)
-  b = module.param(name + "_lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", *axes[n_in:])),
+  b = module.param(name + "_lora_b",
+                   nn.with_logical_partitioning(nn.initializers.zeros, ("adapter_rank", *axes[n_in:])),
                    (lora.rank, *w.shape[n_in:]), jnp.float32)
   if lora.dropout and module.has_rng("dropout"):
     x = nn.Dropout(lora.dropout, deterministic=False, name=name + "_lora_dropout")(x)
@@ -85,20 +135,12 @@ def project(module: nn.Module, name: str, spec: str, x: jax.Array, w: jax.Array,
 
 
 def is_adapter(path: tuple[str, ...]) -> bool:
-  return path[-1].endswith(SUFFIXES)
+  return LoraConfig.owns_path(path)
 
 
 def split(params: Any) -> tuple[dict, dict]:
   """(adapters, base): the adapter leaves and all other leaves, each as a nested dict of the same layout."""
-  flat = traverse_util.flatten_dict(params)
-  adapters = {p: v for p, v in flat.items() if is_adapter(p)}
-  base = {p: v for p, v in flat.items() if not is_adapter(p)}
-  return traverse_util.unflatten_dict(adapters), traverse_util.unflatten_dict(base)
-
-
-def combine(base: Any, adapters: Any) -> dict:
-  """The full parameter tree the model applies: the base with the adapters in their modules."""
-  return traverse_util.unflatten_dict({**traverse_util.flatten_dict(base), **traverse_util.flatten_dict(adapters)})
+  return _split(LoraConfig(), params)
 
 
 def targeted_paths(base: Any, lora: LoraConfig) -> list[str]:

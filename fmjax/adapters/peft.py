@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from fmjax.model.lora import LoraConfig
+from fmjax.adapters.lora import LoraConfig
 
 HF_MODULES = {"attn/q_kernel": "self_attn.q_proj", "attn/k_kernel": "self_attn.k_proj",
               "attn/v_kernel": "self_attn.v_proj", "attn/o_kernel": "self_attn.o_proj",
