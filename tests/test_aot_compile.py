@@ -72,6 +72,7 @@ def test_smoke_fits_on_v5p_8_with_memory_by_category_and_a_projected_mfu(v5p_8):
 
 
 @pytest.mark.parametrize("spec,frozen", [("configs/lora.py:smoke", "frozen LoRA base"),
+                                         ("configs/reft.py:smoke", "frozen REFT base"),
                                          ("configs/dpo.py:smoke", "frozen reference"),
                                          ("configs/distill.py:smoke", "frozen teacher")])
 def test_every_stage_compiles_with_its_frozen_trees(v5p_8, spec, frozen):

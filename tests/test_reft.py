@@ -188,6 +188,21 @@ def test_training_keeps_the_base_and_r_orthonormal_and_counts_2dr_plus_r(trained
   assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
+def test_reft_step_on_8_devices_matches_1(repo, trained):
+  _, _, _, state1, losses1 = trained
+  c = reft_run_config(repo)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  exp = experiment.build(c, devices=jax.devices())
+  assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(exp.state.params))
+  state, losses, batch = exp.state, [], exp.next_batch()
+  for _ in range(4):
+    state, metrics = exp.step(state, batch)
+    losses.append(float(metrics["loss"]))
+  np.testing.assert_allclose(losses, losses1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-6), state.params,
+               state1.params)
+
+
 def test_a_layer_subset_trains_only_those_layers(repo):
   exp = experiment.build(reft_run_config(repo, layers="1", share_weights=True), devices=jax.devices()[:1])
   assert exp.num_params == 2 * exp.model_cfg.d_model * 4 + 4  # one intervention
