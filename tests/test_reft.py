@@ -281,3 +281,27 @@ def test_a_parameterisation_defined_in_a_test_trains_through_the_registry(repo):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen["base"]), base)
   finally:
     adapters._LOADED.pop("gain", None)
+
+
+@pytest.mark.slow
+def test_reft_smoke_standalone_stops_resumes_and_learns(repo, tmp_path, cpu_env):
+  import json
+  import subprocess
+  import sys
+
+  from fmjax.train import weights
+
+  def run(*extra):
+    proc = subprocess.run([sys.executable, "-m", "fmjax.main", "--config=configs/reft.py:smoke", f"--workdir={tmp_path}",
+                           *extra], cwd=repo, capture_output=True, text=True, timeout=300, env=cpu_env(1))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+  first = run("--config.train.stop_after=20")
+  assert "2,064 trained: loreft rank 4 at f5+l5" in first  # (2·64·4 + 4) × 2 sides × 2 blocks
+  trained, step = weights.read_params(str(tmp_path))
+  assert step == 20 and all(p[-1].startswith("reft_") for p in traverse_util.flatten_dict(trained))
+  resumed = run()
+  assert "resuming from step 20" in resumed and "initialised the frozen REFT base" in resumed
+  evals = {r["step"]: r["eval_loss"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "eval_loss" in r}
+  assert sorted(evals) == [0, 10, 20, 30] and evals[30] < evals[0] - 0.01

@@ -16,7 +16,7 @@ import jax
 LossOutput = tuple[jax.Array, jax.Array, dict[str, jax.Array]]
 
 # logits_fn(inputs) -> logits [B,T,V] float32. `inputs` maps "tokens", "segment_ids", "positions" (and the per-token
-# columns the run's parameterisation reads, e.g. REFT's "intervene") to [B,T] arrays: a batch, or one side of one.
+# columns the run's parameterisation reads, e.g. "intervene") to [B,T] arrays: a batch, or one side of one.
 LogitsFn = Callable[[Mapping[str, jax.Array]], jax.Array]
 
 
