@@ -79,6 +79,18 @@ def test_first_and_last_sides_use_their_own_intervention():
   np.testing.assert_array_equal(phi[0, 1], np.asarray(h, np.float32)[0, 1])
 
 
+def test_two_parameterisations_at_once_are_refused_naming_both_switches(repo):
+  c = config_lib.load(f"{repo}/configs/reft.py:smoke")
+  assert isinstance(config_lib.adapter(c), reft.ReftConfig)
+  c.lora.rank = 8
+  with pytest.raises(ValueError, match=r"lora and reft are both on.*lora.rank=0; reft.rank=0"):
+    config_lib.adapter(c)
+  c.reft.rank, c.reft.layers = 4, "0,9"
+  c.lora.rank = 0
+  with pytest.raises(ValueError, match="reft.layers='0,9' names block 9, but the model has 2"):
+    experiment.build(c, devices=jax.devices()[:1])
+
+
 def test_positions_follow_pyreft_and_each_packed_prompt():
   assert reft.parse_positions("f5+l5") == (5, 5) and reft.parse_positions("l7") == (0, 7)
   for bad in ("f5l5", "+", "first5", "f5+"):
