@@ -23,6 +23,7 @@ _LOADED: dict[str, type[Adapter]] = {}
 
 def register(name: str, cls: type[Adapter]) -> None:
   """Adds a parameterisation defined outside the package; its options are the config section `name`."""
+  cls.section = cls.section or name
   _LOADED[name] = cls
 
 

@@ -28,6 +28,7 @@ class Adapter:
   section, and override the hooks they use."""
 
   title: ClassVar[str] = ""  # its name in messages
+  section: ClassVar[str] = ""  # the config section of its options (its registry name)
   merge_command: ClassVar[str] = ""  # the command that folds a run into full weights ({workdir}: the run), if any
   columns: ClassVar[tuple[str, ...]] = ()  # per-token int32 batch columns the model passes to `block_output`
   freezes_base: ClassVar[bool] = True  # the base takes no gradient (its matmuls count 4, not 6, FLOPs per weight)
@@ -53,6 +54,10 @@ class Adapter:
     return self.owns_path(path)
 
   def validate(self) -> "Adapter":
+    """Checks its options against `rules` and that it is on (built from a section whose switch is off, it is not)."""
+    for key, ok, what in self.rules:
+      if not ok(getattr(self, key)):
+        raise UserError(f"{self.section}.{key}={getattr(self, key)!r} must be {what}.")
     return self
 
   def project(self, module: Any, name: str, spec: str, x: jax.Array, w: jax.Array, axes: tuple[str, ...],

@@ -52,6 +52,7 @@ class LoraConfig(Adapter):
   rslora: bool = False  # rank-stabilised scale alpha / sqrt(rank)
 
   title: ClassVar[str] = "LoRA"
+  section: ClassVar[str] = "lora"
   merge_command: ClassVar[str] = "python tools/lora.py merge --workdir={workdir} --output=DIR"
   off_hint: ClassVar[str] = "lora.rank=0"
   rules: ClassVar[tuple] = (
@@ -81,13 +82,7 @@ class LoraConfig(Adapter):
   def validate(self) -> "LoraConfig":
     if self.rank <= 0:
       raise UserError(f"lora.rank={self.rank} must be positive (lora.rank=0 turns LoRA off).")
-    if not 0 <= self.dropout < 1:
-      raise UserError(f"lora.dropout={self.dropout} must be in [0, 1).")
-    try:
-      re.compile(self.targets)
-    except re.error as e:
-      raise UserError(f"lora.targets={self.targets!r} is not a valid regex ({e}).") from e
-    return self
+    return super().validate()
 
   def project(self, module: nn.Module, name: str, spec: str, x: jax.Array, w: jax.Array, axes: tuple[str, ...],
               out_dtype: Any = None) -> jax.Array:

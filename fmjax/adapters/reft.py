@@ -80,6 +80,7 @@ class ReftConfig(Adapter):
   dropout: float = 0.0
 
   title: ClassVar[str] = "REFT"
+  section: ClassVar[str] = "reft"
   columns: ClassVar[tuple[str, ...]] = ("intervene",)
   off_hint: ClassVar[str] = "reft.rank=0"
   rules: ClassVar[tuple] = (
@@ -99,13 +100,9 @@ class ReftConfig(Adapter):
     return path[-1].startswith("reft_")
 
   def validate(self) -> "ReftConfig":
-    for key, ok, what in self.rules:
-      if not ok(getattr(self, key)):
-        raise UserError(f"reft.{key}={getattr(self, key)!r} must be {what}.")
     if self.rank <= 0:
       raise UserError(f"reft.rank={self.rank} must be positive (reft.rank=0 turns REFT off).")
-    parse_positions(self.positions)
-    return self
+    return super().validate()
 
   @property
   def sides(self) -> tuple[int, int]:
