@@ -174,6 +174,11 @@ def _rows(records, encode, fmt: str, data_cfg: Any, seq_len: int, seed: int, sha
   return _pack(examples, fmt, seq_len, data_cfg.packing_bins, seed, columns)
 
 
+def _columns(adapter: adapters.Adapter | None):
+  """The row -> per-token columns function of the run's parameterisation, or None when it reads none."""
+  return adapter.batch_columns if adapter is not None and adapter.columns else None
+
+
 def shard_range(data_cfg: Any, batch: int, process_index: int, process_count: int) -> range:
   """The data shards process `process_index` reads (see the module docstring)."""
   shards = data_cfg.shards or process_count
@@ -205,7 +210,7 @@ def train_dataset(config: Any, tokenizer: Any, process_index: int = 0,
     raise UserError(f"data.mixture mixes sources whose batches have different keys ({kinds}: preference or not, "
                     f"with or without precomputed ref_*_logps) in {[s.name for s in specs]}. Mix sources of one kind.")
   adapter = adapters.get(config)
-  columns = adapter.batch_columns if adapter is not None and adapter.columns else None
+  columns = _columns(adapter)
   batched = []
   for shard in mine:
     streams = [_rows(records, encode, fmt, data_cfg, seq_len, data_cfg.seed + 1000 * k, shard, shards, train=True,
@@ -230,8 +235,7 @@ def eval_batches(config: Any, tokenizer: Any, process_index: int = 0,
   """Name → this process's rows of each fixed held-out global batch of that eval source."""
   data_cfg, seq_len, batch = config.data, config.train.seq_len, config.train.batch_size
   local = batch // process_count
-  adapter = adapters.get(config)
-  columns = adapter.batch_columns if adapter is not None and adapter.columns else None
+  columns = _columns(adapters.get(config))
   out = {}
   for spec, split in eval_specs(config):
     records, encode, fmt = _open(spec, data_cfg, split, tokenizer, seq_len)
