@@ -47,12 +47,12 @@ def get(config: Any) -> Adapter | None:
 
 
 def train_flops_per_token(cfg: Any, seq_len: int, adapter: Adapter | None, trained: int | None = None) -> float:
-  """Training FLOPs per token of the model under `adapter` (fmjax.model.flops's convention): the base's, with its
-  weights frozen when the adapter freezes them, plus the adapter's own. `trained`: the adapter's parameter count
+  """Training FLOPs per token of the model under `adapter` (fmjax.model.flops's convention): the base's (frozen
+  under an adapter, so no weight gradients), plus the adapter's own. `trained`: the adapter's parameter count
   (default: counted from shapes)."""
   from fmjax.model import flops, init_params
 
-  base = flops.train_flops_per_token(cfg, seq_len, frozen_weights=adapter is not None and adapter.freezes_base)
+  base = flops.train_flops_per_token(cfg, seq_len, frozen_weights=adapter is not None)
   if adapter is None:
     return base
   if trained is None:

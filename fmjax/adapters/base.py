@@ -31,7 +31,6 @@ class Adapter:
   section: ClassVar[str] = ""  # the config section of its options (its registry name)
   merge_command: ClassVar[str] = ""  # the command that folds a run into full weights ({workdir}: the run), if any
   columns: ClassVar[tuple[str, ...]] = ()  # per-token int32 batch columns the model passes to `block_output`
-  freezes_base: ClassVar[bool] = True  # the base takes no gradient (its matmuls count 4, not 6, FLOPs per weight)
   off_hint: ClassVar[str] = ""  # how to switch it off, for the error when two are on
   # (option, predicate, what the value must be): checked at start with the run's other config values
   rules: ClassVar[tuple[tuple[str, Callable[[Any], bool], str], ...]] = ()

@@ -27,7 +27,7 @@ from fmjax.adapters.base import combine
 from fmjax.adapters.base import split as _split
 from fmjax.errors import UserError
 
-__all__ = ["ADAPTABLE", "DEFAULT_TARGETS", "LoraConfig", "combine", "delta", "is_adapter", "merge", "project", "split",
+__all__ = ["ADAPTABLE", "DEFAULT_TARGETS", "LoraConfig", "combine", "delta", "merge", "project", "split",
            "targeted_paths"]
 
 ADAPTABLE = ("q_kernel", "k_kernel", "v_kernel", "o_kernel", "gate_kernel", "up_kernel", "down_kernel", "unembed")
@@ -127,10 +127,6 @@ def project(module: nn.Module, name: str, spec: str, x: jax.Array, w: jax.Array,
   h = jnp.einsum(f"{xs},{ins}r->{batch}r", x, a.astype(x.dtype))
   delta = jnp.einsum(f"{batch}r,r{outs}->{out}", h, b.astype(x.dtype))
   return y + (lora.scale * delta).astype(y.dtype)
-
-
-def is_adapter(path: tuple[str, ...]) -> bool:
-  return LoraConfig.owns_path(path)
 
 
 def split(params: Any) -> tuple[dict, dict]:
