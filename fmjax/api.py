@@ -109,6 +109,35 @@ class Model:
     return texts
 
 
+  def score(self, records: Sequence[dict], batch_size: int = 16) -> np.ndarray:
+    """A score model's (`config.num_labels > 0`: a reward model, a classifier) scores [N, num_labels] of records
+    {"prompt", "completion"} (strings or messages, as training pairs) or {"text"}, each tokenized as in training
+    and read at its last token."""
+    from fmjax.data import formats
+    from fmjax.objectives.score import last_token_scores
+
+    if not self.config.num_labels:
+      raise UserError(f"{self.source} is a language model (model.num_labels=0); scores come from a reward model "
+                      "or a classifier (configs/reward.py, configs/classify.py).")
+    rows = []
+    for n, record in enumerate(records):
+      fmt = "text" if "completion" not in record else "prompt_completion"
+      if fmt == "text" and not isinstance(record.get("text"), str):
+        raise UserError(f"record {n}: needs 'prompt' and 'completion', or 'text'; it has {sorted(record)}.")
+      encoder = formats.Encoder(fmt, self.tokenizer, chat_template=self.chat_template)
+      rows.append(encoder({**record, "_where": f"record {n}"})["tokens"])
+    out = []
+    for start in range(0, len(rows), batch_size):
+      chunk = rows[start:start + batch_size]
+      width = max(len(r) for r in chunk)
+      tokens, segments = np.zeros((len(chunk), width), np.int32), np.zeros((len(chunk), width), np.int32)
+      for i, r in enumerate(chunk):
+        tokens[i, :len(r)], segments[i, :len(r)] = r, 1
+      scores = self.logits(tokens, segments)
+      out.append(np.asarray(last_token_scores(jnp.asarray(scores), jnp.asarray(segments))[0][:, 1]))
+    return np.concatenate(out)
+
+
 def load(path: str, step: int = -1, dtype: str | None = None) -> Model:
   """The model in `path`: an fmjax run directory (checkpoint `step`, -1 = newest; a parameterised run's trained
   tree comes over its base) or a Hugging Face checkpoint directory (converted in memory). `dtype` casts the weights

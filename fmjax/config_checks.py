@@ -27,7 +27,8 @@ def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
   """(key, predicate, what the value must be) for every config value with a range or a set of choices."""
   from fmjax import objectives
   from fmjax.data import chat, formats, sp_tokenizer
-  from fmjax.objectives import distill
+  from fmjax.objectives import distill, grpo
+  from fmjax.rl import advantages
   from fmjax.train import optimizer
 
   positive, non_negative = (lambda v: v > 0), (lambda v: v >= 0)
@@ -101,6 +102,17 @@ def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
       ("objective.temperature", positive, "> 0"),
       ("objective.alpha", lambda v: 0 <= v <= 1, "in [0, 1] (the weight of the hard-label loss)"),
       ("objective.top_k", non_negative, ">= 0 (0 = the whole vocabulary)"),
+      ("objective.center_rewards_coefficient", non_negative, ">= 0 (0 = no centring)"),
+      ("objective.reward_model_step", lambda v: v >= -1, ">= -1 (-1 = the newest checkpoint)"),
+      ("objective.num_generations", positive, "> 0 (completions sampled per prompt)"),
+      ("objective.num_iterations", positive, "> 0 (optimizer steps per rollout)"),
+      ("objective.max_completion_length", positive, "> 0 (tokens per completion)"),
+      ("objective.top_p", lambda v: 0 < v <= 1, "in (0, 1] (1 = no nucleus filtering)"),
+      ("objective.loss_type", *one_of(grpo.LOSS_TYPES)),
+      ("objective.scale_rewards", *one_of(advantages.SCALES)),
+      ("objective.epsilon_low", fraction, "in [0, 1) (the ratio's lower clip 1 − ε_low)"),
+      ("objective.epsilon_high", non_negative, ">= 0 (the ratio's upper clip 1 + ε_high)"),
+      ("objective.kl_coef", non_negative, ">= 0 (0 = no KL term and no reference model)"),
       ("init_from.step", lambda v: v >= -1, ">= -1 (-1 = the newest checkpoint)"),
       *((f"{name}.{key}", ok, what) for name, cls in adapters.registered().items() for key, ok, what in cls.rules),
       *((f"mesh.{axis}", *mesh) for axis in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor")),
@@ -133,8 +145,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if opt.warmup_steps >= t.steps > 1:
     raise UserError(f"optimizer.warmup_steps={opt.warmup_steps} must be smaller than train.steps={t.steps}; lower it "
                     "or train longer.")
-  resolved_model(config)  # model.*: fmjax/model/config.py's checks
+  model = resolved_model(config)  # model.*: fmjax/model/config.py's checks
   adapters.get(config)  # the parameterisation's own checks
+  from fmjax import objectives
+
+  head = objectives.get(config.objective)
+  head.check_model(config.objective.name, model.num_labels)
+  if head.rollout:
+    from fmjax.rl import prompts, rewards, rollout
+
+    rollout.check(config)
+    prompts.prompts_per_step(config)
+    prompts.prompt_width(config)
+    rewards.functions(config.objective.rewards)  # every reward function named can be loaded
 
 
 def check_workdir(path: str) -> None:

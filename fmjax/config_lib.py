@@ -94,9 +94,26 @@ def base() -> ml_collections.ConfigDict:
   c.objective.teacher_bootstrap = ""  # distill, with no teacher: pre-train this config into WORKDIR/teacher first
   c.objective.divergence = "forward_kl"  # distill: forward_kl | reverse_kl | jsd
   c.objective.jsd_beta = 0.5  # distill, jsd: weight of the teacher in the mixture
-  c.objective.temperature = 1.0  # distill: softmax temperature of both (the divergence is scaled by T²)
+  c.objective.temperature = 1.0  # distill: softmax temperature of both (the divergence is scaled by T²); grpo: sampling
   c.objective.alpha = 0.5  # distill: weight of the hard-label cross-entropy; 1 − alpha on the divergence
-  c.objective.top_k = 0  # distill: compare on the teacher's top-k tokens only; 0 = the whole vocabulary
+  c.objective.top_k = 0  # distill: the teacher's top-k tokens only; grpo: sample among the top k; 0 = all
+  c.objective.reward_margin = 0.0  # reward: the score gap a chosen response must clear, −log σ(r⁺ − r⁻ − margin)
+  c.objective.center_rewards_coefficient = 0.0  # reward: weight of (r⁺ + r⁻)², which keeps scores centred (TRL's)
+  # grpo (on-policy RL, fmjax/rl): rollouts of the current policy, scored, then trained on
+  c.objective.rewards = "sort_digits"  # grpo: 'name[:weight],...': built-ins, 'model' (reward_model), 'pkg.mod:fn'
+  c.objective.reward_model = ""  # grpo with rewards 'model': a reward-model run directory (configs/reward.py)
+  c.objective.reward_model_step = -1  # its checkpoint step; -1 = newest
+  c.objective.reward_model_bootstrap = ""  # with no directory: train this reward config into WORKDIR/reward_model
+  c.objective.num_generations = 4  # grpo: completions sampled per prompt (G); train.batch_size = prompts × G
+  c.objective.num_iterations = 1  # grpo: optimizer steps on each rollout (μ); > 1 reuses it with clipping
+  c.objective.max_completion_length = 32  # grpo: tokens sampled per completion at most
+  c.objective.top_p = 1.0  # grpo: nucleus sampling (objective.temperature is the sampling temperature)
+  c.objective.loss_type = "dapo"  # grpo: grpo (per-sequence token mean) | dr_grpo (÷ G·L_max) | dapo (token mean)
+  c.objective.scale_rewards = "group"  # grpo: advantages ÷ std of the group | batch | none, or rloo (leave-one-out)
+  c.objective.epsilon_low = 0.2  # grpo: the ratio's lower clip 1 − ε_low
+  c.objective.epsilon_high = 0.28  # grpo: the upper clip 1 + ε_high (DAPO's clip-higher; 0.2 = symmetric)
+  c.objective.mask_truncated_completions = False  # grpo: no loss on completions that hit the length limit
+  c.objective.kl_coef = 0.0  # grpo: β of the k3 KL to the reference (TRL's beta); 0 = no reference model at all
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | sgd

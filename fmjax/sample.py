@@ -70,7 +70,9 @@ def _compiled(model_cfg: ModelConfig, adapter: Adapter | None, sampling: bool):
       next_B = sample_logits(jax.random.fold_in(rng, t), logits_Bx1xV[:, 0], temperature, top_k, top_p)
     else:
       next_B = jnp.argmax(logits_Bx1xV[:, 0], axis=-1)
-    return cache, next_B.astype(jnp.int32)
+    # the token's log-prob under softmax(logits / temperature), unfiltered: what a training forward recomputes
+    logp_BxV = jax.nn.log_softmax(logits_Bx1xV[:, 0] / jnp.where(sampling, temperature, 1.0), axis=-1)
+    return cache, next_B.astype(jnp.int32), jnp.take_along_axis(logp_BxV, next_B[:, None], axis=-1)[:, 0]
 
   return prefill, step
 
@@ -82,11 +84,13 @@ def _bucket(n: int) -> int:
 def generate(model_cfg: ModelConfig, adapter: Adapter | None, params, prompts: Sequence[np.ndarray],
              max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids: Sequence[int] = (), rng: jax.Array | None = None, stop_texts: Sequence[str] = (),
-             decode: Callable[[list[int]], str] | None = None) -> list[np.ndarray]:
+             decode: Callable[[list[int]], str] | None = None, with_logps: bool = False):
   """Each prompt's continuation (ids, without the prompt), decoded with a KV cache: argmax at temperature 0, else a
   draw from softmax(logits / temperature) after top-k (k > 0) and top-p filtering (`filter_logits`), with a fresh
   key per step from `rng`. A row ends at (and includes) its first id in `stop_ids`, once `decode(ids)` contains one
-  of `stop_texts`, or after `max_new_tokens`; finished rows stop changing, and decoding stops when all have ended."""
+  of `stop_texts`, or after `max_new_tokens`; finished rows stop changing, and decoding stops when all have ended.
+  `with_logps`: also each continuation's per-token log-probs (float32) under softmax(logits / temperature), as
+  (ids, logps) lists."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise UserError("generate needs at least one prompt and at least one token (e.g. BOS) in every prompt.")
   if any(np.min(p) < 0 or np.max(p) >= model_cfg.vocab_size for p in prompts):
@@ -110,18 +114,20 @@ def generate(model_cfg: ModelConfig, adapter: Adapter | None, params, prompts: S
   last = {k: v[np.arange(B), lengths_B - 1][:, None] for k, v in columns.items()}
   later = {k: np.zeros_like(v) for k, v in last.items()}
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  out, done = [[] for _ in range(B)], np.zeros(B, bool)
+  out, logps, done = [[] for _ in range(B)], [[] for _ in range(B)], np.zeros(B, bool)
   for t in range(max_new_tokens):
-    cache, next_B = step(params, cache, tokens_B, positions_B, rng, t, temperature, top_k, top_p,
-                         last if t == 0 else later)
-    next_B = np.asarray(next_B)
+    cache, next_B, logp_B = step(params, cache, tokens_B, positions_B, rng, t, temperature, top_k, top_p,
+                                 last if t == 0 else later)
+    next_B, logp_B = np.asarray(next_B), np.asarray(logp_B)
     for i in np.flatnonzero(~done):  # a finished row re-feeds one token at one position: its outputs are ignored
       out[i].append(int(next_B[i]))
+      logps[i].append(float(logp_B[i]))
       done[i] = out[i][-1] in stop_ids or any(s in decode(out[i]) for s in stop_texts)
       tokens_B[i], positions_B[i] = next_B[i], positions_B[i] + 1
     if done.all():
       break
-  return [np.asarray(o, np.int32) for o in out]
+  ids = [np.asarray(o, np.int32) for o in out]
+  return (ids, [np.asarray(lp, np.float32) for lp in logps]) if with_logps else ids
 
 
 @functools.partial(jax.jit, static_argnums=0)

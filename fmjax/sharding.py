@@ -40,6 +40,7 @@ DEFAULT_RULES = (
     ("layers", None),
     ("norm", None),
     ("adapter_rank", None),
+    ("labels", None),
 )
 
 

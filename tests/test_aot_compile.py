@@ -74,12 +74,13 @@ def test_smoke_fits_on_v5p_8_with_memory_by_category_and_a_projected_mfu(v5p_8):
 @pytest.mark.parametrize("spec,frozen", [("configs/lora.py:smoke", "frozen LoRA base"),
                                          ("configs/reft.py:smoke", "frozen REFT base"),
                                          ("configs/dpo.py:smoke", "frozen reference"),
+                                         ("configs/grpo.py:smoke,beta=0.04", "frozen reference"),
                                          ("configs/distill.py:smoke", "frozen teacher")])
 def test_every_stage_compiles_with_its_frozen_trees(v5p_8, spec, frozen):
   topo, devices = v5p_8
   report = aot.analyse(config_lib.load(spec), topo, devices=devices, cost=False)
   assert report.verdict == "fits" and report.memory.arguments[frozen] > 0
-  if spec.startswith("configs/dpo"):
+  if spec.startswith(("configs/dpo", "configs/grpo")):
     assert report.memory.arguments[frozen] == report.memory.arguments["params (trained)"]
 
 

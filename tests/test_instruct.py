@@ -217,7 +217,7 @@ def test_documents_read_the_messages_and_unknown_names_list_instruct(records):
   texts = fmjax.data.documents("embedded:instruct", "validation")
   assert texts == [m["content"] for r in records["validation"].values() for m in r["messages"]]
   with pytest.raises(ValueError, match=r"'embedded:poetry' is unknown; embedded corpora: "
-                                       r"\['code', 'instruct', 'preference', 'prose'\]"):
+                                       r"\['code', 'instruct', 'preference', 'prose', 'sort', 'sort_pairs', 'topics'\]"):
     open_source("embedded:poetry")
   with pytest.raises(ValueError, match="split 'dev'"):
     instruct.load_records("dev")

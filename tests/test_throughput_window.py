@@ -49,7 +49,8 @@ def rows(repo, tmp_path_factory):
   config.train.steps, config.log.every_steps, config.eval.every_steps = 5, 1, 2
   config.log.peak_flops = PEAK  # configured: no CPU probe
   exp = types.SimpleNamespace(config=config, flops_per_token=FLOPS_PER_TOKEN, step=fake_step,
-                              evaluate=fake_evaluate, next_batch=lambda: jnp.ones((4,)), stream=None,
+                              evaluate=fake_evaluate, batch=lambda state, step: (jnp.ones((4,)), {}),
+                              boundary=lambda step: True, stream=None,
                               layout=types.SimpleNamespace(rows_per_example=1), state=State(jnp.zeros((4,)), {}))
   ckpt = types.SimpleNamespace(due=lambda step: step == 3, save=lambda *args: time.sleep(EVAL_SECONDS))
   stop = types.SimpleNamespace(requested=lambda step: False)

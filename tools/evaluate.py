@@ -5,6 +5,8 @@ lm-evaluation-harness tasks.
   python tools/evaluate.py perplexity --model=/tmp/pt --data='notes/*.jsonl' --split=all --seq_len=512 --stride=256
   python tools/evaluate.py preference --model=/tmp/dpo --data=embedded:preference --reference=/tmp/sft
   python tools/evaluate.py lm_eval --model=/tmp/sft --tasks=my_task --include_path=my_tasks/ --limit=100
+  python tools/evaluate.py rewards --model=/tmp/grpo --data=embedded:sort --rewards=sort_exact,sort_digits
+  python tools/evaluate.py rewards --model=/tmp/rlhf --data=embedded:preference --rewards=model --reward_model=/tmp/rm
 
 perplexity: token-weighted NLL, perplexity and bits per byte of each text as BOS + text + EOS, in windows of
 --seq_len tokens (--stride < --seq_len: overlapping windows, more context per token). preference: how often the
@@ -33,11 +35,12 @@ def main() -> None:
   ppl = commands.add_parser("perplexity", help="NLL, perplexity and bits per byte over the texts of a source")
   pref = commands.add_parser("preference", help="preference accuracy over {prompt?, chosen, rejected} pairs")
   harness = commands.add_parser("lm_eval", help="lm-evaluation-harness tasks")
-  for sub in (ppl, pref, harness):
+  rew = commands.add_parser("rewards", help="mean rewards of the model's completions of {prompt, ...} records")
+  for sub in (ppl, pref, harness, rew):
     sub.add_argument("--model", required=True, help="fmjax run directory or Hugging Face checkpoint directory")
     sub.add_argument("--batch_size", type=int, default=8, help="rows per forward pass")
     sub.add_argument("--output", default="", help="write the results to this JSON file")
-  for sub in (ppl, pref):
+  for sub in (ppl, pref, rew):
     sub.add_argument("--data", required=True, help="source spec: embedded:prose, 'docs/*.jsonl', ...")
     sub.add_argument("--split", default="validation", choices=("train", "validation", "all"))
     sub.add_argument("--max_docs", type=int, default=0, help="score at most this many texts or pairs (0 = all)")
@@ -45,6 +48,11 @@ def main() -> None:
   ppl.add_argument("--seq_len", type=int, default=1024, help="inputs per window")
   ppl.add_argument("--stride", type=int, default=0, help="tokens between window starts (0 = seq_len)")
   pref.add_argument("--reference", default="", help="reference model for DPO implicit rewards")
+  rew.add_argument("--rewards", required=True, help="'name[:weight],...' as objective.rewards ('model' included)")
+  rew.add_argument("--reward_model", default="", help="a reward-model run directory, for the reward 'model'")
+  rew.add_argument("--max_new_tokens", type=int, default=32)
+  rew.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  rew.add_argument("--seed", type=int, default=0)
   harness.add_argument("--tasks", required=True, help="comma-separated task names")
   harness.add_argument("--include_path", default="", help="directory of extra task YAMLs")
   harness.add_argument("--num_fewshot", type=int, default=None)
@@ -52,7 +60,8 @@ def main() -> None:
   harness.add_argument("--max_length", type=int, default=2048, help="context window in tokens")
   args = p.parse_args()
 
-  results = {"perplexity": run_perplexity, "preference": run_preference, "lm_eval": run_lm_eval}[args.command](args)
+  results = {"perplexity": run_perplexity, "preference": run_preference, "lm_eval": run_lm_eval,
+             "rewards": run_rewards}[args.command](args)
   if args.output:
     with open(args.output, "w") as f:
       json.dump(results, f, indent=2, default=str)
@@ -75,19 +84,41 @@ def run_perplexity(args: argparse.Namespace) -> dict[str, Any]:
   return {"model": args.model, "data": args.data, "split": args.split, **result}
 
 
-def run_preference(args: argparse.Namespace) -> dict[str, Any]:
-  import fmjax
+def _records(args: argparse.Namespace) -> list[dict]:
+  """The first --max_docs records of --data's --split."""
   from fmjax import data
-  from fmjax.evaluation import preference_accuracy
 
   records = data.open_source(args.data, args.split)
   records = [records[i] for i in range(min(len(records), args.max_docs or len(records)))]
   if not records:
     raise data.DataError(f"--data={args.data!r} holds no records on split {args.split!r}{other_split(args)}.")
+  return records
+
+
+def run_preference(args: argparse.Namespace) -> dict[str, Any]:
+  import fmjax
+  from fmjax.evaluation import preference_accuracy
+
+  records = _records(args)
   reference = fmjax.load(args.reference) if args.reference else None
   result = dataclasses.asdict(preference_accuracy(fmjax.load(args.model), records, reference, args.batch_size))
   table({k: v for k, v in result.items() if v is not None})
   return {"model": args.model, "reference": args.reference, "data": args.data, "split": args.split, **result}
+
+
+def run_rewards(args: argparse.Namespace) -> dict[str, Any]:
+  import fmjax
+  from fmjax.evaluation import rewards
+
+  records = _records(args)
+  reward_model = fmjax.load(args.reward_model) if args.reward_model else None
+  result = rewards.evaluate(fmjax.load(args.model), records, args.rewards, reward_model, args.max_new_tokens,
+                            args.temperature, args.seed, args.batch_size)
+  table({"prompts": result.prompts, **{f"reward/{k}": v for k, v in result.means.items()}, "reward": result.total,
+         "completion length": result.mean_length, "terminated": result.terminated})
+  for prompt, completion, value in result.examples:
+    print(f">>> {prompt!r} -> {completion!r}  ({value:.3f})")
+  return {"model": args.model, "data": args.data, "split": args.split, **dataclasses.asdict(result)}
 
 
 def run_lm_eval(args: argparse.Namespace) -> dict[str, Any]:

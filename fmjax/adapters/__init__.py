@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fmjax.adapters.base import Adapter, combine, split
+from fmjax.adapters.base import TASK_HEADS, Adapter, combine, split
 from fmjax.errors import UserError
 
 # name -> "module:class"; the name is also the config section its options live in
@@ -71,5 +71,5 @@ def owner(path: tuple[str, ...]) -> type[Adapter] | None:
   return None
 
 
-__all__ = ["Adapter", "REGISTRY", "combine", "get", "owner", "register", "registered", "split",
+__all__ = ["Adapter", "REGISTRY", "TASK_HEADS", "combine", "get", "owner", "register", "registered", "split",
            "train_flops_per_token"]

@@ -96,10 +96,14 @@ class Adapter:
     return f"{trained:,} trained: {self.title}"
 
 
+TASK_HEADS = ("score",)  # a new output head on the base (a reward model's, a classifier's) trains under any adapter
+
+
 def split(adapter: Adapter, params: Any) -> tuple[dict, dict]:
-  """(the adapter's leaves, the base's), each a nested dict of the same layout."""
+  """(the trained leaves: the adapter's and a task head's, as PEFT's `modules_to_save`; the base's), each a nested
+  dict of the same layout."""
   flat = traverse_util.flatten_dict(params)
-  mine = {p: v for p, v in flat.items() if adapter.owns(tuple(map(str, p)))}
+  mine = {p: v for p, v in flat.items() if adapter.owns(tuple(map(str, p))) or str(p[0]) in TASK_HEADS}
   return (traverse_util.unflatten_dict(mine),
           traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in mine}))
 

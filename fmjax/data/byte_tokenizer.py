@@ -16,5 +16,6 @@ class ByteTokenizer:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + self.offset
 
   def decode(self, ids) -> str:
-    data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset)
+    """Text of the byte ids; special ids and ids past the bytes (a padded model vocabulary) decode to nothing."""
+    data = bytes(int(i) - self.offset for i in ids if self.offset <= int(i) < self.vocab_size)
     return data.decode("utf-8", errors="replace")

@@ -5,6 +5,8 @@ Formats, chosen per source by `format` (`auto` picks by the first record's keys)
   prompt_completion  {"prompt": str|messages, "completion": str|messages}  loss on the completion and EOS
   chat               {"messages": [{"role", "content"}, ...]}      loss on assistant turns (with their end marker)
   preference         {"prompt"?, "chosen", "rejected"}  (strings or messages)  two sequences, loss on each response
+  unpaired           {"prompt", "completion", "label": bool}       one response, desirable or not (KTO)
+  classification     {FIELD or "prompt": str, "label": int}        one sequence and its class in [0, model.num_labels)
 A sequence is BOS + pieces + EOS with a 0/1 weight per token (1 = the model must predict it). The example holds
 `tokens` = seq[:-1], `targets` = seq[1:], `loss_mask` = weight[1:] — so packing can never pair a token with another
 document's target. Preference examples hold those three keys twice, prefixed `chosen_` and `rejected_`.
@@ -24,7 +26,7 @@ from fmjax.data.chat import ROLES, ChatTemplate
 from fmjax.data.sources import WHERE, DataError
 from fmjax.errors import UserError
 
-FORMATS = ("auto", "text", "prompt_completion", "chat", "preference", "unpaired")
+FORMATS = ("auto", "text", "prompt_completion", "chat", "preference", "unpaired", "classification")
 OVERLONG = ("error", "truncate", "drop")
 
 
@@ -36,6 +38,8 @@ def detect(record: dict, field: str) -> str:
     return "preference"
   if "completion" in record and "label" in record:
     return "unpaired"
+  if "label" in record and (field in record or "prompt" in record):
+    return "classification"
   if "prompt" in record and "completion" in record:
     return "prompt_completion"
   if field in record:
@@ -60,8 +64,9 @@ def sequence_keys(fmt: str) -> tuple[str, ...]:
 def features(fmt: str) -> tuple[str, ...]:
   """Per-token arrays of each packed sequence: `preference+ref` (preference records with REF_KEYS) adds
   `ref_logps`, the pair's reference log-prob at the sequence's first position and 0 elsewhere; `unpaired` adds
-  `label`, +1 (desirable) or −1 (undesirable) at the first position."""
-  extra = ("ref_logps",) if fmt.endswith("+ref") else ("label",) if fmt == "unpaired" else ()
+  `label`, +1 (desirable) or −1 (undesirable) at the first position; `classification` adds `label`, the class id
+  at the first position."""
+  extra = ("ref_logps",) if fmt.endswith("+ref") else ("label",) if fmt in ("unpaired", "classification") else ()
   return ("tokens", "targets", "loss_mask") + extra
 
 
@@ -69,13 +74,14 @@ class Encoder:
   """Turns a record of one format into an example dict (picklable, so it runs in grain worker processes)."""
 
   def __init__(self, fmt: str, tokenizer: Any, field: str = "text", max_len: int = 0, overlong: str = "error",
-               chat_template: str = "fmjax"):
+               chat_template: str = "fmjax", num_labels: int = 0):
     self.chat = ChatTemplate(chat_template)
     if fmt not in FORMATS[1:]:
       raise UserError(f"data.format={fmt!r} is unknown; use one of {FORMATS}.")
     if overlong not in OVERLONG:
       raise UserError(f"data.overlong={overlong!r} is unknown; use one of {OVERLONG}.")
     self.fmt, self.tokenizer, self.field, self.max_len, self.overlong = fmt, tokenizer, field, max_len, overlong
+    self.num_labels = num_labels
 
   def __call__(self, record: dict) -> dict[str, np.ndarray] | None:
     where = record.get(WHERE, "record")
@@ -95,6 +101,10 @@ class Encoder:
           if not isinstance(value, (int, float)):
             raise DataError(f"{where}: ref_{side}_logps must be a number, got {type(value).__name__}.")
           example[f"{side}_ref_logps"] = _at_start(len(example[f"{side}_tokens"]), value)
+    elif self.fmt == "classification":
+      text = self._get(record, self.field if self.field in record else "prompt", where)
+      example = _example(*self._sequence(self._turns(text, 1, where)))
+      example["label"] = _at_start(len(example["tokens"]), self._label(record, where))
     elif self.fmt == "chat":
       example = _example(*self._sequence(self._turns(self._get(record, "messages", where), None, where)))
     else:
@@ -106,6 +116,27 @@ class Encoder:
           raise DataError(f"{where}: label must be true (desirable) or false (undesirable), got {label!r}.")
         example["label"] = _at_start(len(example["tokens"]), 1.0 if label else -1.0)
     return fit(example, self.max_len, self.overlong, where)
+
+  def prompt_ids(self, record: dict) -> np.ndarray:
+    """The ids a policy continues for an RL rollout: BOS and the record's `prompt` (a string, or messages followed
+    by the assistant's turn header), tokenized piece by piece as training pairs are, so that a prompt and its
+    sampled completion read as the reward model's training sequences do."""
+    where = record.get(WHERE, "record")
+    prompt = self._get(record, "prompt", where)
+    pieces = self._turns(prompt, 0, where)
+    if isinstance(prompt, list):
+      pieces.append((self.chat.header.replace("{role}", "assistant"), 0))
+    ids = [np.asarray([self.tokenizer.bos_id], np.int32)] + [np.asarray(self.tokenizer.encode(t), np.int32)
+                                                             for t, _ in pieces]
+    return np.concatenate(ids)
+
+  def _label(self, record: dict, where: str) -> int:
+    label = self._get(record, "label", where)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < max(self.num_labels, 1):
+      raise DataError(f"{where}: label={label!r} must be a class id, an integer in [0, {self.num_labels}) "
+                      f"(model.num_labels={self.num_labels}); map label names to ids in the data, or raise "
+                      "model.num_labels.")
+    return label
 
   def _get(self, record: dict, key: str, where: str) -> Any:
     if key not in record:

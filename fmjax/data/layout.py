@@ -3,6 +3,10 @@
   text      one packed row per example: tokens, targets, loss_mask, segment_ids, positions
   pairs     two packed rows per preference pair, the same five keys prefixed `chosen_` and `rejected_`
   unpaired  one packed row per labelled response, plus `label` (+1 desirable / −1 undesirable)
+  labelled  one packed row per classified sequence, plus `label` (its class id)
+  rollouts  one row per sampled completion (prompt + completion; loss_mask on the completion), plus per-token
+            `advantages` (the completion's advantage) and `old_logps` (the rollout params' log-probs); made by
+            fmjax/rl/rollout.py from prompt records, never packed
 Per-example columns (`ref_logps`, `label`) travel as per-token arrays holding the value at each example's first
 position, so they stay right under packing; a parameterisation's columns (e.g. `intervene`) are per-token.
 """
@@ -15,15 +19,16 @@ import numpy as np
 
 from fmjax.errors import UserError
 
-NAMES = ("text", "pairs", "unpaired")
+NAMES = ("text", "pairs", "unpaired", "labelled", "rollouts")
 _DTYPES = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32,
-           "positions": np.int32, "ref_logps": np.float32, "label": np.float32, "intervene": np.int32}
+           "positions": np.int32, "ref_logps": np.float32, "label": np.float32, "intervene": np.int32,
+           "advantages": np.float32, "old_logps": np.float32}
 SEQUENCE = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  name: str = "text"  # text | pairs | unpaired
+  name: str = "text"  # text | pairs | unpaired | labelled | rollouts
   columns: tuple[str, ...] = ()  # per-example columns besides the five sequence keys
 
   @property
@@ -45,8 +50,8 @@ def of_format(fmt: str) -> Layout:
   """The layout a record format packs into (fmjax/data/formats.py; `preference+ref` carries reference log-probs)."""
   if fmt.startswith("preference"):
     return Layout("pairs", ("ref_logps",) if fmt.endswith("+ref") else ())
-  if fmt == "unpaired":
-    return Layout("unpaired", ("label",))
+  if fmt in ("unpaired", "classification"):
+    return Layout("unpaired" if fmt == "unpaired" else "labelled", ("label",))
   return Layout("text")
 
 
@@ -54,7 +59,7 @@ def for_head(layouts: tuple[str, ...], columns: tuple[str, ...], data_format: st
   """The layout a head trains on when the data is not opened (the AOT planner): the one `data.format` names if the
   head takes it, else the head's first, with the columns the head needs."""
   name = of_format(data_format).name if data_format != "auto" else layouts[0]
-  base = of_format({"pairs": "preference", "unpaired": "unpaired"}.get(name, "text"))
+  base = of_format({"pairs": "preference", "unpaired": "unpaired", "labelled": "classification"}.get(name, "text"))
   return Layout(name if name in layouts else layouts[0], tuple(dict.fromkeys(base.columns + columns)))
 
 
@@ -78,4 +83,5 @@ def check(data: Layout, head_name: str, layouts: tuple[str, ...], columns: tuple
 
 
 _RECORDS = {"text": "text / prompt-completion / chat", "pairs": "preference (prompt, chosen, rejected)",
-            "unpaired": "unpaired (prompt, completion, label)"}
+            "unpaired": "unpaired (prompt, completion, label)", "labelled": "classification (text, label)",
+            "rollouts": "prompt"}

@@ -69,8 +69,8 @@ def eval_specs(config: Any) -> list[tuple[SourceSpec, str]]:
   return [(s, "validation") for s in train_specs(config.data)]
 
 
-def _open(spec: SourceSpec, data_cfg: Any, split: str, tokenizer: Any, seq_len: int):
-  """(records, encoder, format) of one source."""
+def _open(spec: SourceSpec, data_cfg: Any, split: str, tokenizer: Any, seq_len: int, num_labels: int = 0):
+  """(records, encoder, format) of one source; `num_labels`: the model's classes (classification labels)."""
   records = open_source(spec.source, split, data_cfg.holdout, data_cfg.tfds_data_dir)
   base = getattr(records, "parent", records)
   if isinstance(base, PreparedSource):
@@ -80,7 +80,7 @@ def _open(spec: SourceSpec, data_cfg: Any, split: str, tokenizer: Any, seq_len: 
   else:
     fmt = spec.format if spec.format != "auto" else formats.detect(records[0], spec.field)
     encode = formats.Encoder(fmt, tokenizer, spec.field, seq_len if fmt != "text" else 0, data_cfg.overlong,
-                             data_cfg.chat_template)
+                             data_cfg.chat_template, num_labels)
     encode(records[0])  # a missing field or bad record shows up now, not in a worker later
   if fmt == "preference" and (all(k in records[0] for k in formats.REF_KEYS) or "chosen_ref_logps" in records[0]):
     fmt = "preference+ref"  # precomputed reference log-probs travel with the pairs
@@ -202,7 +202,7 @@ def train_dataset(config: Any, tokenizer: Any, process_index: int = 0,
   specs = train_specs(data_cfg)
   opened, layouts = [], set()
   for spec in specs:
-    records, encode, fmt = _open(spec, data_cfg, "train", tokenizer, seq_len)
+    records, encode, fmt = _open(spec, data_cfg, "train", tokenizer, seq_len, config.model.get("num_labels") or 0)
     layouts.add(layout.of_format(fmt))
     opened.append((records, encode, fmt))
   if len(layouts) > 1:
@@ -238,7 +238,7 @@ def eval_batches(config: Any, tokenizer: Any, process_index: int = 0,
   columns = _columns(adapters.get(config))
   out = {}
   for spec, split in eval_specs(config):
-    records, encode, fmt = _open(spec, data_cfg, split, tokenizer, seq_len)
+    records, encode, fmt = _open(spec, data_cfg, split, tokenizer, seq_len, config.model.get("num_labels") or 0)
     rows = _take(iter(_rows(records, encode, fmt, data_cfg, seq_len, 0, 0, 1, train=False, columns=columns)),
                  config.eval.batches * batch)
     if not rows:

@@ -2,7 +2,9 @@
 
 A source spec is one string:
   `embedded:NAME`               a zero-download corpus: `prose`, `code` (text), `instruct` (chat records;
-                                `instruct/TASK` for one task: explain, summarize, name), `preference` (pairs)
+                                `instruct/TASK` for one task: explain, summarize, name), `preference` (pairs),
+                                `topics` (text classification: fmjax/data/topics.py), `sort` (a verifiable
+                                RL task: fmjax/rl/tasks.py), `sort_pairs` (preference pairs on it)
   `tfds:NAME[/CONFIG][:SPLIT]`  a tfds dataset read through `tfds.data_source` (ArrayRecord; SPLIT default `train`)
   `prepared:DIR`                records tokenized once by `tools/prepare_data.py` (see `PreparedSource`)
   a glob of files               `.txt` (one document per file), `.jsonl` (one record per line), `.parquet` (one
@@ -22,11 +24,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fmjax.data import embedded, instruct
+from fmjax.data import embedded, instruct, topics
 from fmjax.data.tokenizers import tokenizer_id
 from fmjax.errors import UserError
 
-EMBEDDED = ("code", "instruct", "preference", "prose")
+EMBEDDED = ("code", "instruct", "preference", "prose", "sort", "sort_pairs", "topics")
 FILE_KINDS = (".txt", ".jsonl", ".parquet", ".array_record")
 WHERE = "_where"  # key of a record's location, for error messages
 
@@ -49,7 +51,8 @@ def json_record(raw: bytes, where: str, fix: str) -> dict:
 
 class EmbeddedSource:
   """A zero-download corpus split by record key (see `fmjax.data.embedded` and `fmjax.data.instruct`): `{"text"}`
-  records for `prose` and `code`, `{"messages", "task"}` records for `instruct`; each is named by its key."""
+  records for `prose` and `code`, `{"messages", "task"}` records for `instruct`, pairs for `preference`, `{"text",
+  "label"}` for `topics`; each is named by its key."""
 
   def __init__(self, name: str, split: str):
     corpus, _, task = name.partition("/")
@@ -62,6 +65,11 @@ class EmbeddedSource:
       self.records = [(k, r) for k, r in instruct.load_records(split) if not task or r["task"] == task]
     elif corpus == "preference":
       self.records = instruct.preference_records(split)
+    elif corpus == "topics":
+      self.records = topics.load_records(split)
+    elif corpus in ("sort", "sort_pairs"):
+      from fmjax.rl import tasks  # the task's records and its reward functions live together
+      self.records = (tasks.load_records if corpus == "sort" else tasks.preference_records)(split)
     else:
       self.records = [(key, {"text": text}) for key, text in embedded.load_records(name, split)]
 

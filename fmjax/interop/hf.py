@@ -61,6 +61,11 @@ def convert_params(reader: safetensors_io.Reader, cfg: ModelConfig, dtype: str,
   """The fmjax params (scanned layout, NumPy, `dtype`) of the HF tensors in `reader`, filled one HF tensor at a
   time into arrays from `allocate(shape, dtype)` (e.g. memory-mapped files)."""
   hf_weights.check_names(reader.keys(), cfg)
+  for _, _, name, shape in tensor_specs(cfg):  # e.g. a score.weight of another label count than config.json's
+    found = tuple(reader.entries[name][2]["shape"])
+    if found != shape:
+      raise UserError(f"tensor {name} has shape {list(found)} but config.json implies {list(shape)}; the checkpoint "
+                      "and its config.json (e.g. num_labels / id2label) must describe the same model.")
   out, dt = {}, np.dtype(jax.numpy.dtype(dtype))
   for p in hf_weights.layout(cfg):
     if p.layered:
@@ -220,6 +225,9 @@ def export_dir(workdir: str, hf_dir: str, step: int = -1, dtype: str | None = No
   if adapter is not None and lora_mode == "peft":
     if not isinstance(adapter, peft.LoraConfig):
       raise UserError(f"{workdir} is a {adapter.title} run; PEFT adapter export is for LoRA runs.")
+    if cfg.num_labels:  # the adapter files would lack the trained score head (PEFT's modules_to_save)
+      raise UserError(f"{workdir} is a score model (model.num_labels={cfg.num_labels}); PEFT adapter export is for "
+                      "language models, export it with lora_mode='merge'.")
     run = weights.load(workdir, step)
     base = template.get("_name_or_path") if template else None
     peft.save(hf_dir, split(adapter, run.params)[0], adapter, cfg.num_layers,
@@ -242,18 +250,21 @@ def export_dir(workdir: str, hf_dir: str, step: int = -1, dtype: str | None = No
   scanned = dataclasses.replace(cfg, scan_layers=True)
   dtype = dtype or cfg.param_dtype
   names = export_params(params_of, scanned, hf_dir, dtype, template, max_shard_bytes)
-  _write_tokenizer_files(workdir, template_dir, hf_dir)
+  _write_tokenizer_files(workdir, template_dir, hf_dir, score_model=cfg.num_labels > 0)
   return f"wrote {workdir} (step {step}) as {len(names)} safetensors file(s) in {hf_dir}"
 
 
-def _write_tokenizer_files(workdir: str, template_dir: str | None, hf_dir: str) -> None:
+def _write_tokenizer_files(workdir: str, template_dir: str | None, hf_dir: str, score_model: bool = False) -> None:
   """The run's tokenizer (and an import's generation/tokenizer configs) beside the exported weights; the special
-  ids go into config.json and generation_config.json."""
+  ids go into config.json and generation_config.json (a score model, which does not generate, gets no
+  generation_config.json, and always a pad_token_id)."""
   from fmjax import data
   from fmjax.train import weights
 
   if template_dir:
     for name in HF_FILES[1:]:
+      if score_model and name == "generation_config.json":
+        continue
       if os.path.isfile(os.path.join(template_dir, name)):
         shutil.copyfile(os.path.join(template_dir, name), os.path.join(hf_dir, name))
   tokenizer_file = data.run_tokenizer_file(workdir)
@@ -262,7 +273,7 @@ def _write_tokenizer_files(workdir: str, template_dir: str | None, hf_dir: str) 
   tokenizer = weights.RunWeights(weights.run_config(workdir), None, None, {}, 0, tokenizer_file).tokenizer()
   ids = {"bos_token_id": int(tokenizer.bos_id), "eos_token_id": int(tokenizer.eos_id),
          "pad_token_id": int(tokenizer.pad_id)}
-  for name in ("config.json", "generation_config.json"):
+  for name in ("config.json",) if score_model else ("config.json", "generation_config.json"):
     path = os.path.join(hf_dir, name)
     current = {}
     if os.path.isfile(path):
@@ -270,5 +281,11 @@ def _write_tokenizer_files(workdir: str, template_dir: str | None, hf_dir: str) 
         current = json.load(f)
     for key, value in ids.items():
       current.setdefault(key, value)
+    if score_model and current.get("pad_token_id") is None:
+      # transformers' sequence classifiers read the last token that is not pad_token_id and refuse batches > 1
+      # without one; transformers writes `"pad_token_id": null`, hence the explicit fill. A tokenizer without a pad
+      # token gives its EOS id (HFTokenizer.pad_id), as Llama reward models commonly set: fmjax's sequences are
+      # scored before their EOS, so an EOS pad never hides a scored token.
+      current["pad_token_id"] = ids["pad_token_id"]
     with open(path, "w") as f:
       json.dump(current, f, indent=2)

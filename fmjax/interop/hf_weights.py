@@ -40,7 +40,9 @@ def layout(cfg: ModelConfig) -> list[Param]:
   flat = lambda *shape: (lambda b: b.reshape(shape), lambda b: b.reshape(-1))  # noqa: E731
   attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
   params = [Param(("embedding",), "model.embed_tokens.weight", _same, _same)]
-  if not cfg.tie_embeddings:
+  if cfg.num_labels:  # a sequence classifier (`*ForSequenceClassification`): a score head [D, K], no lm_head
+    params.append(Param(("score",), "score.weight", lambda w: w.T, lambda w: w.T))
+  elif not cfg.tie_embeddings:
     params.append(Param(("unembed",), "lm_head.weight", lambda w: w.T, lambda w: w.T))
   params.append(Param(("final_norm", "scale"), "model.norm.weight", _same, _same))
   params += [Param(("layers", "attn_norm", "scale"), "model.layers.{i}.input_layernorm.weight", _same, _same),
@@ -64,11 +66,18 @@ IGNORED = ("rotary_emb.inv_freq",)  # buffers some checkpoints carry; recomputed
 
 
 def check_names(names: list[str], cfg: ModelConfig) -> None:
-  """Every tensor of the checkpoint must map to an fmjax parameter (a tied model may carry a copy of lm_head)."""
+  """Every tensor of the checkpoint must map to an fmjax parameter (a tied language model may carry a copy of
+  lm_head; a sequence classifier has score.weight and no lm_head)."""
   expected = {p.hf.format(i=i) for p in layout(cfg) for i in (range(cfg.num_layers) if p.layered else [0])}
   extra = sorted(n for n in names if n not in expected and not n.endswith(IGNORED)
-                 and not (cfg.tie_embeddings and n == "lm_head.weight"))
+                 and not (cfg.tie_embeddings and not cfg.num_labels and n == "lm_head.weight"))
   missing = sorted(expected - set(names))
+  if cfg.num_labels and "score.weight" in missing and "lm_head.weight" in extra:
+    raise UserError("config.json's architectures name a sequence classifier but the checkpoint holds a causal LM's "
+                    "lm_head.weight, not score.weight; set architectures to [\"<Family>ForCausalLM\"].")
+  if not cfg.num_labels and "score.weight" in extra:
+    raise UserError("the checkpoint holds score.weight (a sequence classifier) but config.json's architectures "
+                    "name a causal LM; set architectures to [\"<Family>ForSequenceClassification\"].")
   if extra or missing:
     raise UserError(f"the checkpoint's tensors do not match its config.json: missing {missing[:4]}, unexpected "
                     f"{extra[:4]} (biases, a vision tower or another architecture are not converted).")

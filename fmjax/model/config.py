@@ -40,6 +40,9 @@ class ModelConfig:
   scan_layers: bool = True  # nn.scan over blocks: compile time flat in depth
   remat: str = "none"  # rematerialisation policy: none | full | dots | dots_no_batch
   attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
+  # output head: 0 = logits over the vocabulary (a language model); N > 0 = a score head, N float32 values per token
+  # read at each sequence's last token (a reward model: 1; a classifier: the number of labels)
+  num_labels: int = 0
 
   def validate(self) -> "ModelConfig":
     """Raises UserError naming the field when the shape or a setting is impossible."""
@@ -64,6 +67,9 @@ class ModelConfig:
     if self.rope_scaling_factor and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
       raise UserError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} and model.rope_high_freq_factor="
                       f"{self.rope_high_freq_factor} must satisfy 0 < low < high (Llama-3 RoPE scaling).")
+    if self.num_labels < 0:
+      raise UserError(f"model.num_labels={self.num_labels} must be >= 0 (0 = a language model's vocabulary logits, "
+                      "1 = a reward model's score, N = a classifier's N labels).")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise UserError(f"model.{name}={getattr(self, name)!r} is not one of {DTYPES}.")

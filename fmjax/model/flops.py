@@ -1,7 +1,7 @@
 """Analytical training FLOPs per token, the convention behind every MFU figure fmjax prints.
 
 Convention (as MaxText): count matmul FLOPs only (2 per multiply-add) of the forward pass — attention projections,
-SwiGLU, the unembedding (the embedding lookup is a gather, not a matmul) and the two attention matmuls QKᵀ and AV —
+SwiGLU, the unembedding or a score head's projection (the embedding lookup is a gather, not a matmul) and the two attention matmuls QKᵀ and AV —
 then ×3 for forward + backward. Causal attention computes half of the T×T score matrix, so its FLOPs are halved.
 Recomputation from remat is NOT counted: this is model FLOPs utilisation, not hardware FLOPs utilisation.
 Over a frozen base (a parameterisation, fmjax/adapters) the base weights get no gradient, so the weight-gradient
@@ -18,7 +18,7 @@ def matmul_params(cfg: ModelConfig) -> int:
   """Parameters that take part in a matmul per token (all but the input embedding, unless it is tied)."""
   D, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
   per_layer = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
-  return cfg.num_layers * per_layer + D * cfg.vocab_size
+  return cfg.num_layers * per_layer + D * (cfg.num_labels or cfg.vocab_size)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, frozen_weights: bool = False) -> float:

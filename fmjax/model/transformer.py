@@ -39,7 +39,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """`apply({'params': p}, tokens, segment_ids, positions) -> logits [B,T,V]` in float32. With an `adapter` (a
+  """`apply({'params': p}, tokens, segment_ids, positions) -> logits [B,T,V]` in float32 (with `cfg.num_labels`,
+  scores [B,T,num_labels] from a score head instead of the unembedding). With an `adapter` (a
   parameterisation, fmjax/adapters/) the projections and block outputs go through its hooks, `adapter_inputs` holds
   the per-token batch columns it declares, and its dropout is active when a 'dropout' rng is given.
 
@@ -85,15 +86,23 @@ class Transformer(nn.Module):
         cache = jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
 
     h_BxTxD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x_BxTxD)
-    if cfg.tie_embeddings:
-      unembed_DxV = embedding_VxD.T
+    if cfg.num_labels:  # a score head: [B,T,num_labels], read at a sequence's last token (objectives/scores.py)
+      score_DxK = self.param("score", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                                   ("embed", "labels")),
+                             (cfg.d_model, cfg.num_labels), jnp.dtype(cfg.param_dtype))
+      logits_BxTxV = jnp.einsum("BTD,DK->BTK", h_BxTxD, score_DxK.astype(cfg.dtype),
+                                preferred_element_type=jnp.float32)
+      logits_BxTxV = constrain(logits_BxTxV, ("act_batch", "act_len", None))
     else:
-      unembed_DxV = self.param("unembed", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                                                      ("embed", "vocab")),
-                               (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
-    logits_BxTxV = project(self, None if cfg.tie_embeddings else self.adapter, "unembed", "BTD,DV->BTV", h_BxTxD,
-                           unembed_DxV.astype(cfg.dtype), ("embed", "vocab"), out_dtype=jnp.float32)
-    logits_BxTxV = constrain(logits_BxTxV, ("act_batch", "act_len", "act_vocab"))
+      if cfg.tie_embeddings:
+        unembed_DxV = embedding_VxD.T
+      else:
+        unembed_DxV = self.param("unembed", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                                        ("embed", "vocab")),
+                                 (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+      logits_BxTxV = project(self, None if cfg.tie_embeddings else self.adapter, "unembed", "BTD,DV->BTV", h_BxTxD,
+                             unembed_DxV.astype(cfg.dtype), ("embed", "vocab"), out_dtype=jnp.float32)
+      logits_BxTxV = constrain(logits_BxTxV, ("act_batch", "act_len", "act_vocab"))
     out = (logits_BxTxV, h_BxTxD) if return_hidden else logits_BxTxV
     return out if cache is None else (out, cache)
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from fmjax.errors import UserError
-from fmjax.objectives import distill, lm, preference, sft
+from fmjax.objectives import classify, distill, grpo, lm, preference, reward, sft
 from fmjax.objectives.base import Frozen, Head, LossContext, LossOutput
 
 REGISTRY: dict[str, Callable[[Any], Head]] = {
-    "lm": lm.make, "sft": sft.make, **preference.HEADS, "distill": distill.make}
+    "lm": lm.make, "sft": sft.make, **preference.HEADS, "distill": distill.make, "reward": reward.make,
+    "classify": classify.make, "grpo": grpo.make}
 
 
 def register(name: str, make: Callable[[Any], Head]) -> None:

@@ -11,12 +11,15 @@ from typing import Callable, Mapping
 
 import jax
 
+from fmjax.errors import UserError
+
 # (loss_sum, weight, metric_sums): the step divides summed losses and summed metrics by the summed weight, so
 # gradient accumulation, packing and multi-host all give the true mean over tokens (or pairs, for pair losses).
 LossOutput = tuple[jax.Array, jax.Array, dict[str, jax.Array]]
 
-# logits_fn(inputs) -> logits [B,T,V] float32. `inputs` maps "tokens", "segment_ids", "positions" (and the per-token
-# columns the run's parameterisation reads, e.g. "intervene") to [B,T] arrays: a batch, or one side of one.
+# logits_fn(inputs) -> logits [B,T,V] float32 (a score model's: [B,T,num_labels]). `inputs` maps "tokens",
+# "segment_ids", "positions" (and the per-token columns the run's parameterisation reads, e.g. "intervene") to [B,T]
+# arrays: a batch, or one side of one.
 LogitsFn = Callable[[Mapping[str, jax.Array]], jax.Array]
 
 
@@ -53,6 +56,20 @@ class Head:
   columns: tuple[str, ...] = ()  # per-example columns it needs in the batch (e.g. 'ref_logps')
   frozen: tuple[Frozen, ...] = ()  # frozen models it reads through ctx.frozen
   reports_nll: bool = False  # its metrics hold `nll`, a per-token mean: evaluation adds perplexity
+  # what `ctx.apply` must return: "logits" (over the vocabulary: model.num_labels = 0), "score" (a reward model's
+  # one score: num_labels = 1) or "labels" (a classifier's scores: num_labels >= 2)
+  output: str = "logits"
+  # it trains on rollouts (fmjax/rl/rollout.py): the data yields prompts, and each batch is sampled from them with
+  # the current params, scored and given advantages before the step
+  rollout: bool = False
+
+  def check_model(self, name: str, num_labels: int) -> None:
+    """The model's output head must be the one the loss reads."""
+    need = {"logits": "0 (a language model)", "score": "1 (a reward model)", "labels": ">= 2 (one per class)"}
+    ok = {"logits": num_labels == 0, "score": num_labels == 1, "labels": num_labels >= 2}[self.output]
+    if not ok:
+      raise UserError(f"objective.name={name!r} reads {self.output} from the model but model.num_labels="
+                      f"{num_labels}; set model.num_labels to {need[self.output]}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,15 +40,21 @@ def segment_sums(values_BxT: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array
   return jax.ops.segment_sum(values_BxT.reshape(-1), index, num_segments=B * (T + 1)).reshape(B, T + 1)
 
 
+def stacked_sides(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The chosen rows then the rejected rows as one [2B, T] batch (every key both sides have, unprefixed): both
+  sides of every pair in one forward pass."""
+  keys = [k[len("chosen_"):] for k in batch if k.startswith("chosen_") and "rejected_" + k[len("chosen_"):] in batch]
+  return {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]]) for k in keys}
+
+
 def pair_logps(apply: Callable[..., jax.Array], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Per-pair sums over response tokens, each [B, T+1] (row, segment): `logp_c`, `logp_r`, token counts `n_c`,
   `n_r`, and `valid` (1 where both responses exist). One forward pass over both sides."""
-  cat = lambda key: jnp.concatenate([batch["chosen_" + key], batch["rejected_" + key]])  # noqa: E731
-  keys = [k[len("chosen_"):] for k in batch if k.startswith("chosen_") and "rejected_" + k[len("chosen_"):] in batch]
-  logits = apply({k: cat(k) for k in keys})
-  mask = cat("loss_mask").astype(jnp.float32)
-  logp = -token_nll(logits, cat("targets"))[0] * mask
-  seg = cat("segment_ids")
+  both = stacked_sides(batch)
+  logits = apply(both)
+  mask = both["loss_mask"].astype(jnp.float32)
+  logp = -token_nll(logits, both["targets"])[0] * mask
+  seg = both["segment_ids"]
   sums, counts = segment_sums(logp, seg), segment_sums(mask, seg)
   B = batch["chosen_tokens"].shape[0]
   out = {"logp_c": sums[:B], "logp_r": sums[B:], "n_c": counts[:B], "n_r": counts[B:]}

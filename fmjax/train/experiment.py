@@ -16,6 +16,8 @@ from fmjax import adapters, config_checks, config_lib, data, objectives, shardin
 from fmjax.data import layout as layout_lib
 from fmjax.data import tokenizers
 from fmjax.model import ModelConfig, Transformer
+from fmjax.rl import prompts
+from fmjax.rl import rollout as rollout_lib
 from fmjax.train import frozen as frozen_lib
 from fmjax.train import state as train_state
 from fmjax.train import step as step_lib
@@ -41,6 +43,15 @@ class Experiment:
   flops_per_token: float
   eval_fn: Callable | None = None  # compiled (state, batch) -> (loss_sum, weight, metric_sums)
   eval_batches: dict = dataclasses.field(default_factory=dict)  # eval source name -> fixed global batches, on device
+  rollout: Any = None  # an RL head's rollout maker (fmjax/rl/rollout.py): it makes each batch from prompts
+
+  def batch(self, state: train_state.TrainState, step: int) -> tuple[dict[str, jax.Array], dict[str, float]]:
+    """The batch of `step` and the metrics of making it (a rollout's; none for data batches)."""
+    return (self.next_batch(), {}) if self.rollout is None else self.rollout.batch(state, step)
+
+  def boundary(self, step: int) -> bool:
+    """Whether a checkpoint or a stop may follow `step` (an RL run's: only after a rollout's last step)."""
+    return self.rollout is None or self.rollout.boundary(step)
 
   def next_batch(self) -> dict[str, jax.Array]:
     return sharding.global_batch(next(self.stream), self.mesh)
@@ -75,7 +86,12 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
 
   tokenizer = data.make_tokenizer(config.data)
   data.check_vocab(tokenizer, model_cfg.vocab_size)
-  dataset, batch_layout = data.train_dataset(config, tokenizer, jax.process_index(), jax.process_count())
+  if head.rollout:  # the data yields prompts; the rollout makes each batch with the current params
+    records = prompts.open_records(config)
+    dataset = prompts.dataset(config, tokenizer, records)
+    batch_layout = layout_lib.with_adapter(layout_lib.for_head(head.layouts, head.columns), adapters.get(config))
+  else:
+    dataset, batch_layout = data.train_dataset(config, tokenizer, jax.process_index(), jax.process_count())
   layout_lib.check(batch_layout, config.objective.name, head.layouts, head.columns)
 
   plan = step_lib.plan(config, mesh, batch_layout)
@@ -100,6 +116,8 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
   exp = Experiment(config, model_cfg, mesh, model, tokenizer, dataset, iter(dataset), head, batch_layout, plan.frozen,
                    state, plan.shardings, compiled, compile_seconds, trained,
                    flops_per_token, eval_fn, eval_batches)
+  if head.rollout:
+    exp.rollout = rollout_lib.Rollout(config, model, tokenizer, records, exp.stream, mesh, plan.frozen)
   base = train_state.count_params(state.frozen.get("base", {}))
   notes = ([model.adapter.describe(exp.num_params)] if model.adapter else []) + \
       [f"+ frozen {s.role}" + (" (a copy)" if s.role in state.frozen and s.source == "policy" else "")

@@ -52,10 +52,12 @@ def checkpoint_dir(workdir: str, step: int = -1, key: str = "init_from") -> str:
   return os.path.join(root, str(step))
 
 
-def read(workdir: str, step: int, target: Any, key: str = "init_from") -> Any:
+def read(workdir: str, step: int, target: Any, key: str = "init_from", new_head: bool = False) -> Any:
   """The params of `workdir`'s checkpoint at `step`, restored straight into `target` (abstract arrays with
   shardings); another tree, shape or dtype, or a run under a parameterisation (its checkpoints hold only its
-  trained tree), is an error naming the parameter and the fix."""
+  trained tree), is an error naming the parameter and the fix. With `new_head` (a score model started from a
+  language model), the run's LM head is not read and the target's task head, which it lacks, is left out of the
+  result for the caller's fresh one."""
   path = os.path.join(checkpoint_dir(workdir, step, key), "state")
   checkpointer = ocp.PyTreeCheckpointer()
   saved = checkpointer.metadata(path).item_metadata.tree["params"]
@@ -69,6 +71,12 @@ def read(workdir: str, step: int, target: Any, key: str = "init_from") -> Any:
                     f"{fix}.")
   ours = jax.tree_util.tree_flatten_with_path(target)[0]
   theirs = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
+  if new_head:
+    top = lambda p: str(getattr(p[0], "key", p[0]))  # noqa: E731
+    mine = {top(p) for p, _ in ours}
+    ours = [(p, x) for p, x in ours if not (top(p) in adapters.TASK_HEADS and p not in theirs)]
+    theirs = {p: x for p, x in theirs.items() if not (top(p) == "unembed" and "unembed" not in mine)}
+    target = {k: v for k, v in target.items() if k in {top(p) for p, _ in ours}}
   missing = [jax.tree_util.keystr(p) for p, _ in ours if p not in theirs]
   if missing or len(theirs) != len(ours):
     extra = sorted(set(jax.tree_util.keystr(p) for p in theirs) - {jax.tree_util.keystr(p) for p, _ in ours})
@@ -91,8 +99,13 @@ def load(state: Any, shardings: Any, workdir: str, step: int = -1, frozen_only: 
   of `workdir`'s checkpoint at `step` (-1 = newest), those weights); `frozen_only` (a resume) keeps the trained
   params. `copies`: the roles of frozen copies the caller makes of them; `base_name`: the parameterisation's title
   (both for the log)."""
-  target = checkpoint.abstract(train_state.base_params(state), train_state.base_params(shardings))
-  params = read(workdir, step, target)
+  current = train_state.base_params(state)
+  target = checkpoint.abstract(current, train_state.base_params(shardings))
+  params = read(workdir, step, target, new_head=True)
+  fresh = sorted(set(current) - set(params))
+  if fresh:  # a task head the run starts (a reward model's score from a language model): its initialisation
+    logging.info("%s: %s start fresh (the run is a language model)", workdir, ", ".join(fresh))
+    params = {**params, **{k: current[k] for k in fresh}}
   loaded = ([f"the frozen {base_name} base"] if "base" in state.frozen else [] if frozen_only else ["params"]) + \
       [f"the frozen {role} policy" for role in copies]
   logging.info("initialised %s from %s%s", " and ".join(loaded) or "nothing",

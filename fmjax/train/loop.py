@@ -179,8 +179,9 @@ class _Reporter:
 def _save_due(exp: Experiment, ckpt: checkpoint.Checkpointer, stop: preemption.Watcher, step: int,
               start: int) -> tuple[bool, bool]:
   """(preempted or told to stop after this step, due a checkpoint)."""
-  preempted = stop.requested(step) or step - start == exp.config.train.stop_after
-  return preempted, preempted or step == exp.config.train.steps or ckpt.due(step)
+  boundary = exp.boundary(step)  # an RL run checkpoints and stops only where a rollout's steps end
+  preempted = boundary and (stop.requested(step) or step - start >= exp.config.train.stop_after > 0)
+  return preempted, preempted or step == exp.config.train.steps or (boundary and ckpt.due(step))
 
 
 def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Reporter, stop: preemption.Watcher,
@@ -189,10 +190,11 @@ def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Report
   config, state, pending, step = exp.config, exp.state, None, start
   try:
     for step in range(start + 1, config.train.steps + 1):
-      batch = exp.next_batch()
+      batch, made = exp.batch(state, step)
       if digests is not None:
         digests.write(step, batch)
       state, metrics = exp.step(state, batch)
+      metrics = {**metrics, **made}
       if pending is not None:
         reporter.finish(*pending)
       if _evaluates(config, step):

@@ -65,6 +65,8 @@ class MetricsWriter:
     parts = [f"step {step}/{total}", f"loss {metrics['loss']:.4f}"]
     if "eval_loss" in metrics:
       parts.append(f"eval {metrics['eval_loss']:.4f}")
+    if "reward" in metrics:  # a rollout's mean reward (RL)
+      parts.append(f"reward {metrics['reward']:.4f}")
     if "tokens_per_sec" in metrics:
       parts.append(f"{metrics['tokens_per_sec']:,.0f} tok/s")
     if "mfu" in metrics:

@@ -1,0 +1,49 @@
+"""On-policy RL in the one loop (objective `grpo`): each step samples G completions of each prompt with the current
+params, scores them with reward functions and/or a reward model, and trains on their group advantages. Loss types:
+grpo, dr_grpo, dapo; `scale=rloo` gives RLOO's leave-one-out baseline.
+
+  python -m fmjax.main --config=configs/grpo.py:init_from=/tmp/sft-sort --workdir=/tmp/grpo         # sort digits
+  python -m fmjax.main --config=configs/grpo.py:init_from=/tmp/sft-sort,loss=dr_grpo,scale=none --workdir=/tmp/dr
+  python -m fmjax.main --config=configs/grpo.py:rlhf,init_from=/tmp/sft,reward_model=/tmp/rm --workdir=/tmp/rlhf
+  python -m fmjax.main --config=configs/grpo.py:smoke --workdir=/tmp/grpo-smoke  # standalone: pre-train, SFT, RL
+
+Tasks: `sort` (embedded:sort, rewarded by Python: sort_digits, sort_exact; the base is an SFT run on the same
+records, `configs/sft.py:data=embedded:sort`), `rlhf` (the prompts of embedded:preference, rewarded by the reward
+model of `reward_model=DIR`, configs/reward.py). train.batch_size rows = prompts × G per rollout.
+
+Variants (`:k=v,flag`): smoke, rlhf, init_from=<workdir>, reward_model=<workdir>, rewards=<spec>, loss=<type>,
+scale=group|batch|none|rloo, G=N, mu=N (optimizer steps per rollout), beta=F (KL), rank=N (LoRA), temperature=F,
+completion=N (max tokens), steps=N, lr=F, model=<preset>.
+"""
+
+from fmjax import config_lib
+
+
+def get_config(arg: str | None = None):
+  a = config_lib.parse_arg(arg, smoke=False, rlhf=False, init_from="", reward_model="", rewards="", loss="dapo",
+                           scale="group", G=8, mu=1, beta=0.0, rank=0, temperature=1.0, completion=0, steps=200,
+                           lr=1e-5, model="small")
+  data = "embedded:preference" if a.rlhf else "embedded:sort"
+  c = config_lib.finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, data, __file__)
+  if not a.init_from:  # the base: pre-training, then SFT on the task's own records
+    c.init_from.bootstrap = config_lib.sibling(__file__, "sft.py:smoke" if a.smoke else "sft.py")
+    if not a.rlhf:
+      c.init_from.bootstrap += (",data=embedded:sort" if a.smoke else ":data=embedded:sort")
+  o = c.objective
+  o.name, o.loss_type, o.scale_rewards, o.kl_coef = "grpo", a.loss, a.scale, a.beta
+  o.num_generations, o.num_iterations, o.temperature = a.G, a.mu, a.temperature
+  o.rewards = a.rewards or ("model" if a.rlhf else "sort_digits")
+  o.reward_model = a.reward_model
+  if a.rlhf and not a.reward_model:  # standalone: a reward model over the same base first
+    o.reward_model_bootstrap = config_lib.sibling(__file__, "reward.py:smoke" if a.smoke else "reward.py")
+  o.max_completion_length = a.completion or (48 if a.rlhf else 16)
+  c.lora.rank = a.rank
+  c.train.batch_size = 4 * a.G  # 4 prompts per rollout
+  c.train.seq_len = 128 if a.rlhf else 48
+  c.eval.every_steps, c.eval.at_start = 0, False  # progress is the rollouts' reward (metrics.jsonl)
+  c.checkpoint.every_steps = max(a.mu, a.steps // 4 // a.mu * a.mu)
+  c.log.every_steps = 1 if a.smoke else 5
+  if a.smoke:
+    c.train.steps, c.optimizer.lr, c.optimizer.warmup_steps = 20, 3e-4, 0
+    c.checkpoint.every_steps = 10 // a.mu * a.mu or a.mu
+  return c
