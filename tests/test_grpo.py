@@ -385,6 +385,8 @@ def test_grpo_smoke_runs_standalone_pretrain_sft_then_rl(repo, tmp_path, cpu_env
   assert [r["step"] for r in rows] == list(range(1, 21))
   for r in rows:
     assert -1 <= r["reward"] <= 1 and 0 <= r["completions/terminated"] <= 1 and r["rollout_seconds"] > 0
+    split = r["rollout_seconds_per_step"] + r["train_seconds_per_step"]  # the step's time, in two parts
+    assert r["train_seconds_per_step"] > 0 and split == pytest.approx(32 * 48 / r["tokens_per_sec"], rel=1e-6)
   assert "| reward " in proc.stderr
 
 

@@ -50,7 +50,7 @@ def rows(repo, tmp_path_factory):
   config.log.peak_flops = PEAK  # configured: no CPU probe
   exp = types.SimpleNamespace(config=config, flops_per_token=FLOPS_PER_TOKEN, step=fake_step,
                               evaluate=fake_evaluate, batch=lambda state, step: (jnp.ones((4,)), {}),
-                              boundary=lambda step: True, stream=None,
+                              boundary=lambda step: True, rollout=None, stream=None,
                               layout=types.SimpleNamespace(rows_per_example=1), state=State(jnp.zeros((4,)), {}))
   ckpt = types.SimpleNamespace(due=lambda step: step == 3, save=lambda *args: time.sleep(EVAL_SECONDS))
   stop = types.SimpleNamespace(requested=lambda step: False)

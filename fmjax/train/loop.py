@@ -103,6 +103,7 @@ class _Reporter:
     self.tokens_per_step = t.batch_size * t.seq_len * exp.layout.rows_per_example
     self.skipped = self.spikes = 0
     self.window_start, self.window_steps, self.window_end = time.perf_counter(), 0, (0, 0.0)
+    self.window_rollout = 0.0  # seconds of the window's RL rollouts (host-side sampling and scoring)
 
   def logs(self, step: int) -> bool:
     """Whether `step` writes a row with the throughput (a spike writes one too, found only when it is read)."""
@@ -136,11 +137,15 @@ class _Reporter:
     now = self.window_end[1] if self.window_end[0] == step else time.perf_counter()
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     self.window_steps += 1
+    self.window_rollout += m.get("rollout_seconds", 0.0)
     total = self.config.train.steps
     if not self.logs(step) and not m.get("spike"):
       return self._check(step, m)
     step_seconds = (now - self.window_start) / self.window_steps
-    self.window_start, self.window_steps = now, 0
+    if self.exp.rollout is not None:  # the split of an RL step's time: sampling and scoring vs the train step
+      m["rollout_seconds_per_step"] = self.window_rollout / self.window_steps
+      m["train_seconds_per_step"] = step_seconds - m["rollout_seconds_per_step"]
+    self.window_start, self.window_steps, self.window_rollout = now, 0, 0.0
     m["tokens_per_sec"] = self.tokens_per_step / step_seconds
     if self.peak_flops:
       m["mfu"] = self.exp.flops_per_token * m["tokens_per_sec"] / self.peak_flops
