@@ -3,8 +3,9 @@ the simple and exact reference for checks.
 
 `generate` right-pads the prompts into one [B, P] prefill that fills the cache (fmjax/model/transformer.py). Row b
 then decodes at its own positions len_b - 1, len_b, ...: the first step feeds the last prompt token again (so the
-prefill needs no logits), and each step writes one slot per row and samples one token, with one compiled
-single-token step for the whole loop. P and the cache length are rounded up to a multiple of `BUCKET`, so prompts of
+prefill needs no logits), and each step writes one slot per row and samples one token. The steps run as one device
+loop (`lax.while_loop`, ending when every row has stopped); with stop strings, which need the text, the host drives
+one compiled single-token step per token instead. P and the cache length are rounded up to a multiple of `BUCKET`, so prompts of
 similar lengths share compiled functions.
 """
 
@@ -61,7 +62,6 @@ def _compiled(model_cfg: ModelConfig, adapter: Adapter | None, sampling: bool):
                             cache=init_cache(model_cfg, B, cache_len), adapter_inputs=inputs)
     return cache  # the logits are unused, so XLA drops the unembedding
 
-  @functools.partial(jax.jit, donate_argnums=1)
   def step(params, cache, tokens_B, positions_B, rng, t, temperature, top_k, top_p, inputs):
     tokens_Bx1 = tokens_B[:, None]
     logits_Bx1xV, cache = module.apply({"params": params}, tokens_Bx1, jnp.ones_like(tokens_Bx1), positions_B[:, None],
@@ -74,7 +74,30 @@ def _compiled(model_cfg: ModelConfig, adapter: Adapter | None, sampling: bool):
     logp_BxV = jax.nn.log_softmax(logits_Bx1xV[:, 0] / jnp.where(sampling, temperature, 1.0), axis=-1)
     return cache, next_B.astype(jnp.int32), jnp.take_along_axis(logp_BxV, next_B[:, None], axis=-1)[:, 0]
 
-  return prefill, step
+  @functools.partial(jax.jit, static_argnums=2)  # the cache is not returned, so donating it would buy nothing
+  def decode(params, cache, max_new, tokens_B, positions_B, rng, temperature, top_k, top_p, first, stops_S):
+    """Every decoding step in one device loop (no host round trip per token): ([B, max_new] ids, their log-probs,
+    [B] lengths), each row ending at and including its first id in `stops_S`."""
+    B = tokens_B.shape[0]
+    later = jax.tree.map(jnp.zeros_like, first)
+
+    def body(carry):
+      t, cache, tokens_B, positions_B, done_B, ids_BxN, logps_BxN, lengths_B = carry
+      inputs = jax.tree.map(lambda a, z: jnp.where(t == 0, a, z), first, later)
+      cache, next_B, logp_B = step(params, cache, tokens_B, positions_B, rng, t, temperature, top_k, top_p, inputs)
+      active_B = ~done_B  # a finished row re-feeds its last token at its last position: its outputs are ignored
+      ids_BxN = ids_BxN.at[:, t].set(jnp.where(active_B, next_B, 0))
+      logps_BxN = logps_BxN.at[:, t].set(jnp.where(active_B, logp_B, 0.0))
+      done_B = done_B | (active_B & jnp.isin(next_B, stops_S))
+      return (t + 1, cache, jnp.where(active_B, next_B, tokens_B), jnp.where(active_B, positions_B + 1, positions_B),
+              done_B, ids_BxN, logps_BxN, lengths_B + active_B)
+
+    carry = (jnp.int32(0), cache, tokens_B, positions_B, jnp.zeros(B, bool), jnp.zeros((B, max_new), jnp.int32),
+             jnp.zeros((B, max_new), jnp.float32), jnp.zeros(B, jnp.int32))
+    carry = jax.lax.while_loop(lambda c: (c[0] < max_new) & ~jnp.all(c[4]), body, carry)
+    return carry[5], carry[6], carry[7]
+
+  return prefill, jax.jit(step, donate_argnums=1), decode
 
 
 def _bucket(n: int) -> int:
@@ -84,13 +107,13 @@ def _bucket(n: int) -> int:
 def generate(model_cfg: ModelConfig, adapter: Adapter | None, params, prompts: Sequence[np.ndarray],
              max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids: Sequence[int] = (), rng: jax.Array | None = None, stop_texts: Sequence[str] = (),
-             decode: Callable[[list[int]], str] | None = None, with_logps: bool = False):
+             decode: Callable[[list[int]], str] | None = None, with_logps: bool = False, device_loop: bool = True):
   """Each prompt's continuation (ids, without the prompt), decoded with a KV cache: argmax at temperature 0, else a
   draw from softmax(logits / temperature) after top-k (k > 0) and top-p filtering (`filter_logits`), with a fresh
   key per step from `rng`. A row ends at (and includes) its first id in `stop_ids`, once `decode(ids)` contains one
   of `stop_texts`, or after `max_new_tokens`; finished rows stop changing, and decoding stops when all have ended.
   `with_logps`: also each continuation's per-token log-probs (float32) under softmax(logits / temperature), as
-  (ids, logps) lists."""
+  (ids, logps) lists. `device_loop=False` drives the steps from the host (what stop strings need) in any case."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise UserError("generate needs at least one prompt and at least one token (e.g. BOS) in every prompt.")
   if any(np.min(p) < 0 or np.max(p) >= model_cfg.vocab_size for p in prompts):
@@ -105,7 +128,7 @@ def generate(model_cfg: ModelConfig, adapter: Adapter | None, params, prompts: S
   tokens_BxP = np.zeros((B, _bucket(longest)), np.int32)
   for i, p in enumerate(prompts):
     tokens_BxP[i, :len(p)] = p
-  prefill, step = _compiled(model_cfg, adapter, temperature > 0)
+  prefill, step, device_loop = _compiled(model_cfg, adapter, temperature > 0)
   # a parameterisation's per-token columns (e.g. edit positions) cover the prompt: the prefill, and the first
   # step, which re-feeds each prompt's last token; later steps get zeros
   columns = adapter.prompt_columns(lengths_B, tokens_BxP.shape[1]) if adapter is not None else {}
@@ -114,6 +137,12 @@ def generate(model_cfg: ModelConfig, adapter: Adapter | None, params, prompts: S
   last = {k: v[np.arange(B), lengths_B - 1][:, None] for k, v in columns.items()}
   later = {k: np.zeros_like(v) for k, v in last.items()}
   rng = jax.random.PRNGKey(0) if rng is None else rng
+  if device_loop and not stop_texts and max_new_tokens:  # no host work between tokens: one device loop
+    ids_BxN, logps_BxN, lengths_B = jax.device_get(device_loop(
+        params, cache, max_new_tokens, tokens_B, positions_B, rng, temperature, top_k, top_p, last,
+        np.asarray(stop_ids, np.int32)))
+    ids = [ids_BxN[i, :n].astype(np.int32) for i, n in enumerate(lengths_B)]
+    return (ids, [logps_BxN[i, :n] for i, n in enumerate(lengths_B)]) if with_logps else ids
   out, logps, done = [[] for _ in range(B)], [[] for _ in range(B)], np.zeros(B, bool)
   for t in range(max_new_tokens):
     cache, next_B, logp_B = step(params, cache, tokens_B, positions_B, rng, t, temperature, top_k, top_p,

@@ -412,14 +412,16 @@ def test_two_processes_draw_the_one_process_rollout(repo, tmp_path, cpu_env):
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  procs = [subprocess.Popen([*base, f"--workdir={tmp_path / 'two'}", f"--coordinator_address=localhost:{port}",
-                             "--num_processes=2", f"--process_id={i}", "--distributed_timeout=120"], cwd=repo,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
   one = subprocess.run([*base, f"--workdir={tmp_path / 'one'}"], cwd=repo,
                        env={**cpu_env(4), "PYTHONPATH": env["PYTHONPATH"]}, capture_output=True, text=True,
                        timeout=300)
   assert one.returncode == 0, one.stderr[-2000:]
-  assert [p.wait(timeout=300) for p in procs] == [0, 0]
+  logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]  # a full pipe would stall a collective
+  procs = [subprocess.Popen([*base, f"--workdir={tmp_path / 'two'}", f"--coordinator_address=localhost:{port}",
+                             "--num_processes=2", f"--process_id={i}", "--distributed_timeout=300"], cwd=repo,
+                            env=env, stdout=subprocess.DEVNULL, stderr=logs[i]) for i in range(2)]
+  codes = [p.wait(timeout=400) for p in procs]
+  assert codes == [0, 0], (tmp_path / "process_0.log").read_text()[-2000:]
   rows = {name: json.loads(open(tmp_path / name / "metrics.jsonl").readline()) for name in ("one", "two")}
   for key in ("reward", "rewards/my_reward:reward/mean", "rewards/sort_digits/mean", "completions/mean_length",
               "completions/terminated"):

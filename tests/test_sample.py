@@ -205,3 +205,18 @@ def test_top_k_1_draws_are_the_argmax():
   np.testing.assert_array_equal(np.asarray(draws), logits.argmax(-1))
   tiny_p = SAMPLE(jax.random.PRNGKey(3), logits, 2.0, top_p=1e-6)
   np.testing.assert_array_equal(np.asarray(tiny_p), logits.argmax(-1))
+
+
+def test_the_device_loop_draws_what_the_host_loop_draws(smoke_params):
+  """Sampled ids and their log-probs, with stop ids ending rows at different steps: one device loop = the
+  host-driven single-token steps."""
+  ps = prompts()
+  first = sample.generate(SMOKE, None, smoke_params, ps, 12, temperature=1.0, rng=jax.random.PRNGKey(5))
+  stop = int(first[1][4])  # ends some rows early, not all at once
+  kw = dict(temperature=0.9, top_p=0.95, stop_ids=[stop], rng=jax.random.PRNGKey(5), with_logps=True)
+  ids, logps = sample.generate(SMOKE, None, smoke_params, ps, 12, **kw)
+  host_ids, host_logps = sample.generate(SMOKE, None, smoke_params, ps, 12, device_loop=False, **kw)
+  assert len({len(i) for i in ids}) > 1  # rows stopped at different steps
+  for a, b, la, lb in zip(ids, host_ids, logps, host_logps):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(la, lb, atol=1e-6)

@@ -93,6 +93,7 @@ class Rollout:
     """The batch of `step` (1-based) and its rollout metrics (empty on steps that reuse the last rollout)."""
     if (step - 1) % self.iterations and self.cached is not None:
       return self.cached[0], {}
+    jax.block_until_ready(state.params)  # the previous train step's time is the step's, not the rollout's
     t0 = time.perf_counter()
     drawn = next(self.stream)  # the same global prompts on every process
     prompts = [ids[:n] for ids, n in zip(drawn["prompt_ids"], drawn["prompt_length"])]
