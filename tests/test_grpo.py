@@ -198,6 +198,8 @@ def test_reward_specs_and_a_wrong_return_names_the_function():
   with pytest.raises(UserError, match="'bad' returned NoneType"):
     rewards.call("bad", lambda p, c: None, ["a"], ["x"], {})
   assert rewards.resolve("os.path:exists") is os.path.exists
+  with pytest.raises(UserError, match="'os.path:sep' is a str, not a function"):
+    rewards.resolve("os.path:sep")
 
 
 def test_sort_rewards():

@@ -62,6 +62,9 @@ def resolve(name: str) -> RewardFn:
   except (ImportError, AttributeError) as e:
     raise UserError(f"objective.rewards: cannot load {name!r} ({e}); it must be 'package.module:function' "
                     "importable from the working directory or PYTHONPATH.") from None
+  if not callable(fn):
+    raise UserError(f"objective.rewards: {name!r} is a {type(fn).__name__}, not a function (prompts, completions, "
+                    "**fields) -> floats.")
   return fn
 
 
