@@ -26,7 +26,4 @@ def get_config(arg: str | None = None):
   c.objective.name = "classify"
   c.lora.rank = a.rank
   c.train.batch_size = 16
-  if a.smoke:
-    c.train.steps, c.optimizer.lr, c.optimizer.warmup_steps = 30, 1e-3, 3
-    c.eval.every_steps, c.checkpoint.every_steps = 10, 30
   return c

@@ -33,7 +33,4 @@ def get_config(arg: str | None = None):
   c.objective.name, c.objective.beta = a.head, a.beta
   c.lora.rank = a.rank
   c.train.batch_size = 8
-  if a.smoke:
-    c.train.steps, c.optimizer.lr, c.optimizer.warmup_steps = 30, 1e-3, 3
-    c.eval.every_steps, c.checkpoint.every_steps = 10, 30
   return c

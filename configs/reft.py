@@ -22,11 +22,8 @@ def get_config(arg: str | None = None):
   a = config_lib.parse_arg(arg, smoke=False, init_from="", rank=4, method="loreft", layers="all", positions="f5+l5",
                            share=False, dropout=0.0, head="sft", data="embedded:instruct", steps=300, lr=4e-3,
                            model="small")
-  c = config_lib.finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, a.data, __file__)
+  c = config_lib.finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, a.data, __file__, smoke_lr=1e-2)
   c.objective.name = a.head
   c.reft.rank, c.reft.method, c.reft.layers, c.reft.positions = a.rank, a.method, a.layers, a.positions
   c.reft.share_weights, c.reft.dropout = a.share, a.dropout
-  if a.smoke:
-    c.train.steps, c.optimizer.lr, c.optimizer.warmup_steps = 30, 1e-2, 3
-    c.eval.every_steps, c.checkpoint.every_steps = 10, 30
   return c

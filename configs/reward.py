@@ -27,7 +27,4 @@ def get_config(arg: str | None = None):
   c.objective.reward_margin, c.objective.center_rewards_coefficient = a.margin, a.center
   c.lora.rank = a.rank
   c.train.batch_size = 8
-  if a.smoke:
-    c.train.steps, c.optimizer.lr, c.optimizer.warmup_steps = 30, 1e-3, 3
-    c.eval.every_steps, c.checkpoint.every_steps = 10, 30
   return c

@@ -18,9 +18,6 @@ from fmjax import config_lib
 def get_config(arg: str | None = None):
   a = config_lib.parse_arg(arg, smoke=False, init_from="", data="embedded:instruct", steps=300, lr=1e-4,
                            model="small")
-  c = config_lib.finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, a.data, __file__)
+  c = config_lib.finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, a.data, __file__, smoke_lr=3e-3)
   c.objective.name = "sft"
-  if a.smoke:
-    c.train.steps, c.optimizer.lr, c.optimizer.warmup_steps = 30, 3e-3, 3
-    c.eval.every_steps, c.checkpoint.every_steps = 10, 30
   return c

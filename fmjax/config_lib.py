@@ -194,11 +194,11 @@ def sibling(config_file: str, spec: str) -> str:
 
 
 def finetune(init_from: str, smoke: bool, model: str, steps: int, lr: float, data: str,
-             config_file: str) -> ml_collections.ConfigDict:
+             config_file: str, smoke_lr: float = 1e-3) -> ml_collections.ConfigDict:
   """The base of the fine-tuning stages (SFT, LoRA, ...): start from the params of pre-trained (or imported) run
   `init_from` with its tokenizer, model shape and chat template, evaluate the held-out split from step 0 on. With no
   `init_from`, the pre-training config beside `config_file` (`smoke`: its smoke variant) first trains a base into
-  WORKDIR/base."""
+  WORKDIR/base. `smoke`: a tiny model and 30 steps at `smoke_lr`."""
   c = base()
   c.model.name = model
   c.data.source = data
@@ -222,6 +222,8 @@ def finetune(init_from: str, smoke: bool, model: str, steps: int, lr: float, dat
     c.data.vocab_size = 512
     c.train.seq_len = 256  # nearly every embedded instruction fits in 256 pieces of the 512-piece tokenizer
     c.log.every_steps, c.eval.batches = 1, 2
+    c.train.steps, c.optimizer.lr, c.optimizer.warmup_steps = 30, smoke_lr, 3
+    c.eval.every_steps, c.checkpoint.every_steps = 10, 30
   if init_from and os.path.isfile(os.path.join(init_from, "config.json")):
     with open(os.path.join(init_from, "config.json")) as f:
       theirs = json.load(f)
