@@ -1,6 +1,8 @@
 """Sources: every file kind, tfds and prepared data give the same records; bad inputs name file, line and fix."""
 
+import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -68,6 +70,13 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
   src = open_source("tfds:fmjax_tiny_text", "all", tfds_data_dir=str(tmp_path))
   assert sorted(texts_of(src)) == sorted(TEXTS)  # tfds shuffles at build time
   assert len(open_source("tfds:fmjax_tiny_text:validation", "all", tfds_data_dir=str(tmp_path))) == 3
+  from fmjax.curation import read  # curation reads the same records, and hashes them (a dataset has no one file)
+
+  curated = read.Input("tfds:fmjax_tiny_text", tfds_data_dir=str(tmp_path))
+  items = list(curated)
+  assert sorted(r["text"] for _, _, r in items) == sorted(TEXTS) and {s for s, _, _ in items} == {"ok"}
+  assert curated.stats()["records"] == 30 and curated.stats()["sha256_of"] == "records"
+  assert read.where(["tfds:fmjax_tiny_text"], read.order(0, 7)) == "tfds:fmjax_tiny_text[7]"
   with pytest.raises(ValueError, match="tfds dataset 'fmjax_no_such' .*tfds build"):
     open_source("tfds:fmjax_no_such", "all", tfds_data_dir=str(tmp_path))
 
@@ -101,18 +110,35 @@ def test_vocab_mismatch_names_both_sizes_and_the_fix():
 
 
 def test_prepared_data_gives_the_batches_of_the_raw_source(tmp_path, repo):
+  """Prepared on Beam with 1 and 2 workers: the same bytes, and the batches of the raw source."""
   from fmjax import config_lib
 
-  path = tmp_path / "sft.jsonl"
-  path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a" * (i % 9)}) + "\n" for i in range(50)))
+  (tmp_path / "sft").mkdir()
+  for k, (start, stop) in enumerate(((0, 10), (10, 35), (35, 45))):  # a unit per file; the middle one in two shards
+    (tmp_path / "sft" / f"part{k}.jsonl").write_text("".join(
+        json.dumps({"prompt": f"q{i}", "completion": "a" * (i % 9)}) + "\n" for i in range(start, stop)))
+  path = tmp_path / "sft" / "*.jsonl"
   tok = ByteTokenizer()
-  meta = prepared.prepare(str(path), formats.Encoder("prompt_completion", tok), tok, str(tmp_path / "prep"),
-                          records_per_shard=16)
-  assert meta["examples"] == 50 and meta["shards"] == 4
+  metas = [prepared.prepare(str(path), formats.Encoder("prompt_completion", tok), tok, str(tmp_path / f"prep{n}"),
+                            records_per_shard=16, num_workers=n, license_id="MIT") for n in (1, 2)]
+  assert metas[0]["examples"] == 45 and metas[0]["shards"] == 4
+  assert {k: v for k, v in metas[0].items() if k != "seconds"} == {k: v for k, v in metas[1].items() if k != "seconds"}
+  names = sorted(os.listdir(tmp_path / "prep1"))
+  assert names == sorted(os.listdir(tmp_path / "prep2")) == [
+      "data-00000-00000.array_record", "data-00001-00000.array_record", "data-00001-00001.array_record",
+      "data-00002-00000.array_record", "manifest.json", "meta.json"]
+  for name in names[:4]:
+    assert (tmp_path / "prep1" / name).read_bytes() == (tmp_path / "prep2" / name).read_bytes()
+  m = json.loads((tmp_path / "prep1" / "manifest.json").read_text())
+  assert m["tool"] == "prepare" and [i["records"] for i in m["inputs"]] == [10, 25, 10]
+  assert [i["license"] for i in m["inputs"]] == ["MIT"] * 3 and m["unknown_license_inputs"] == 0
+  assert m["inputs"][1]["sha256"] == hashlib.sha256((tmp_path / "sft" / "part1.jsonl").read_bytes()).hexdigest()
+  assert m["rules"]["tokenizer"] == metas[0]["tokenizer"] and m["counts"]["examples"] == 45
+  assert [o["file"] for o in m["outputs"]] == names[:4]
   c = config_lib.base()
   c.data.tokenizer, c.train.seq_len, c.train.batch_size = "bytes", 32, 4
   batches = {}
-  for spec in (str(path), f"prepared:{tmp_path / 'prep'}"):
+  for spec in (str(path), f"prepared:{tmp_path / 'prep2'}"):
     c.data.source = spec
     it = iter(pipeline.train_dataset(c, tok)[0])
     batches[spec] = [next(it) for _ in range(6)]
@@ -120,9 +146,10 @@ def test_prepared_data_gives_the_batches_of_the_raw_source(tmp_path, repo):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
   with pytest.raises(ValueError, match="already holds prepared data"):
-    prepared.prepare(str(path), formats.Encoder("text", tok), tok, str(tmp_path / "prep"))
-  meta_path = tmp_path / "prep" / "meta.json"
+    prepared.prepare(str(path), formats.Encoder("text", tok), tok, str(tmp_path / "prep1"))
+  meta_path = tmp_path / "prep1" / "meta.json"
   meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "tokenizer": "sentencepiece:0123"}))
+  c.data.source = f"prepared:{tmp_path / 'prep1'}"
   with pytest.raises(ValueError, match="was tokenized with sentencepiece:0123 .* set data.tokenizer_path"):
     pipeline.train_dataset(c, tok)
 

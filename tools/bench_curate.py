@@ -1,16 +1,15 @@
-"""Benchmarks `fmjax.curation` on a synthetic corpus streamed from a generator (or through the CLI's file path).
+"""Benchmarks curation on Apache Beam's direct runner: a synthetic corpus with 1 and with N worker processes.
 
-  python tools/bench_curate.py                          # 100k docs of ~1.5 KB, checkpoints at 10k/25k/50k/100k
-  python tools/bench_curate.py --docs=20000 --profile   # where the time goes
-  python tools/bench_curate.py --through_files          # write a temp .jsonl, read and write it as tools/curate.py does
+  python tools/bench_curate.py                        # 100k docs of ~1.9 KB in 8 .jsonl files; 1 and 2 workers
+  python tools/bench_curate.py --docs=20000 --workers=1,2,4 --files=16
 
 Documents are sentences of words drawn from a Zipf distribution over the vocabulary of Python's own documentation
 (`pydoc_data.topics`); 3% are exact copies of a recent document (some with case / whitespace changes), 3% near
-copies (3 words replaced, Jaccard of 5-word shingles about 0.9), 2% carry a PII item and 2% are junk. At each
-checkpoint it prints documents/s so far, the RSS high-water mark (`ru_maxrss`) and the bytes held by the dedup
-indexes: RSS should grow by about the index growth, i.e. memory is flat apart from the compact indexes.
+copies (3 words replaced, Jaccard of 5-word shingles about 0.9), 2% carry a PII item and 2% are junk. Each worker
+count runs in a fresh process (`tools/curate.py`'s pipeline on the same files), timed end to end (pipeline start-up,
+reading and writing included); peak RSS is the highest of the driver and of any worker process. The outputs of all
+worker counts must be identical (their sha256 in manifest.json), or the benchmark fails.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -18,6 +17,8 @@ import json
 import os
 import re
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Iterator
@@ -75,23 +76,6 @@ def synthetic_docs(n: int, doc_words: int, seed: int = 0) -> Iterator[dict]:
       yield {"text": text, "id": i}
 
 
-class Timed:
-  """Wraps an iterator and adds up the time spent producing its items (the generator's, not the pipeline's)."""
-
-  def __init__(self, it: Iterator[dict]):
-    self.it, self.seconds = it, 0.0
-
-  def __iter__(self) -> Iterator[dict]:
-    return self
-
-  def __next__(self) -> dict:
-    t = time.perf_counter()
-    try:
-      return next(self.it)
-    finally:
-      self.seconds += time.perf_counter() - t
-
-
 def render(words: list[str]) -> str:
   """Sentences of 12 words, capitalised, 5 sentences per paragraph."""
   sentences = [" ".join(words[k:k + 12]) + "." for k in range(0, len(words), 12)]
@@ -99,89 +83,63 @@ def render(words: list[str]) -> str:
   return "\n".join(" ".join(sentences[k:k + 5]) for k in range(0, len(sentences), 5))
 
 
-def rss_mib() -> tuple[float, float]:
-  """(peak RSS, current RSS) in MiB."""
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-  with open("/proc/self/statm") as f:
-    current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-  return peak, current
+def one(files: str, output: str, workers: int) -> dict:
+  """Curates `files` into `output` with `workers` processes; wall time, rate and memory as a dict."""
+  t0 = time.perf_counter()
+  report = curation.run([files], output, num_workers=workers, license_id="CC0-1.0")
+  seconds = time.perf_counter() - t0
+  with open(os.path.join(output, "manifest.json")) as f:
+    outputs = json.load(f)["outputs"]
+  peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+  peak_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+  return {"workers": workers, "seconds": round(seconds, 2), "docs": report["input_docs"],
+          "docs_per_second": round(report["input_docs"] / seconds, 1), "kept": report["kept_docs"],
+          "dropped": {k: v for k, v in report["dropped"].items() if v}, "peak_rss_mib": round(peak_self, 1),
+          "peak_worker_rss_mib": round(peak_child, 1) if workers > 1 else None,
+          "outputs": [o["sha256"] for o in outputs]}
 
 
 def main() -> None:
   p = errors.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--docs", type=int, default=100_000)
   p.add_argument("--doc_words", type=int, default=240, help="words per generated document (~8 characters each)")
-  p.add_argument("--checkpoints", default="10000,25000,50000,100000", help="doc counts at which to print memory")
-  p.add_argument("--through_files", action="store_true", help="stream via a temp .jsonl and the CLI's reader/writer")
-  p.add_argument("--profile", action="store_true", help="print the top functions by own time (cProfile)")
+  p.add_argument("--files", type=int, default=8, help="input .jsonl files")
+  p.add_argument("--workers", default="1,2", help="worker counts to run, each in a fresh process")
+  p.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # internal: one run, JSON on stdout
+  p.add_argument("--dir", default="", help=argparse.SUPPRESS)
   args = p.parse_args()
-
-  checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if int(c) <= args.docs} | {args.docs})
-  cfg = curation.CurationConfig()
-  report = curation.Report(cfg)
-  tmp = None
-  gen = Timed(synthetic_docs(args.docs, args.doc_words))
-  records: Iterator[dict] = gen
-  if args.through_files:
-    tmp = tempfile.TemporaryDirectory()
-    path = os.path.join(tmp.name, "bench.jsonl")
-    with open(path, "w") as f:
-      for r in gen:
-        f.write(json.dumps(r) + "\n")
-    print(f"wrote {path}: {os.path.getsize(path) / 2**20:,.0f} MiB")
-    gen = None
-    records = curation.read_records([path], "text", "raise", report)  # reading is timed as part of the pipeline
-  mean_chars = np.mean([len(r["text"]) for r in synthetic_docs(500, args.doc_words, seed=1)])
-  print(f"{args.docs:,} synthetic documents of {args.doc_words} words, {mean_chars:,.0f} characters on average; "
-        f"peak RSS before: {rss_mib()[0]:.0f} MiB")
-
-  profiler = None
-  if args.profile:
-    import cProfile
-
-    profiler = cProfile.Profile()
-    profiler.enable()
-  out = open(os.path.join(tmp.name, "curated.jsonl"), "w") if tmp else None
-  t0 = time.perf_counter()
-
-  def seconds() -> float:  # pipeline time: the generator's own time is left out
-    return time.perf_counter() - t0 - (gen.seconds if gen else 0.0)
-
-  def checkpoint() -> None:
-    while checkpoints and report.input_docs >= checkpoints[0]:
-      checkpoints.pop(0)
-      n, dt = report.input_docs, seconds()
-      peak, current = rss_mib()
-      index = sum(report.index_bytes.values()) / 2**20
-      print(f"  {n:>7,} docs  {dt:6.1f} s  {n / dt:6,.0f} docs/s  peak RSS {peak:6.1f} MiB  RSS {current:6.1f} MiB  "
-            f"dedup indexes {index:5.1f} MiB  RSS - indexes {current - index:5.1f} MiB  (kept {report.kept_docs:,})",
+  if args.one:
+    print(json.dumps(one(os.path.join(args.dir, "in", "*.jsonl"), os.path.join(args.dir, f"out{args.one}"),
+                         args.one)))
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    os.makedirs(os.path.join(tmp, "in"))
+    outs = [open(os.path.join(tmp, "in", f"part-{k:03d}.jsonl"), "w") for k in range(args.files)]
+    chars = 0
+    for i, r in enumerate(synthetic_docs(args.docs, args.doc_words)):
+      outs[i * args.files // args.docs].write(json.dumps(r) + "\n")  # contiguous runs, so copies span files
+      chars += len(r["text"])
+    for f in outs:
+      f.close()
+    size = sum(os.path.getsize(os.path.join(tmp, "in", n)) for n in os.listdir(os.path.join(tmp, "in")))
+    print(f"{args.docs:,} synthetic documents, {chars / args.docs:,.0f} characters on average, in {args.files} files "
+          f"({size / 2**20:,.0f} MiB); {os.cpu_count()} CPU cores")
+    results = []
+    for workers in (int(w) for w in args.workers.split(",")):
+      proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--one={workers}", f"--dir={tmp}"],
+                            capture_output=True, text=True)
+      if proc.returncode:
+        raise errors.UserError(f"the run with {workers} worker(s) failed: {proc.stderr.strip().splitlines()[-1]}")
+      r = json.loads(proc.stdout.strip().splitlines()[-1])
+      results.append(r)
+      worker_rss = f", each worker at most {r['peak_worker_rss_mib']:,.0f} MiB" if r["peak_worker_rss_mib"] else ""
+      print(f"  {workers} worker(s): {r['seconds']:7.1f} s  {r['docs_per_second']:7,.0f} docs/s  peak RSS driver "
+            f"{r['peak_rss_mib']:,.0f} MiB{worker_rss}; kept {r['kept']:,}, dropped {json.dumps(r['dropped'])}",
             flush=True)
-
-  def with_checkpoints(it: Iterator[dict]) -> Iterator[dict]:
-    for r in it:
-      checkpoint()  # before the next record is pulled, so exactly the checkpoint's count has been processed
-      yield r
-
-  for kept in curation.curate(with_checkpoints(records), cfg, report):
-    if out is not None:
-      out.write(json.dumps(kept, ensure_ascii=False) + "\n")
-  checkpoint()
-  dt = seconds()
-  if profiler is not None:
-    import pstats
-
-    profiler.disable()
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
-  r = report.to_dict()
-  dropped = {k: v for k, v in r["dropped"].items() if v}
-  found_pii = {k: v for k, v in r["pii_replacements"].items() if v}
-  print(f"done: {r['input_docs']:,} docs in {dt:.1f} s = {r['input_docs'] / dt:,.0f} docs/s on one core"
-        f"{'' if gen is None else f' (the generator, {gen.seconds:.1f} s, not counted)'}; kept {r['kept_docs']:,}, "
-        f"dropped {json.dumps(dropped)}, PII {json.dumps(found_pii)}; peak RSS {rss_mib()[0]:.0f} MiB")
-  if out is not None:
-    out.close()
-  if tmp is not None:
-    tmp.cleanup()
+    if any(r["outputs"] != results[0]["outputs"] for r in results):
+      raise errors.UserError("the outputs differ between worker counts; curation must not depend on them.")
+    counts = ", ".join(str(r["workers"]) for r in results)
+    print(f"identical output (sha256 {results[0]['outputs'][0][:16]}…) for {counts} worker(s)")
 
 
 if __name__ == "__main__":

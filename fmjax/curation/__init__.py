@@ -1,14 +1,14 @@
-"""Streaming data curation for pre-training and fine-tuning corpora: quality filters, PII scrubbing, exact and
-near (MinHash + LSH) deduplication, with a per-rule report. NumPy only (no JAX); CLI: `tools/curate.py`."""
+"""Data curation for pre-training and fine-tuning corpora on Apache Beam: quality filters, PII scrubbing, exact and
+near (MinHash + LSH) deduplication, a per-rule report and a governance manifest. CLI: `tools/curate.py`."""
 
 from __future__ import annotations
 
-from fmjax.curation.dedup import ExactDeduper, MinHasher, NearDeduper, estimate_jaccard, lsh_params, normalize
+from fmjax.curation.dedup import Bands, MinHasher, components, digest, estimate_jaccard, lsh_params, normalize
 from fmjax.curation.pii import PLACEHOLDERS, luhn_valid, scrub
-from fmjax.curation.pipeline import (CurationConfig, CurationError, Curator, Report, curate, input_files,
-                                     read_records)
+from fmjax.curation.pipeline import CurationConfig, run
 from fmjax.curation.quality import RULES, QualityConfig
+from fmjax.curation.read import CurationError, list_inputs
 
-__all__ = ["CurationConfig", "CurationError", "Curator", "ExactDeduper", "MinHasher", "NearDeduper", "PLACEHOLDERS",
-           "QualityConfig", "RULES", "Report", "curate", "estimate_jaccard", "input_files", "luhn_valid",
-           "lsh_params", "normalize", "read_records", "scrub"]
+__all__ = ["Bands", "CurationConfig", "CurationError", "MinHasher", "PLACEHOLDERS", "QualityConfig", "RULES",
+           "components", "digest", "estimate_jaccard", "list_inputs", "luhn_valid", "lsh_params", "normalize", "run",
+           "scrub"]

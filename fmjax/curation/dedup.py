@@ -1,9 +1,8 @@
-"""Exact and near (MinHash + LSH) deduplication with compact indexes.
+"""Exact and near (MinHash + LSH) deduplication: the keys and checks that the Beam stages group and compare by.
 
-Both deduplicators work on `normalize(text)`: NFKC, lowercase, runs of whitespace collapsed to one space.
+Both work on `normalize(text)`: NFKC, lowercase, runs of whitespace collapsed to one space.
 
-Exact: an 8-byte BLAKE2b digest of the normalized text, kept in an open-addressing table (8-byte key, 4-byte value,
-load <= 0.7): about 17-34 bytes per indexed document.
+Exact: an 8-byte BLAKE2b `digest` of the normalized text; documents are grouped by it (`fmjax.curation.stages`).
 
 Near: MinHash over word shingles (`shingle_size` consecutive whitespace-separated words of the normalized text).
   * shingle hashes: each word is hashed once (CRC-32); a shingle is the sum of its word hashes times random odd 64-bit
@@ -12,24 +11,20 @@ Near: MinHash over word shingles (`shingle_size` consecutive whitespace-separate
   * permutations: multiply-add-shift, h_i(x) = ((a_i * x + b_i) mod 2^64) >> 32 with random 64-bit a_i (odd), b_i,
     a 2-independent family for 32-bit keys (Dietzfelbinger 1996) that needs no modulo; all `num_perm` of them are
     one (num_perm, shingles) array operation.
-  * LSH: the first bands * rows signature values, split into `bands` bands of `rows`; each band is hashed to 64 bits
-    and indexed (band hash -> first kept document with it) in one open-addressing table. `lsh_params` picks (bands,
-    rows) by the standard rule (minimise the weighted false-positive and false-negative areas under the S-curve
-    1 - (1 - s^rows)^bands around the threshold) with weights 0.1 / 0.9: every LSH candidate is verified, so a false
-    positive costs one signature comparison while a false negative is a missed duplicate. 128 perms at 0.8 give
-    14 bands of 9 rows (a pair at Jaccard 0.8 / 0.85 / 0.9 becomes a candidate with probability 0.87 / 0.97 / 0.999).
-  * verification: a candidate is a near duplicate only if the estimated Jaccard of the two signatures is >=
-    threshold. Kept signatures are stored as their low 8 bits (b-bit minwise hashing, Li & Koenig 2010): two
-    values agree with probability J + (1 - J) / 256, and the estimate corrects for that, at the same variance.
-
-Memory per kept document (128 perms, 14 bands): num_perm bytes of signature + about 12 bytes / load per band in the
-LSH table (load 0.35-0.7 as the table doubles) -> about 0.4-0.65 KB with the exact index; nothing else grows with
-the input.
+  * LSH (`Bands`): the first bands * rows signature values, split into `bands` bands of `rows`; each band is hashed
+    to a 64-bit key and documents sharing a key are candidates. `lsh_params` picks (bands, rows) by the standard
+    rule (minimise the weighted false-positive and false-negative areas under the S-curve 1 - (1 - s^rows)^bands
+    around the threshold) with weights 0.1 / 0.9: every candidate is verified, so a false positive costs one
+    signature comparison while a false negative is a missed duplicate. 128 perms at 0.8 give 14 bands of 9 rows (a
+    pair at Jaccard 0.8 / 0.85 / 0.9 becomes a candidate with probability 0.87 / 0.97 / 0.999).
+  * verification: a candidate pair is an edge only if the estimated Jaccard of the two signatures is >= threshold.
+    Signatures travel as their low 8 bits (b-bit minwise hashing, Li & Koenig 2010): two values agree with
+    probability J + (1 - J) / 256, and the estimate corrects for that, at the same variance.
+  * `components` of the verified edges: one document (the first in input order) is kept per component.
 """
 
 from __future__ import annotations
 
-import array
 import functools
 import hashlib
 import unicodedata
@@ -65,110 +60,9 @@ def fmix64(x: np.ndarray) -> np.ndarray:
   return x
 
 
-class HashTable:
-  """Map uint64 key -> uint32 value by open addressing (linear probing); the first insert of a key wins.
-
-  Keys must already be well-mixed hashes (the slot is the key's low bits). Key 0 marks an empty slot, so a key 0 is
-  stored as 1. Storage is two `array.array`s (8 + 4 bytes a slot): scalar probes read Python ints directly, and
-  growing (doubling when the load would pass `max_load`) re-inserts through NumPy views of the same memory.
-  """
-
-  def __init__(self, capacity: int = 1 << 12, max_load: float = 0.7):
-    if capacity & (capacity - 1) or capacity < 8:
-      raise UserError(f"capacity={capacity} must be a power of two >= 8.")
-    self.max_load, self.size = max_load, 0
-    self._alloc(capacity)
-
-  def _alloc(self, capacity: int) -> None:
-    self.keys = array.array("Q", [0]) * capacity
-    self.values = array.array("I", [0]) * capacity
-    self.mask, self.limit = capacity - 1, int(self.max_load * capacity)
-
-  @property
-  def nbytes(self) -> int:
-    """Bytes of the two slot arrays."""
-    return len(self.keys) * 12
-
-  def __len__(self) -> int:
-    return self.size
-
-  def get(self, key: int) -> int | None:
-    """The value of one key, or None."""
-    i = self._slot(key or 1)
-    return self.values[i] if self.keys[i] else None
-
-  def put(self, key: int, value: int) -> None:
-    """Inserts one key unless present."""
-    if self.size >= self.limit:
-      self._grow(self.size + 1)
-    key = key or 1
-    i = self._slot(key)
-    if not self.keys[i]:
-      self.keys[i], self.values[i] = key, value
-      self.size += 1
-
-  def _slot(self, key: int) -> int:
-    """The slot holding `key` (non-zero), or the empty slot where it would go (linear probing)."""
-    keys, mask = self.keys, self.mask
-    i = key & mask
-    while keys[i] != key and keys[i] != 0:
-      i = (i + 1) & mask
-    return i
-
-  def _grow(self, needed: int) -> None:
-    old_keys = np.frombuffer(self.keys, _U64)
-    used = old_keys != 0
-    keys, values = old_keys[used], np.frombuffer(self.values, np.uint32)[used]
-    capacity = len(self.keys)
-    while needed > self.max_load * capacity:
-      capacity *= 2
-    del old_keys, used  # views of the old arrays
-    self._alloc(capacity)
-    self.size = 0
-    for start in range(0, len(keys), 1 << 16):  # in chunks, so the scratch arrays stay small
-      self._insert_absent(keys[start:start + (1 << 16)], values[start:start + (1 << 16)])
-
-  def _insert_absent(self, keys: np.ndarray, values: np.ndarray) -> None:
-    # Each round, every pending key tries its current slot; of the keys that find it empty the first claims it and
-    # the rest move on. A key only ever passes occupied slots, so later linear-probing lookups still find it.
-    table_keys, table_values = np.frombuffer(self.keys, _U64), np.frombuffer(self.values, np.uint32)
-    slots = (keys & _U64(self.mask)).astype(np.int64)
-    pending = np.arange(len(keys))
-    while pending.size:
-      empty = pending[table_keys[slots[pending]] == 0]
-      _, first = np.unique(slots[empty], return_index=True)
-      won = empty[first]
-      table_keys[slots[won]], table_values[slots[won]] = keys[won], values[won]
-      self.size += len(won)
-      lost = np.ones(len(keys), bool)
-      lost[won] = False
-      pending = pending[lost[pending]]
-      slots[pending] = (slots[pending] + 1) & self.mask
-
-
-class ExactDeduper:
-  """Remembers 8-byte digests of normalized texts; each maps to a caller-chosen uint32 (e.g. the kept doc's index)."""
-
-  def __init__(self):
-    self.table = HashTable()
-
-  @staticmethod
-  def digest(normalized: str) -> int:
-    """64-bit BLAKE2b digest of an already normalized text."""
-    return int.from_bytes(hashlib.blake2b(normalized.encode("utf-8"), digest_size=8).digest(), "little")
-
-  def get(self, digest: int) -> int | None:
-    """The value stored with `digest`, or None if this text was not seen."""
-    return self.table.get(digest)
-
-  def add(self, digest: int, value: int) -> None:
-    """Remembers `digest` (the first value stored for a digest stays)."""
-    self.table.put(digest, value)
-
-  @property
-  def nbytes(self) -> int:
-    """Bytes held by the digest table."""
-    return self.table.nbytes
+def digest(normalized: str) -> int:
+  """64-bit BLAKE2b digest of an already normalized text: the exact-dedup key."""
+  return int.from_bytes(hashlib.blake2b(normalized.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 @functools.lru_cache(maxsize=64)
@@ -236,100 +130,52 @@ def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
   return float(np.mean(sig_a == sig_b))
 
 
-class NearDeduper:
-  """MinHash + LSH index of kept documents; `query` finds the most similar kept document above the threshold.
+class Bands:
+  """LSH over MinHash signatures: band keys to group candidates by, and b-bit verification of a candidate pair."""
 
-  Kept documents are numbered 0, 1, ... in the order of `add`. Memory per kept document: see the module doc.
-  """
-
-  def __init__(self, threshold: float = 0.8, num_perm: int = 128, shingle_size: int = 5, seed: int = 1):
+  def __init__(self, threshold: float = 0.8, num_perm: int = 128, seed: int = 1):
     self.threshold = threshold
     self.bands, self.rows = lsh_params(threshold, num_perm)
-    self.hasher = MinHasher(num_perm, shingle_size, seed)
     rng = np.random.default_rng(seed + 1)
     self._row_mult = rng.integers(0, 2**64, self.rows, dtype=_U64, endpoint=False) | _U64(1)
     self._band_salt = rng.integers(0, 2**64, self.bands, dtype=_U64, endpoint=False)
-    self.table = HashTable(1 << 14)
-    self._block = 1 << 12  # signatures per storage block, so the store grows without copying
-    self._sigs: list[np.ndarray] = []
-    self.size = 0
 
-  def signature(self, normalized: str | None = None, words: np.ndarray | None = None) -> np.ndarray:
-    """The MinHash signature of a normalized text, or of its `word_hashes`."""
-    return self.hasher.signature(normalized, words)
-
-  def band_keys(self, sig: np.ndarray) -> np.ndarray:
-    """One 64-bit key per band (the band index is mixed in, so all bands share one table)."""
+  def keys(self, sig: np.ndarray) -> list[int]:
+    """One 64-bit key per band (the band index is mixed in, so all bands can share one grouping)."""
     bands = sig[:self.bands * self.rows].reshape(self.bands, self.rows).astype(_U64)
-    return fmix64((bands * self._row_mult).sum(axis=1, dtype=_U64) + self._band_salt)
+    return fmix64((bands * self._row_mult).sum(axis=1, dtype=_U64) + self._band_salt).tolist()
 
-  def query(self, sig: np.ndarray) -> tuple[int | None, float]:
-    """(index of the most similar kept document with estimated Jaccard >= threshold, or None; the best estimate
-    among the LSH candidates, 0.0 if none)."""
-    found = {self.table.get(key) for key in self.band_keys(sig).tolist()} - {None}
-    return self._verify(sig, found) if found else (None, 0.0)
+  @staticmethod
+  def low_bits(sig: np.ndarray) -> bytes:
+    """The low 8 bits of each signature value: what travels with a document for verification."""
+    return (sig & ((1 << _SIG_BITS) - 1)).astype(np.uint8).tobytes()
 
-  def add(self, sig: np.ndarray) -> int:
-    """Indexes a kept document's signature; returns its index."""
-    index = self._store(sig)
-    for key in self.band_keys(sig).tolist():
-      self.table.put(key, index)
-    return index
-
-  def query_or_add(self, sig: np.ndarray) -> tuple[int | None, float]:
-    """`query`, then `add` if no near duplicate was found, probing each band's slot once for both."""
-    table = self.table
-    keys, values, mask = table.keys, table.values, table.mask
-    found, free = set(), []
-    for key in self.band_keys(sig).tolist():
-      key = key or 1
-      i = key & mask
-      while True:
-        k = keys[i]
-        if k == key:
-          found.add(values[i])
-          break
-        if k == 0:
-          free.append((i, key))
-          break
-        i = (i + 1) & mask
-    best = 0.0
-    if found:
-      original, best = self._verify(sig, found)
-      if original is not None:
-        return original, best
-    index = self._store(sig)
-    if table.size + len(free) > table.limit:  # the table grows: the free slots found above move
-      for _, key in free:
-        table.put(key, index)
-    else:
-      for i, key in free:
-        if keys[i] == 0:
-          keys[i], values[i] = key, index
-          table.size += 1
-        else:  # an earlier band of this document took the slot
-          table.put(key, index)
-    return None, best
-
-  def _verify(self, sig: np.ndarray, candidates: set[int]) -> tuple[int | None, float]:
-    """The candidate with the highest estimated Jaccard (b-bit corrected) if >= threshold, and that estimate."""
-    cands = sorted(candidates)
-    stored = np.stack([self._sigs[c // self._block][c % self._block] for c in cands])
-    low = (sig & ((1 << _SIG_BITS) - 1)).astype(np.uint8)
+  @staticmethod
+  def jaccard(low_a: bytes, low_b: bytes) -> float:
+    """Estimated Jaccard of two documents from their `low_bits`, corrected for chance agreement of 8-bit values."""
+    a, b = np.frombuffer(low_a, np.uint8), np.frombuffer(low_b, np.uint8)
     chance = 1.0 / (1 << _SIG_BITS)
-    est = ((stored == low).mean(axis=1) - chance) / (1.0 - chance)
-    best = int(np.argmax(est))
-    return (cands[best] if est[best] >= self.threshold else None), float(est[best])
+    return float(((a == b).mean() - chance) / (1.0 - chance))
 
-  def _store(self, sig: np.ndarray) -> int:
-    index = self.size
-    if index % self._block == 0:
-      self._sigs.append(np.zeros((self._block, self.hasher.num_perm), np.uint8))
-    self._sigs[-1][index % self._block] = sig & ((1 << _SIG_BITS) - 1)
-    self.size += 1
-    return index
 
-  @property
-  def nbytes(self) -> int:
-    """Bytes held by the band table and the stored signatures."""
-    return self.table.nbytes + sum(s.nbytes for s in self._sigs)
+def components(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Connected components of an undirected graph given as an (E, 2) int64 array of node ids.
+
+  Returns (nodes, roots): every node that has an edge, and the smallest node id of its component. Min-label
+  propagation with pointer jumping, all NumPy: memory is a few int64 arrays of the edge set's size.
+  """
+  edges = np.asarray(edges, np.int64).reshape(-1, 2)
+  nodes, inverse = np.unique(edges, return_inverse=True)
+  u, v = inverse.reshape(-1, 2).T
+  label = np.arange(len(nodes))
+  while True:
+    low = np.minimum(label[u], label[v])
+    new = label.copy()
+    np.minimum.at(new, u, low)
+    np.minimum.at(new, v, low)
+    new = new[new]  # pointer jumping: a label's own label is at most as large
+    while not np.array_equal(new, new[new]):
+      new = new[new]
+    if np.array_equal(new, label):
+      return nodes, nodes[label]  # np.unique sorted the ids, so the smallest index is the smallest id
+    label = new

@@ -1,40 +1,40 @@
-"""Streaming curation: quality filters -> PII scrub -> exact dedup -> near dedup, one record at a time.
+"""Curation as one Beam pipeline: quality filters -> PII scrub -> exact dedup -> near dedup -> sharded JSONL.
 
 Order and why:
-  1. quality filters on the raw text: cheapest way to drop junk, and junk never enters the dedup indexes;
+  1. quality filters on the raw text: the cheapest way to drop junk, and junk never reaches dedup;
   2. PII scrub: the scrubbed text is what is written, so
   3. exact and 4. near dedup compare scrubbed text (normalized: NFKC, lowercase, collapsed whitespace). Two
      documents that differ only in their PII (a form letter sent to many addresses) are duplicates in the output.
-The first occurrence is kept. A near duplicate's exact digest is remembered too (pointing at the kept document it
-duplicates), so a later exact copy of it is counted as an exact duplicate.
+The first occurrence in input order is kept: of each group of exact copies, and of each connected component of
+near-duplicate pairs (a document that is both counts as an exact duplicate). The same transforms run on this
+machine (`--runner=direct`, 1 or N worker processes) and on Dataflow, Flink or Spark; the output, report.json and
+the counts in manifest.json are the same for any number of workers.
 
-Memory: records stream through; only the dedup indexes grow, by about 0.5 KB per kept document (see
-`fmjax.curation.dedup`), plus at most `max_examples` truncated examples per rule in the report.
+`run(...)` writes to DIR: `curated-SSSSS-of-NNNNN.jsonl` (kept records in input order within a shard, text
+scrubbed, other fields kept), `report.json` (counts per rule, PII per type, the first examples per rule) and
+`manifest.json` (`fmjax.governance.manifest`).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import glob
 import json
 import os
-from typing import Any, Callable, Iterable, Iterator
+import time
+from typing import Any
 
-from fmjax.curation import dedup, pii, quality
+from fmjax.curation import pii, quality, read, runner
+from fmjax.curation.read import CurationError
 from fmjax.errors import UserError
+from fmjax.governance import manifest
 
-WHERE = "_where"  # record key naming a record's origin (file:line), as in fmjax.data.sources; never written out
 DUPLICATE_RULES = ("exact_duplicate", "near_duplicate")
-
-
-class CurationError(UserError):
-  """Bad input: the message names the file/line/field and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
 class CurationConfig:
-  """What `curate` does; see the module docs of `quality`, `pii` and `dedup` for the rules."""
+  """What curation does; see the module docs of `quality`, `pii` and `dedup` for the rules."""
   field: str = "text"
   quality: quality.QualityConfig | None = dataclasses.field(default_factory=quality.QualityConfig)  # None: off
   pii: bool = True
@@ -56,196 +56,127 @@ class CurationConfig:
       raise UserError(f"num_perm={self.num_perm} must be >= 2 (128 is typical) and shingle_size={self.shingle_size} "
                       ">= 1 (5 is typical).")
 
-
-class Report:
-  """Counts per rule and a few examples per rule; `to_dict()` is the report.json payload."""
-
-  def __init__(self, cfg: CurationConfig):
-    self.cfg = cfg
-    self.input_docs = self.kept_docs = self.docs_with_pii = 0
-    rules = (*(quality.RULES if cfg.quality else ()), *DUPLICATE_RULES)
-    self.dropped: collections.Counter[str] = collections.Counter({r: 0 for r in rules})
-    self.pii: collections.Counter[str] = collections.Counter()
-    self.examples: dict[str, list[dict]] = collections.defaultdict(list)
-    self.index_bytes_fn: Callable[[], dict[str, int]] | None = None  # set by the Curator that fills this report
-    self.extra: dict[str, Any] = {}
-
   @property
-  def index_bytes(self) -> dict[str, int]:
-    """Bytes held by the dedup indexes now."""
-    return self.index_bytes_fn() if self.index_bytes_fn else {}
-
-  def excerpt(self, text: str) -> str:
-    """The start of `text`, PII scrubbed (examples of dropped documents must not leak it), truncated."""
-    n = self.cfg.example_chars
-    if self.cfg.pii:
-      text = pii.scrub(text[:n + 300])[0]  # scrub before cutting, so a PII item is not cut out of recognition
-    return text if len(text) <= n else text[:n] + "..."
-
-  def example(self, rule: str, doc_id: str, text: str | None = None, **info: Any) -> None:
-    """Keeps an example for `rule` if it has fewer than `max_examples`."""
-    if len(self.examples[rule]) < self.cfg.max_examples:
-      self.examples[rule].append({"id": doc_id, **info, **({} if text is None else {"text": self.excerpt(text)})})
-
-  def drop(self, rule: str, doc_id: str, text: str | None = None, **info: Any) -> None:
-    """Counts a document dropped by `rule` and keeps it as an example if there is room."""
-    self.dropped[rule] += 1
-    self.example(rule, doc_id, text, **info)
-
-  def bad_record(self, where: str, error: str) -> None:
-    """Counts a record skipped by the reader (`on_error="skip"`): an input doc dropped by rule `bad_record`."""
-    self.input_docs += 1
-    self.dropped["bad_record"] += 1
-    self.example("bad_record", where, error=error)
-
-  def to_dict(self) -> dict[str, Any]:
-    """The report as JSON-ready data: counts, PII replacements per type, examples, index bytes, config."""
-    return {
-        "input_docs": self.input_docs,
-        "kept_docs": self.kept_docs,
-        "dropped_docs": sum(self.dropped.values()),
-        "dropped": dict(self.dropped),
-        "pii_replacements": {k: self.pii.get(k, 0) for k in pii.PLACEHOLDERS} if self.cfg.pii else {},
-        "docs_with_pii": self.docs_with_pii,
-        "examples": dict(self.examples),
-        "index_bytes": self.index_bytes,
-        **self.extra,
-        "config": dataclasses.asdict(self.cfg),
-    }
+  def rules(self) -> tuple[str, ...]:
+    """The rules that can drop a document, in the report's order."""
+    return ("bad_record", *(quality.RULES if self.quality else ()),
+            *(("exact_duplicate",) if self.exact_dedup else ()), *(("near_duplicate",) if self.near_dedup else ()))
 
 
-class Curator:
-  """Applies the rules to one record at a time; `process` returns the (scrubbed) record to keep, or None."""
+class Examples:
+  """Makes report examples: the document's place, a PII-scrubbed excerpt, and `kept` as a place too."""
 
-  def __init__(self, cfg: CurationConfig | None = None, report: Report | None = None):
-    self.cfg = cfg = cfg or CurationConfig()
-    self.report = report or Report(cfg)
-    self.exact = dedup.ExactDeduper() if cfg.exact_dedup else None
-    self.near = dedup.NearDeduper(cfg.near_dedup_threshold, cfg.num_perm, cfg.shingle_size,
-                                  cfg.seed) if cfg.near_dedup else None
-    self._ngram_rule = cfg.quality is not None and cfg.quality.max_repeated_ngram_ratio < 1.0
-    self.report.index_bytes_fn = self.index_bytes
+  def __init__(self, cfg: CurationConfig, inputs: list[str]):
+    self.cfg, self.inputs, self.field = cfg, inputs, cfg.field
 
-  def process(self, record: dict, doc_id: str) -> dict | None:
-    """The record to write (text scrubbed) or None if a rule drops it; counts and examples go to the report."""
-    cfg, report = self.cfg, self.report
-    report.input_docs += 1
-    text = record.get(cfg.field)
-    if not isinstance(text, str):
-      raise CurationError(f"{doc_id}: field {cfg.field!r} is {'missing' if text is None else type(text).__name__}, "
-                          f"not a string; set the text field (CurationConfig.field, --field) or drop such records.")
-    norm = dedup.normalize(text)
-    # word hashes serve the repeated n-gram rule and near dedup; computed once unless PII scrubbing changes the text
-    words = dedup.word_hashes(norm) if self.near is not None or self._ngram_rule else None
-    if cfg.quality is not None:
-      rule = quality.check(text, cfg.quality, norm, words)
-      if rule is not None:
-        report.drop(rule, doc_id, text)
-        return None
-    if cfg.pii:
-      scrubbed, counts = pii.scrub(text)
-      if counts:
-        report.pii.update(counts)
-        report.docs_with_pii += 1
-        report.example("pii", doc_id, scrubbed, replacements=counts)
-        record, text = {**record, cfg.field: scrubbed}, scrubbed
-        norm = dedup.normalize(text)
-        words = None
-    kept_index = report.kept_docs
-    if self.exact is not None:
-      digest = self.exact.digest(norm)
-      original = self.exact.get(digest)
-      if original is not None:
-        report.drop("exact_duplicate", doc_id, text, kept_index=original)
-        return None
-    if self.near is not None:
-      original, jaccard = self.near.query_or_add(self.near.signature(norm, words))
-      if original is not None:
-        report.drop("near_duplicate", doc_id, text, kept_index=original, jaccard=round(jaccard, 3))
-        if self.exact is not None:
-          self.exact.add(digest, original)
-        return None
-    if self.exact is not None:
-      self.exact.add(digest, kept_index)
-    report.kept_docs += 1
-    return record
-
-  def index_bytes(self) -> dict[str, int]:
-    """Bytes held by the exact and near dedup indexes."""
-    return {"exact": self.exact.nbytes if self.exact else 0, "near": self.near.nbytes if self.near else 0}
+  def example(self, order: int, text: str | None, **info: Any) -> dict:
+    if "kept" in info:
+      info["kept"] = read.where(self.inputs, info["kept"])
+    out = {"id": read.where(self.inputs, order), **info}
+    if text is not None:
+      n = self.cfg.example_chars
+      if self.cfg.pii:
+        text = pii.scrub(text[:n + 300])[0]  # scrub before cutting, so a PII item is not cut out of recognition
+      out["text"] = text if len(text) <= n else text[:n] + "..."
+    return out
 
 
-def curate(records: Iterable[dict], cfg: CurationConfig | None = None, report: Report | None = None
-           ) -> Iterator[dict]:
-  """Yields the kept records (text field scrubbed, `_where` removed) of a stream of dict records, in order.
-
-  A record's id in the report is its `_where` (as set by `read_records`), else its `id` field, else `#<position>`.
-  Pass `report` to read the counts after (or while) iterating; `kept_index` in duplicate examples is the 0-based
-  position of the kept original among the yielded records.
-  """
-  curator = Curator(cfg, report)
-  for i, record in enumerate(records):
-    doc_id = record.get(WHERE, record.get("id"))
-    kept = curator.process(record, f"#{i}" if doc_id is None else str(doc_id))
-    if kept is not None:
-      if WHERE in kept:
-        kept = {k: v for k, v in kept.items() if k != WHERE}
-      yield kept
+def report_dict(cfg: CurationConfig, tally: dict[str, int], examples: list[tuple[str, list]]) -> dict[str, Any]:
+  """report.json's payload from the pipeline's tallies and first examples."""
+  dropped = {rule: tally.get(f"dropped/{rule}", 0) for rule in cfg.rules}
+  return {
+      "input_docs": tally.get("input_docs", 0),
+      "kept_docs": tally.get("kept_docs", 0),
+      "dropped_docs": sum(dropped.values()),
+      "dropped": dropped,
+      "pii_replacements": {k: tally.get(f"pii/{k}", 0) for k in pii.PLACEHOLDERS} if cfg.pii else {},
+      "docs_with_pii": tally.get("docs_with_pii", 0),
+      "examples": {rule: [e for _, e in sorted(items, key=lambda x: x[0])] for rule, items in sorted(examples)},
+      "config": dataclasses.asdict(cfg),
+  }
 
 
-def input_files(pattern: str) -> list[str]:
-  """Sorted files matching a glob (`**` recursive) of .jsonl / .txt files, or an error naming the glob and the fix."""
-  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
-  if not paths:
-    raise CurationError(f"--input={pattern!r} matches no files; check the path, and quote the glob so the shell "
-                        f"passes it unexpanded (e.g. --input='data/**/*.jsonl').")
-  bad = [p for p in paths if not p.endswith((".jsonl", ".txt"))]
-  if bad:
-    raise CurationError(f"--input={pattern!r} matches {len(bad)} file(s) that are neither .jsonl nor .txt, e.g. "
-                        f"{bad[0]!r}; narrow the glob (e.g. '*.jsonl').")
-  return paths
+def _finish(_: Any, output: str, cfg: CurationConfig, inputs: list[str], licenses: list[str], parents: list,
+            created: str, tally: dict, examples: list, stats: list, files: list) -> None:
+  """The pipeline's last step: writes report.json and manifest.json (through Beam's filesystems)."""
+  from apache_beam.io.filesystems import FileSystems
+
+  report = report_dict(cfg, tally, examples)
+  items = []
+  for s in sorted(stats, key=lambda s: s["index"]):
+    item = {k: v for k, v in s.items() if k != "index"}
+    items.append({**item, "license": licenses[s["index"]]})
+  counts = {"input_docs": report["input_docs"], "kept_docs": report["kept_docs"], "removed": report["dropped"],
+            "pii_found": report["pii_replacements"], "docs_with_pii": report["docs_with_pii"]}
+  rules = {k: v for k, v in report["config"].items() if k not in ("max_examples", "example_chars")}
+  record = manifest.build("curate", items, rules, sorted(files, key=lambda f: f["file"]), counts, parents, created,
+                          manifest.tool_versions("apache-beam", "numpy"))
+  for name, data in (("report.json", (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()),
+                     (manifest.NAME, manifest.dumps(record))):
+    with FileSystems.create(FileSystems.join(output, name)) as f:
+      f.write(data)
 
 
-def read_records(paths: Iterable[str], field: str = "text", on_error: str = "raise",
-                 report: Report | None = None) -> Iterator[dict]:
-  """Streams records: a .jsonl file gives one JSON object per non-blank line, a .txt file one record {field: text}.
+def run(patterns: list[str], output: str, cfg: CurationConfig | None = None, *, runner_name: str = "direct",
+        num_workers: int = 1, beam_args: list[str] = (), num_shards: int = 1, on_error: str = "raise",
+        license_id: str = "", license_map: dict[str, str] | None = None, overwrite: bool = False,
+        tfds_data_dir: str = "") -> dict[str, Any]:
+  """Curates the inputs of `patterns` into `output`; returns the report (with `seconds`) and prints nothing."""
+  beam = runner.beam()
+  from fmjax.curation import stages
 
-  Each record carries `_where` (`path:line` or `path`). A line that is not a JSON object, or lacks a string `field`,
-  raises CurationError naming file:line and the field, or with on_error="skip" is counted in `report` and skipped.
-  """
+  cfg = cfg or CurationConfig()
   if on_error not in ("raise", "skip"):
     raise UserError(f"on_error={on_error!r} is unknown; use 'raise' or 'skip'.")
+  if num_shards < 1:
+    raise UserError(f"--num_shards={num_shards} must be >= 1.")
+  inputs = read.list_inputs(list(patterns))
+  licenses = [read.license_of(p, license_id, license_map or {}) for p in inputs]
+  local = "://" not in output
+  if local:
+    old = glob.glob(os.path.join(output, "curated-*.jsonl"))
+    if old and not overwrite:
+      raise UserError(f"{output} already holds curated shards; choose another --output or pass --overwrite.")
+    os.makedirs(output, exist_ok=True)
+    for path in old + glob.glob(os.path.join(output, "*.partial")):
+      os.remove(path)
+  examples = Examples(cfg, inputs)
+  created = manifest.now()
+  t0 = time.perf_counter()
+  p = runner.pipeline(runner_name, num_workers, list(beam_args))
+  try:
+    with p:
+      curate = stages.Curate(inputs, output, cfg, examples, num_shards, tfds_data_dir,
+                             spread=not runner.is_direct(runner_name))
+      files = p | "Inputs" >> beam.Create(list(range(len(inputs)))) | curate
+      if on_error == "raise":
+        _ = curate.bad | "Stop at a bad record" >> beam.Map(_raise_bad, inputs)
+      _ = (p | "Once" >> beam.Create([None])
+           | "Report" >> beam.Map(_finish, output, cfg, inputs, licenses, manifest.parents(inputs), created,
+                                  tally=beam.pvalue.AsSingleton(curate.tallies),
+                                  examples=beam.pvalue.AsList(curate.examples),
+                                  stats=beam.pvalue.AsSingleton(curate.stats),
+                                  files=beam.pvalue.AsSingleton(files)))
+  except Exception as e:
+    message = runner.failure(e)
+    if local:
+      for path in glob.glob(os.path.join(output, "curated-*")):
+        os.remove(path)  # no partial output
+    if message is None:
+      raise
+    raise CurationError(message) from None
+  seconds = time.perf_counter() - t0
+  from apache_beam.io.filesystems import FileSystems
 
-  def bad(where: str, error: str) -> None:
-    if on_error == "raise":
-      raise CurationError(f"{where}: {error}; fix or remove it, or pass --on_error=skip to count and skip such "
-                          "records.")
-    if report is not None:
-      report.bad_record(where, error)
+  with FileSystems.open(FileSystems.join(output, "report.json")) as f:
+    report = json.loads(f.read())
+  report.update(input_files=len(inputs), seconds=round(seconds, 3),
+                docs_per_second=round(report["input_docs"] / max(seconds, 1e-9), 1))
+  with FileSystems.create(FileSystems.join(output, "report.json")) as f:
+    f.write((json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
+  return report
 
-  for path in paths:
-    if path.endswith(".txt"):
-      try:
-        with open(path, encoding="utf-8") as f:
-          yield {field: f.read(), WHERE: path}
-      except UnicodeDecodeError as e:
-        bad(path, f"not UTF-8 text ({e})")
-      continue
-    with open(path, "rb") as f:
-      for line_no, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        where = f"{path}:{line_no}"
-        try:
-          record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-          bad(where, f"not valid JSON ({e})")
-          continue
-        if not isinstance(record, dict):
-          bad(where, f"expected a JSON object, got {type(record).__name__}")
-          continue
-        if not isinstance(record.get(field), str):
-          bad(where, f"the record has no string field {field!r} (keys: {sorted(record)[:8]}); set --field")
-          continue
-        record[WHERE] = where
-        yield record
+
+def _raise_bad(bad: tuple[int, str], inputs: list[str]) -> None:
+  raise CurationError(f"{read.where(inputs, bad[0])}: {bad[1]}; fix or remove it, or pass --on_error=skip to "
+                      "count and skip such records.")

@@ -27,6 +27,7 @@ from fmjax.data import hf_tokenizer
 from fmjax.interop import hf_config, hf_weights, safetensors_io
 from fmjax.model.config import ModelConfig
 from fmjax.errors import UserError
+from fmjax.governance import card
 
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja")
@@ -232,7 +233,8 @@ def export_dir(workdir: str, hf_dir: str, step: int = -1, dtype: str | None = No
     base = template.get("_name_or_path") if template else None
     peft.save(hf_dir, split(adapter, run.params)[0], adapter, cfg.num_layers,
               base_model=base or config.init_from.workdir or None)
-    return f"wrote the PEFT adapter of {workdir} (step {run.step}) to {hf_dir}"
+    card.write(workdir, hf_dir, run.step)
+    return f"wrote the PEFT adapter of {workdir} (step {run.step}) and its model card to {hf_dir}"
   if adapter is not None:
     run = weights.load(workdir, step)
     merged = traverse_util.flatten_dict(adapter.merge(run.params))
@@ -251,7 +253,8 @@ def export_dir(workdir: str, hf_dir: str, step: int = -1, dtype: str | None = No
   dtype = dtype or cfg.param_dtype
   names = export_params(params_of, scanned, hf_dir, dtype, template, max_shard_bytes)
   _write_tokenizer_files(workdir, template_dir, hf_dir, score_model=cfg.num_labels > 0)
-  return f"wrote {workdir} (step {step}) as {len(names)} safetensors file(s) in {hf_dir}"
+  card.write(workdir, hf_dir, step)
+  return f"wrote {workdir} (step {step}) as {len(names)} safetensors file(s) and a model card (README.md) in {hf_dir}"
 
 
 def _write_tokenizer_files(workdir: str, template_dir: str | None, hf_dir: str, score_model: bool = False) -> None:

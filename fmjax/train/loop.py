@@ -15,6 +15,7 @@ import ml_collections
 from fmjax import config_checks, config_lib, distributed, objectives
 from fmjax.data import tokenizers
 from fmjax.errors import UserError
+from fmjax.governance import lineage
 from fmjax.train import checkpoint, frozen, init_from, peak, preemption
 from fmjax.train import metrics as metrics_lib
 from fmjax.train import state as train_state
@@ -230,6 +231,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   resolved = _write_run_files(exp, workdir)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
   start = _starting_state(exp, ckpt, workdir, resolved["tokenizer"])
+  if jax.process_index() == 0:  # after _starting_state: a bootstrapped base exists by then
+    t = config.train
+    lineage.write(workdir, lineage.record(config, workdir, objectives.get(config.objective),
+                                          t.batch_size * t.seq_len * exp.layout.rows_per_example))
   reporter = _Reporter(exp, workdir, ckpt)
   digests = metrics_lib.BatchDigests(workdir) if config.log.batch_digests else None
   stop = preemption.Watcher()

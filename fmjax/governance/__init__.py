@@ -1,0 +1,1 @@
+"""Governance: manifests of data outputs, the lineage of training runs, model cards."""
