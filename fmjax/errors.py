@@ -121,7 +121,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(main: Callable[..., object]) -> None:
-  """Runs a tool's or fmjax.main's `main`: the JAX platform chosen quietly (fmjax/startup.py), then the error
+  """Runs a tool's or fmjax.main's `main`: the allocator and the JAX platform chosen (fmjax/startup.py), then the error
   boundary: user errors (and bad flags) are one line.
   `--debug` (or FMJAX_DEBUG=1) shows the traceback instead.
 
@@ -129,6 +129,7 @@ def run(main: Callable[..., object]) -> None:
   optional (an argparse tool, see `ArgumentParser`) is called as it is."""
   from fmjax import startup
 
+  startup.preload_allocator()  # re-executes with tcmalloc / jemalloc preloaded where one is installed
   startup.select_platform()  # before anything creates a JAX backend: no TPU probing where there is no TPU
   required = [p for p in inspect.signature(main).parameters.values()
               if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

@@ -9,12 +9,17 @@ Bad input is reported as one line, `fmjax: error: ...`, with exit code 2; `--deb
 
 import logging as std_logging
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from fmjax import startup
 
-from fmjax import distributed, errors, startup
-from fmjax.train import loop
+if __name__ == "__main__":  # before jax is imported: the process re-executes itself with tcmalloc if it can
+  startup.preload_allocator()
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from fmjax import distributed, errors  # noqa: E402
+from fmjax.train import loop  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and variant, e.g. configs/pretrain.py:smoke.",
                                           lock_config=True)

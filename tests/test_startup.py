@@ -142,3 +142,38 @@ def test_the_run_log_drops_library_info_lines_but_keeps_warnings_and_fmjax_lines
   assert not quiet.filter(record(f"{site}/orbax/checkpoint/x.py", std_logging.INFO))
   assert quiet.filter(record(f"{site}/jax/_src/xla_bridge.py", std_logging.WARNING))
   assert quiet.filter(record("/home/me/jax/fmjax/train/loop.py", std_logging.INFO))
+
+
+# The allocator: a decision on fake machines, then a real re-executed process.
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+@pytest.mark.parametrize("environ,present,expected", [
+    ({}, [TCMALLOC, "/j.so"], TCMALLOC),  # the first installed one
+    ({}, [], None),  # none installed: glibc malloc
+    ({"FMJAX_ALLOCATOR": "system"}, [TCMALLOC], None),
+    ({"FMJAX_ALLOCATOR": "/opt/lib/libjemalloc.so"}, [TCMALLOC], "/opt/lib/libjemalloc.so"),
+    ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, [TCMALLOC], None),  # the user preloaded one already
+    ({"FMJAX_ALLOCATOR_PRELOADED": TCMALLOC}, [TCMALLOC], None),  # the re-executed process: never again
+])
+def test_allocator_choice(environ, present, expected):
+  assert startup.choose_allocator(environ, present) == expected
+
+
+def test_allocator_is_preloaded_by_re_executing_the_entry_point(tmp_path, repo):
+  """Any shared library stands in for the allocator here: the re-executed process maps it, keeps its arguments, and
+  does not re-execute again (it would loop)."""
+  lib = next(p for p in glob.glob("/usr/lib/*-linux-gnu/libm.so.6") + glob.glob("/lib/*-linux-gnu/libm.so.6"))
+  script = tmp_path / "tool.py"
+  script.write_text("import os, sys\nfrom fmjax import errors\n\ndef main():\n"
+                    "  maps = open('/proc/self/maps').read()\n"
+                    "  print(os.environ['LD_PRELOAD'], os.path.realpath(sys.argv[1]) in maps or sys.argv[1] in maps, "
+                    "sys.argv[1:])\n\nerrors.run(main)\n")
+  env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"FMJAX_ALLOCATOR": lib, "PYTHONPATH": repo}
+  proc = subprocess.run([sys.executable, str(script), lib, "--x"], env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split() == [lib, "True", f"['{lib}',", "'--x']"]
+  bad = subprocess.run([sys.executable, str(script), lib], env={**env, "FMJAX_ALLOCATOR": "/nowhere/libx.so"},
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "fmjax: error: FMJAX_ALLOCATOR='/nowhere/libx.so' is not a file" in bad.stderr
