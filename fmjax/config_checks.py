@@ -146,6 +146,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"optimizer.warmup_steps={opt.warmup_steps} must be smaller than train.steps={t.steps}; lower it "
                     "or train longer.")
   model = resolved_model(config)  # model.*: fmjax/model/config.py's checks
+  if model.attention_impl == "splash":
+    from fmjax.model import splash
+
+    splash.block_size(t.seq_len)
   adapters.get(config)  # the parameterisation's own checks
   from fmjax import objectives
 

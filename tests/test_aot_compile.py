@@ -84,6 +84,20 @@ def test_every_stage_compiles_with_its_frozen_trees(v5p_8, spec, frozen):
     assert report.memory.arguments[frozen] == report.memory.arguments["params (trained)"]
 
 
+def test_smoke_with_splash_attention_compiles_for_v5p_8(v5p_8, monkeypatch):
+  """The Pallas kernel lowers through Mosaic for the TPU (not interpret mode) and the step fits."""
+  from fmjax.model import splash
+
+  modes, local = [], splash._local
+  monkeypatch.setattr(splash, "_local", lambda *a, interpret: modes.append(interpret) or local(*a, interpret=interpret))
+  topo, devices = v5p_8
+  c = config_lib.load("configs/pretrain.py:smoke")
+  c.model.attention_impl = "splash"
+  report = aot.analyse(c, topo, devices=devices, cost=False)
+  assert report.verdict == "fits" and report.memory.total > 0
+  assert modes and not any(modes)  # every call compiled for the TPU
+
+
 def test_a_big_model_on_too_few_chips_does_not_fit_and_says_what_to_change(v5p_8):
   topo, devices = v5p_8
   c = config_lib.load("configs/pretrain.py:model=llama3_8b")

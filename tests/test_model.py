@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,7 +108,7 @@ def test_scanned_equals_unrolled(params, tokens):
   np.testing.assert_allclose(logits(unrolled, tokens, cfg=unrolled_cfg), logits(params, tokens), atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "projections", "qkv_proj"])
 def test_remat_leaves_gradients_unchanged(params, tokens, policy):
   probe = jax.random.normal(jax.random.PRNGKey(4), (B, T, CFG.vocab_size))
 
@@ -150,3 +151,20 @@ def test_bf16_compute_keeps_float32_logits_and_params(tokens):
   ref = logits(p, tokens)
   # bf16 keeps 8 mantissa bits (a relative step of 2^-8 ≈ 0.4%); two layers of rounding stay within a few steps.
   assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 4 * 2.0**-8
+
+
+@pytest.mark.parametrize("policy,saved", [
+    ("full", set()), ("qkv_proj", {"q_kernel", "k_kernel", "v_kernel"}),
+    ("projections", {"q_kernel", "k_kernel", "v_kernel", "o_kernel", "gate_kernel", "up_kernel"})])
+def test_named_remat_policies_save_exactly_their_projections(policy, saved):
+  """What the backward pass keeps from the forward pass (JAX's own account of the residuals). The down projection
+  feeds only the residual sum, whose gradient needs no saved value, so "projections" has nothing to keep of it."""
+  from jax._src.ad_checkpoint import saved_residuals
+
+  cfg = dataclasses.replace(CFG, scan_layers=False, num_layers=1, remat=policy)
+  segs, pos = jnp.ones((B, T), jnp.int32), jnp.broadcast_to(jnp.arange(T), (B, T))
+  tok = jnp.ones((B, T), jnp.int32)
+  p = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), tok, segs, pos)["params"])
+  residuals = saved_residuals(lambda q: Transformer(cfg).apply({"params": q}, tok, segs, pos).sum(), p)
+  names = {what.split("named '")[1].split("'")[0] for _, what in residuals if "named '" in what}
+  assert names == saved

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any, Mapping
 from fmjax.errors import UserError
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "projections", "qkv_proj")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -38,8 +38,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of activations and matmuls (logits and softmax are always float32)
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = True  # nn.scan over blocks: compile time flat in depth
-  remat: str = "none"  # rematerialisation policy: none | full | dots | dots_no_batch
-  attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
+  remat: str = "none"  # rematerialisation: none | full | dots | dots_no_batch | projections | qkv_proj (saved outputs)
+  attention_impl: str = "xla"  # xla | cudnn (GPU; jax.nn.dot_product_attention) | splash (TPU Pallas kernel)
   # output head: 0 = logits over the vocabulary (a language model); N > 0 = a score head, N float32 values per token
   # read at each sequence's last token (a reward model: 1; a classifier: the number of labels)
   num_labels: int = 0
@@ -53,8 +53,9 @@ class ModelConfig:
       raise UserError(f"model.head_dim={self.head_dim} must be even for RoPE.")
     if self.remat not in REMAT_POLICIES:
       raise UserError(f"model.remat={self.remat!r} is not one of {REMAT_POLICIES}.")
-    if self.attention_impl not in ("xla", "cudnn"):
-      raise UserError(f"model.attention_impl={self.attention_impl!r}: use 'xla' (any device) or 'cudnn' (GPU).")
+    if self.attention_impl not in ("xla", "cudnn", "splash"):
+      raise UserError(f"model.attention_impl={self.attention_impl!r}: use 'xla' (any device), 'cudnn' (GPU) or "
+                      "'splash' (TPU).")
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
       if getattr(self, name) <= 0:
         raise UserError(f"model.{name}={getattr(self, name)} must be positive.")

@@ -14,7 +14,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from fmjax.model import splash
 from fmjax.model.config import ModelConfig
 from fmjax.adapters.base import Adapter
 
@@ -99,10 +101,12 @@ def write_cache(cache_BxSxKxH: jax.Array, x_BxTxKxH: jax.Array, positions_BxT: j
 def project(module: nn.Module, adapter: Adapter | None, name: str, spec: str, x: jax.Array, w: jax.Array,
             axes: tuple[str, ...], out_dtype=None) -> jax.Array:
   """The projection hook: einsum(spec, x, w) for kernel `name` of `module`, as the active parameterisation computes
-  it (`axes`: the kernel's logical axis names)."""
+  it (`axes`: the kernel's logical axis names). The output is named `name` for the remat policies that save it."""
   if adapter is None:
-    return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
-  return adapter.project(module, name, spec, x, w, axes, out_dtype)
+    out = jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+  else:
+    out = adapter.project(module, name, spec, x, w, axes, out_dtype)
+  return checkpoint_name(out, name)
 
 
 class Attention(nn.Module):
@@ -145,8 +149,12 @@ class Attention(nn.Module):
       cache = {"k": write_cache(cache["k"], k_BxTxKxH, positions_BxT),
                "v": write_cache(cache["v"], v_BxTxKxH, positions_BxT)}
       k_BxSxKxH, v_BxSxKxH = cache["k"].astype(q_BxTxNxH.dtype), cache["v"].astype(q_BxTxNxH.dtype)
-    out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
-                                               scale=1.0 / math.sqrt(H), implementation=cfg.attention_impl)
+    if mask_Bx1xTxS.ndim == 2:  # splash: the [B,T] segment ids stand for the causal, per-segment mask
+      out_BxTxNxH = splash.attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS)
+    else:
+      impl = "xla" if cfg.attention_impl == "splash" else cfg.attention_impl  # decoding with a cache
+      out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
+                                                 scale=1.0 / math.sqrt(H), implementation=impl)
     out_BxTxD = proj("o_kernel", "BTNH,NHD->BTD", out_BxTxNxH, wo, ("heads", "head_dim", "embed"))
     return constrain(out_BxTxD, ACT_BTD), cache
 

@@ -9,13 +9,19 @@ import jax.numpy as jnp
 
 from fmjax.model.config import ModelConfig
 from fmjax.adapters.base import Adapter, combine, split
+from fmjax.model import splash
 from fmjax.model.layers import (ACT_BTD, Attention, RMSNorm, SwiGLU, attention_mask, cache_mask, constrain, project,
                                 rope_tables)
 
+_PROJECTIONS = ("q_kernel", "k_kernel", "v_kernel", "o_kernel", "gate_kernel", "up_kernel", "down_kernel")
 _POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # by name (layers.project names each projection's output after its kernel): the attention scores, softmax,
+    # norms and activations are recomputed
+    "projections": jax.checkpoint_policies.save_only_these_names(*_PROJECTIONS),
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names(*_PROJECTIONS[:3]),
 }
 
 
@@ -60,7 +66,12 @@ class Transformer(nn.Module):
                                                                          ("vocab", "embed")),
                                (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))
     x_BxTxD = constrain(jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(cfg.dtype), ACT_BTD)
-    mask = attention_mask(segment_ids_BxT) if cache is None else cache_mask(positions_BxT, cache["k"].shape[2])
+    if cache is not None:
+      mask = cache_mask(positions_BxT, cache["k"].shape[2])
+    elif cfg.attention_impl == "splash" and splash.fits(tokens_BxT.shape[1]):  # the kernel applies the mask itself
+      mask = segment_ids_BxT
+    else:  # other lengths (e.g. scoring a prompt) take the XLA path
+      mask = attention_mask(segment_ids_BxT)
     sin, cos = rope_tables(positions_BxT, cfg)
     extra = () if cache is None else (cache, positions_BxT)  # the training forward keeps its exact signature
     layer_params = None if self.adapter is None else self.adapter.layer_params(self, cfg.num_layers)

@@ -214,7 +214,7 @@ def _update_costs(step: step_lib.Plan) -> dict[str, float]:
   return _costs(compile_for_tpu(jitted.lower(step.state.params, step.state.opt_state, step.state.params)))
 
 
-_REMAT_STRENGTH = {"none": 0, "dots": 1, "dots_no_batch": 2, "full": 3}
+_REMAT_STRENGTH = {"none": 0, "dots": 1, "projections": 1, "dots_no_batch": 2, "qkv_proj": 2, "full": 3}
 
 
 def suggestions(config: ml_collections.ConfigDict, memory: Memory, topo: topology.Topology,
