@@ -1,4 +1,5 @@
-"""Curation: planted duplicates, near duplicates, PII and junk are removed exactly; clean documents pass unchanged."""
+"""Curation on Beam: planted duplicates, near duplicates, PII and junk are removed exactly, clean documents pass
+unchanged, 1 and 2 workers write the same bytes, and the report and manifest say what happened."""
 
 from __future__ import annotations
 
@@ -7,125 +8,17 @@ import glob
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from curation_corpus import PII_ITEMS, build_corpus, random_words, render, shingle_jaccard
 from fmjax import curation
-from fmjax.curation import dedup, pii, quality
 from fmjax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _vocabulary() -> list[str]:
-  import pydoc_data.topics
-
-  return sorted(set(re.findall(r"[a-z]{3,}", " ".join(pydoc_data.topics.topics.values()).lower())))
-
-
-VOCAB = _vocabulary()
-
-
-def render(words: list[str]) -> str:
-  """Sentences of 10 words, capitalised, 4 sentences per paragraph."""
-  sentences = [" ".join(words[k:k + 10]).capitalize() + "." for k in range(0, len(words), 10)]
-  return "\n".join(" ".join(sentences[k:k + 4]) for k in range(0, len(sentences), 4))
-
-
-def random_words(rng: np.random.Generator, n: int) -> list[str]:
-  return [VOCAB[i] for i in rng.integers(0, len(VOCAB), n)]
-
-
-def shingle_jaccard(a: str, b: str, k: int = 5) -> float:
-  """True Jaccard of the k-word shingle sets of two texts, as dedup normalizes them."""
-  def shingles(t):
-    w = dedup.normalize(t).split(" ")
-    return {tuple(w[i:i + k]) for i in range(len(w) - k + 1)}
-  sa, sb = shingles(a), shingles(b)
-  return len(sa & sb) / len(sa | sb)
-
-
-PII_ITEMS = {  # planted string -> placeholder
-    "ada.lovelace@example.org": "<EMAIL>", "j_smith+news@mail.example.co.uk": "<EMAIL>",
-    "(555) 123-4567": "<PHONE>", "555-987-6543": "<PHONE>", "555.246.8100": "<PHONE>",
-    "+44 20 7946 0958": "<PHONE>", "+1-202-555-0143": "<PHONE>",
-    "192.168.10.42": "<IP_ADDRESS>", "2001:db8:85a3::8a2e:370:7334": "<IP_ADDRESS>",
-    "fe80::1ff:fe23:4567:890a": "<IP_ADDRESS>",
-    "4111 1111 1111 1111": "<CREDIT_CARD>", "5500-0000-0000-0004": "<CREDIT_CARD>", "378282246310005": "<CREDIT_CARD>",
-    "AKIAIOSFODNN7EXAMPLE": "<API_KEY>", "ghp_" + "A1b2C3d4E5" * 3 + "F6g7H8": "<API_KEY>",
-    "github_pat_" + "11ABCDEFG0" * 4 + "xyz_789": "<API_KEY>", "sk-proj-" + "Xy9" * 16: "<API_KEY>",
-    "xoxb-2048-4096-" + "Ab1" * 8: "<API_KEY>", "AIza" + "SyA1b2c3d4e5f6g7h8i9j0" + "K_L-m3n4o5p6q": "<API_KEY>",
-}
-PII_TYPES = {v: k for k, v in pii.PLACEHOLDERS.items()}
-
-
-def build_corpus(seed: int = 0) -> dict:
-  """Records in stream order plus what is planted: clean (some with PII), exact / near duplicates, junk."""
-  rng = np.random.default_rng(seed)
-  clean = {f"clean-{i}": random_words(rng, int(rng.integers(220, 320))) for i in range(150)}
-  texts = {k: render(w) for k, w in clean.items()}
-  expected = dict(texts)  # id -> text expected in the output
-  ids = list(clean)
-
-  # PII: every item once, inside otherwise clean documents; the output must carry the placeholder instead.
-  pii_counts: dict[str, int] = {t: 0 for t in pii.PLACEHOLDERS}
-  items = list(PII_ITEMS.items())
-  for n, k in enumerate(ids[100:100 + len(items) // 2 + 1]):
-    words = clean[k]
-    parts_in, parts_out = [], []
-    for item, placeholder in items[2 * n:2 * n + 2]:
-      parts_in.append(f"Contact {item} today")
-      parts_out.append(f"Contact {placeholder} today")
-      pii_counts[PII_TYPES[placeholder]] += 1
-    base = render(words)
-    texts[k] = base + "\n" + " and ".join(parts_in) + "."
-    expected[k] = base + "\n" + " and ".join(parts_out) + "."
-
-  stream = [(k, texts[k]) for k in ids]
-  sources = ids[:90]  # duplicates copy documents without PII
-
-  def insert_after(source: str, rec: tuple[str, str]) -> None:
-    pos = next(i for i, (k, _) in enumerate(stream) if k == source)
-    stream.insert(int(rng.integers(pos + 1, len(stream) + 1)), rec)
-
-  variants = [lambda t: t, str.upper, lambda t: t.replace(" ", "  ").replace("\n", "\n\n"),
-              lambda t: "  " + t.replace(". ", ".\t") + " \n", str.swapcase,
-              lambda t: "".join(chr(ord(c) + 0xFEE0) if "a" <= c <= "z" else c for c in t[:40]) + t[40:]]
-  exact = {}
-  for n, src in enumerate(rng.choice(sources, 12, replace=False)):
-    exact[f"exact-{n}"] = src
-    insert_after(src, (f"exact-{n}", variants[n % len(variants)](texts[src])))
-
-  near, near_jaccard = {}, {}
-  long_sources = [k for k in sources if len(clean[k]) >= 270 and k not in exact.values()]
-  for n, src in enumerate(rng.choice(long_sources, 12, replace=False)):
-    tokens = texts[src].split(" ")  # edit the text in place: 2 words changed, 1 inserted
-    for i in rng.choice(len(tokens), 2, replace=False):
-      tokens[i] = "zebra" + tokens[i]
-    tokens.insert(int(rng.integers(len(tokens))), "inserted")
-    text = " ".join(tokens)
-    near[f"near-{n}"], near_jaccard[f"near-{n}"] = src, shingle_jaccard(text, texts[src])
-    insert_after(src, (f"near-{n}", text))
-
-  junk_texts = {
-      "min_chars": "Too short to keep.",
-      "max_chars": render(random_words(rng, 5000)),
-      "min_alpha_ratio": "\n".join(" ".join(str(x) for x in rng.integers(0, 10**6, 8)) for _ in range(15)),
-      "max_dup_line_ratio": "\n".join(["Subscribe to our newsletter for updates."] * 8 +
-                                      [render(random_words(rng, 12)) for _ in range(4)]),
-      "max_repeated_ngram_ratio": " ".join([render(random_words(rng, 40))] +
-                                           ["click here to buy cheap watches online now"] * 12),
-  }
-  junk = {}
-  for rule, text in junk_texts.items():
-    junk[f"junk-{rule}"] = rule
-    stream.insert(int(rng.integers(len(stream) + 1)), (f"junk-{rule}", text))
-  return dict(records=[{"text": t, "id": k, "lang": "en"} for k, t in stream], clean=ids, expected=expected,
-              exact=exact, near=near, near_jaccard=near_jaccard, junk=junk, pii_counts=pii_counts)
 
 
 TEST_QUALITY = curation.QualityConfig(max_chars=20_000)
@@ -306,130 +199,6 @@ def test_near_duplicates_are_removed_by_connected_component(tmp_path):
   assert ex[line["B"]]["kept"].endswith(":1") and ex[line["D"]]["kept"].endswith(":1")  # D is kept by no one else
 
 
-def test_components_agree_with_scipy():
-  from scipy.sparse import coo_matrix
-  from scipy.sparse.csgraph import connected_components
-
-  rng = np.random.default_rng(8)
-  ids = rng.choice(10**9, 400, replace=False)
-  edges = ids[rng.integers(0, 400, (300, 2))]
-  nodes, roots = dedup.components(edges)
-  assert list(nodes) == sorted(set(edges.ravel()))
-  index = {n: i for i, n in enumerate(nodes)}
-  u, v = np.vectorize(index.get)(edges).T
-  _, labels = connected_components(coo_matrix((np.ones(len(u)), (u, v)), shape=(len(nodes),) * 2), directed=False)
-  for label in np.unique(labels):
-    members = nodes[labels == label]
-    assert set(roots[labels == label]) == {members.min()}
-  assert len(set(roots)) == len(np.unique(labels)) < len(nodes)
-
-
-def test_exact_dedup_normalizes_case_whitespace_and_nfkc():
-  variants = ["Hello  World.\n", "hello world.", "HELLO\tWORLD.", "Ｈｅｌｌｏ world."]
-  digests = {dedup.digest(dedup.normalize(v)) for v in variants}
-  assert len(digests) == 1
-  assert dedup.digest(dedup.normalize("hello world!")) not in digests
-
-
-@pytest.mark.parametrize("item", list(PII_ITEMS))
-def test_pii_item_is_replaced_by_its_placeholder(item):
-  placeholder = PII_ITEMS[item]
-  text, counts = pii.scrub(f"Write to {item}, please.")
-  assert text == f"Write to {placeholder}, please." and counts == {PII_TYPES[placeholder]: 1}
-
-
-def test_pii_generic_secret_values_keep_the_key_name():
-  text, counts = pii.scrub("api_key=0123456789abcdef0123 and SECRET: 'dGhpcyBpcyBhIHNlY3JldDEyMw==' ok")
-  assert text == "api_key=<API_KEY> and SECRET: '<API_KEY>' ok" and counts == {"API_KEY": 2}
-
-
-@pytest.mark.parametrize("text", [
-    "Python 3.11.2 was released on 2024-01-02 at 12:30:45.",
-    "numpy 1.26.4, build 10.0.19041.1, section 1.2.3.4.5, ratio 16:9, pi is 3.14159",
-    "Order 12345 shipped 1,234,567 units for $1,234.56 on 2024/01/02 and 2024.01.02.",
-    "ISBN 978-3-16-148410-0, timestamp 1700000000000, card-like 4111111111111112, SSN-like 123-45-6789",
-    "std::vector<int> and A::B and MAC 00:1A:2B:3C:4D:5E; x+12345678 is math; 5551234567 has no separators",
-    "the key point: token counts are 2048, the secret is patience, and sk-learn is a package",
-    "me@localhost, user@ host.com and an @handle",
-    "not addresses: 999.10.10.10 and 10.01.2.3; zero-padded in the form +000000120",
-])
-def test_pii_leaves_ordinary_numbers_versions_dates_alone(text):
-  assert pii.scrub(text) == (text, {})
-
-
-def test_luhn():
-  for number in ("4111111111111111", "5500000000000004", "378282246310005", "6011111111111117", "0"):
-    assert pii.luhn_valid(number), number
-  for number in ("4111111111111112", "5500000000000005", "1234567812345678"):
-    assert not pii.luhn_valid(number), number
-
-
-def test_minhash_estimates_jaccard_within_tolerance():
-  rng = np.random.default_rng(1)
-  hasher = dedup.MinHasher(num_perm=128, shingle_size=5)
-  base = random_words(rng, 400)
-  for changes in (3, 10, 25, 60, 120):
-    other = list(base)
-    for i in rng.choice(len(base), changes, replace=False):
-      other[i] = "q" + other[i]
-    a, b = " ".join(base), " ".join(other)
-    true = shingle_jaccard(a, b)
-    est = dedup.estimate_jaccard(hasher.signature(dedup.normalize(a)), hasher.signature(dedup.normalize(b)))
-    assert abs(est - true) < 0.1, (changes, true, est)
-    sa, sb = (hasher.signature(dedup.normalize(t)) for t in (a, b))  # 8-bit values, corrected for chance, agree
-    assert abs(dedup.Bands.jaccard(dedup.Bands.low_bits(sa), dedup.Bands.low_bits(sb)) - true) < 0.1
-
-
-def test_lsh_candidates_are_verified_by_estimated_jaccard():
-  from fmjax.curation import stages
-
-  rng = np.random.default_rng(6)
-  bands = dedup.Bands(threshold=0.8)
-  sig = rng.integers(0, 2**32, 128, dtype=np.uint64).astype(np.uint32)
-  shares_bands = sig.copy()  # the first 4 bands (36 values) agree, so LSH surely proposes the pair; J ~ 0.3
-  shares_bands[40:] = rng.integers(0, 2**32, 88, dtype=np.uint64)
-  close = sig.copy()
-  close[rng.choice(128, 10, replace=False)] += 1  # J ~ 0.92
-  assert bands.keys(sig)[:4] == bands.keys(shares_bands)[:4] and bands.keys(sig)[4:] != bands.keys(shares_bands)[4:]
-  bucket = (bands.keys(sig)[0], [(7, bands.low_bits(close)), (3, bands.low_bits(sig)),
-                                 (5, bands.low_bits(shares_bands))])
-  [(first, later, est)] = list(stages.candidate_edges(0.8)(bucket))
-  assert (first, later) == (3, 7) and 0.85 < est < 0.97
-  assert not list(stages.candidate_edges(0.8)((0, [(1, bands.low_bits(sig))])))
-
-
-def test_lsh_params_standard_choice():
-  assert dedup.lsh_params(0.8, 128) == (14, 9)
-  for t in (0.5, 0.7, 0.9):
-    b, r = dedup.lsh_params(t, 128)
-    assert b * r <= 128
-  assert dedup.lsh_params(0.9, 128)[1] > dedup.lsh_params(0.5, 128)[1]  # stricter threshold: longer bands
-  with pytest.raises(ValueError, match="threshold=1.5"):
-    dedup.lsh_params(1.5, 128)
-
-
-@pytest.mark.parametrize("rule,text", [
-    ("min_chars", "short"),
-    ("min_alpha_ratio", "1234 5678 9012 3456 7890 " * 20),
-    ("max_dup_line_ratio", "\n".join(["same line here"] * 5 + ["a different line of words"] * 2) + "x" * 150),
-    ("max_repeated_ngram_ratio", "buy cheap watches online today " * 40),
-])
-def test_quality_rules_name_the_rule(rule, text):
-  assert quality.check(text, quality.QualityConfig()) == rule
-
-
-def test_quality_word_limits_and_ratios():
-  cfg = quality.QualityConfig(min_chars=0, min_words=5, max_words=8)
-  assert quality.check("one two three", cfg) == "min_words"
-  assert quality.check("a b c d e f g h i j", cfg) == "max_words"
-  assert quality.check("a b c d e f", cfg) is None
-  assert quality.alpha_ratio("abc 123") == 0.5 and quality.alpha_ratio("héllo wörld") == 1.0
-  assert quality.repeated_ngram_ratio(dedup.normalize("a b c d e " * 2), 5) == 0.5  # the 2nd copy is repeated
-  assert quality.repeated_ngram_ratio(dedup.normalize(" ".join(VOCAB[:300])), 5) == 0.0
-  with pytest.raises(ValueError, match="min_alpha_ratio=1.5"):
-    quality.QualityConfig(min_alpha_ratio=1.5)
-
-
 def run_cli(*args: str) -> dict:
   import importlib.util
 
@@ -465,32 +234,3 @@ def test_cli_errors_name_the_glob_the_line_and_the_field(tmp_path):
   (tmp_path / "map.json").write_text('["MIT"]')
   with pytest.raises(UserError, match=r"--license_map=.* must map globs to license ids"):
     run_cli(f"--input={tmp_path}/*.jsonl", f"--output={tmp_path}/o2", f"--license_map={tmp_path}/map.json")
-
-
-def test_every_input_kind_reads_the_same_records(tmp_path):
-  import pyarrow as pa
-  import pyarrow.parquet as pq
-  from array_record.python import array_record_module
-
-  from fmjax.curation import read
-
-  records = [{"text": f"document {i} " + "words " * i, "id": i} for i in range(5)]
-  with open(tmp_path / "a.jsonl", "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  pq.write_table(pa.Table.from_pylist(records), tmp_path / "a.parquet", row_group_size=2)
-  writer = array_record_module.ArrayRecordWriter(str(tmp_path / "a.array_record"), "group_size:1")
-  for r in records[:4]:
-    writer.write(json.dumps(r).encode())
-  writer.write(b"plain text is a record too")
-  writer.close()
-  got = {kind: list(read.Input(str(tmp_path / f"a{kind}"))) for kind in (".jsonl", ".parquet", ".array_record")}
-  assert got[".jsonl"] == [("ok", i + 1, r) for i, r in enumerate(records)]
-  assert got[".parquet"] == [("ok", i, r) for i, r in enumerate(records)]
-  assert got[".array_record"] == [("ok", i, r) for i, r in enumerate(records[:4])] + [
-      ("ok", 4, {"text": "plain text is a record too"})]
-  assert read.list_inputs([f"{tmp_path}/a.*"]) == [f"{tmp_path}/a{k}" for k in (".array_record", ".jsonl", ".parquet")]
-  source = read.Input(str(tmp_path / "a.parquet"))
-  list(source)
-  assert source.stats()["records"] == 5
-  assert source.stats()["sha256"] == hashlib.sha256((tmp_path / "a.parquet").read_bytes()).hexdigest()
