@@ -79,6 +79,12 @@ def license_of(path: str, default: str, license_map: dict[str, str]) -> str:
   return default or "unknown"
 
 
+def record_line(record: dict) -> bytes:
+  """A record as one canonical JSON line (its place left out): what a source with no one file is hashed over."""
+  record = {k: v for k, v in record.items() if k != WHERE}
+  return json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n"
+
+
 def _open(path: str):
   if "://" in path:
     from apache_beam.io.filesystems import FileSystems
@@ -163,7 +169,7 @@ class Input:
     h = hashlib.sha256()  # a dataset has no one file: the digest is of its records, as canonical JSON lines
     for i in range(len(source)):
       record = {k: v for k, v in source[i].items() if k != WHERE}
-      line = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n"
+      line = record_line(record)
       h.update(line)
       self.bytes += len(line)
       self.records += 1

@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any, Iterator
 
-from fmjax.curation.read import file_sha256, license_of
+from fmjax.curation.read import file_sha256, license_of, record_line
 from fmjax.data import sources
 from fmjax.data.sources import PREPARED_META, DataError, open_source, serialize
 from fmjax.data.tokenizers import tokenizer_id
@@ -62,8 +62,7 @@ def records_sha256(source: Any) -> str:
   """sha256 of a record source's records as canonical JSON lines (a source with no one file: embedded, tfds)."""
   h = hashlib.sha256()
   for i in range(len(source)):
-    record = {k: v for k, v in source[i].items() if k != sources.WHERE}
-    h.update(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
+    h.update(record_line(source[i]))
   return h.hexdigest()
 
 
