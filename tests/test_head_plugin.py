@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from fmjax import config_lib, objectives, topology
+from fmjax.model.token_stats import from_logits
 from fmjax.objectives.lm import masked_nll
 from fmjax.train import aot, loop
 
@@ -24,7 +25,7 @@ def make_anchored_lm(objective_cfg) -> objectives.Head:
     mask = batch["loss_mask"].astype(jnp.float32)
     log_p, log_q = jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(anchor, -1)
     kl = jnp.sum(jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1) * mask)
-    loss_sum, weight, metrics = masked_nll(logits, batch["targets"], mask, 0.0)
+    loss_sum, weight, metrics = masked_nll(from_logits(logits, batch["targets"]), mask, 0.0)
     return loss_sum + kl, weight, {**metrics, "anchor_kl": kl}
 
   return objectives.Head(loss, frozen=(ANCHOR,), reports_nll=True)

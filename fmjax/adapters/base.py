@@ -63,6 +63,11 @@ class Adapter:
               out_dtype: Any = None) -> jax.Array:
     return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
 
+  def changes_projection(self, module: Any, name: str) -> bool:
+    """Whether `project` for kernel `name` of `module` differs from the plain einsum (the fused unembedding applies
+    only where it does not)."""
+    return False
+
   def layer_params(self, module: Any, num_layers: int) -> Any:
     """Parameters the blocks read, created in the top module with a leading [num_layers] axis (None: none)."""
     return None

@@ -88,6 +88,9 @@ class LoraConfig(Adapter):
               out_dtype: Any = None) -> jax.Array:
     return project(module, name, spec, x, w, axes, self, out_dtype)
 
+  def changes_projection(self, module: nn.Module, name: str) -> bool:
+    return self.targets_path("/".join((*module.path, name)))
+
   def check(self, base: Any) -> None:
     targeted_paths(base, self)
 
@@ -109,7 +112,7 @@ def project(module: nn.Module, name: str, spec: str, x: jax.Array, w: jax.Array,
   `spec` is e.g. 'BTD,DNH->BTNH': the kernel's letters that also occur in x's are its input dims (they come first),
   the rest its output dims; `axes` are the kernel's logical axis names."""
   y = jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
-  if lora is None or not lora.targets_path("/".join((*module.path, name))):
+  if lora is None or not lora.changes_projection(module, name):
     return y
   lhs, out = spec.split("->")
   xs, ws = lhs.split(",")

@@ -43,6 +43,9 @@ class ModelConfig:
   # output head: 0 = logits over the vocabulary (a language model); N > 0 = a score head, N float32 values per token
   # read at each sequence's last token (a reward model: 1; a classifier: the number of labels)
   num_labels: int = 0
+  # the loss heads' unembedding + softmax, this many positions at a time, so the [B,T,V] float32 logits never exist
+  # (token_stats.py); 0 = all at once
+  loss_chunk: int = 0
 
   def validate(self) -> "ModelConfig":
     """Raises UserError naming the field when the shape or a setting is impossible."""
@@ -68,6 +71,8 @@ class ModelConfig:
     if self.rope_scaling_factor and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
       raise UserError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} and model.rope_high_freq_factor="
                       f"{self.rope_high_freq_factor} must satisfy 0 < low < high (Llama-3 RoPE scaling).")
+    if self.loss_chunk < 0:
+      raise UserError(f"model.loss_chunk={self.loss_chunk} must be >= 0 (positions per unembedding chunk; 0 = all).")
     if self.num_labels < 0:
       raise UserError(f"model.num_labels={self.num_labels} must be >= 0 (0 = a language model's vocabulary logits, "
                       "1 = a reward model's score, N = a classifier's N labels).")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from fmjax.model.config import ModelConfig
 from fmjax.adapters.base import Adapter, combine, split
-from fmjax.model import splash
+from fmjax.model import splash, token_stats
 from fmjax.model.layers import (ACT_BTD, Attention, RMSNorm, SwiGLU, attention_mask, cache_mask, constrain, project,
                                 rope_tables)
 
@@ -53,14 +53,18 @@ class Transformer(nn.Module):
   With `cache` (from `init_cache`) it returns (logits, new_cache): each row is one sequence whose new keys/values go
   to the cache slots of their `positions`, and a token at position p attends to the slots s <= p of its row
   (`segment_ids` are not used). Right-padded rows of different lengths thus decode together: a row's next token
-  overwrites the slot after its last one, and stale slots beyond a row's position stay masked."""
+  overwrites the slot after its last one, and stale slots beyond a row's position stay masked.
+
+  With `targets_BxT` it returns the `token_stats.TokenStats` of the next-token distribution instead of logits, the
+  unembedding fused with the softmax `cfg.loss_chunk` positions at a time (0: all at once)."""
 
   cfg: ModelConfig
   adapter: Adapter | None = None
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array, positions_BxT: jax.Array,
-               return_hidden: bool = False, cache: dict | None = None, adapter_inputs: dict | None = None):
+               return_hidden: bool = False, cache: dict | None = None, adapter_inputs: dict | None = None,
+               targets_BxT: jax.Array | None = None, temperature: float = 1.0):
     cfg = self.cfg
     embedding_VxD = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                          ("vocab", "embed")),
@@ -111,9 +115,15 @@ class Transformer(nn.Module):
         unembed_DxV = self.param("unembed", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                         ("embed", "vocab")),
                                  (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
-      logits_BxTxV = project(self, None if cfg.tie_embeddings else self.adapter, "unembed", "BTD,DV->BTV", h_BxTxD,
-                             unembed_DxV.astype(cfg.dtype), ("embed", "vocab"), out_dtype=jnp.float32)
+      adapter = None if cfg.tie_embeddings else self.adapter
+      if targets_BxT is not None and not (adapter and adapter.changes_projection(self, "unembed")):
+        # fused with the unembedding, a chunk at a time: the [B,T,V] logits never exist
+        return token_stats.unembed_stats(h_BxTxD, unembed_DxV, targets_BxT, cfg.loss_chunk, cfg.dtype, temperature)
+      logits_BxTxV = project(self, adapter, "unembed", "BTD,DV->BTV", h_BxTxD, unembed_DxV.astype(cfg.dtype),
+                             ("embed", "vocab"), out_dtype=jnp.float32)
       logits_BxTxV = constrain(logits_BxTxV, ("act_batch", "act_len", "act_vocab"))
+    if targets_BxT is not None:
+      return token_stats.from_logits(logits_BxTxV, targets_BxT, temperature)
     out = (logits_BxTxV, h_BxTxD) if return_hidden else logits_BxTxV
     return out if cache is None else (out, cache)
 

@@ -7,11 +7,12 @@ fmjax/train/frozen.py); none of them knows a head by name.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 
 from fmjax.errors import UserError
+from fmjax.model.token_stats import TokenStats, from_logits
 
 # (loss_sum, weight, metric_sums): the step divides summed losses and summed metrics by the summed weight, so
 # gradient accumulation, packing and multi-host all give the true mean over tokens (or pairs, for pair losses).
@@ -72,8 +73,31 @@ class Head:
                       f"{num_labels}; set model.num_labels to {need[self.output]}.")
 
 
+# stats_fn(inputs, temperature) -> TokenStats [B,T] of inputs["targets"] under the model's next-token distribution
+StatsFn = Callable[[Mapping[str, jax.Array], float], TokenStats]
+
+
 @dataclasses.dataclass(frozen=True)
 class LossContext:
-  """What a head may use besides the trainable params and the batch."""
+  """What a head may use besides the trainable params and the batch.
+
+  A head that reads only per-token statistics of the targets (log-probs, log-partition, greedy token, entropy)
+  asks `token_stats` / `frozen_stats` for them: the training context fuses them with the unembedding
+  (`model.loss_chunk`), so the [B,T,V] logits never exist. Given only `apply` / `frozen` (tests, custom
+  contexts), they are computed from the logits."""
   apply: Callable[..., jax.Array]  # apply(params, inputs) -> logits [B,T,V] float32 (inputs: as LogitsFn's)
   frozen: Mapping[str, LogitsFn] = dataclasses.field(default_factory=dict)  # role -> the frozen model's logits
+  stats: Callable[..., TokenStats] | None = None  # stats(params, inputs, temperature), fused
+  frozen_stats_fns: Mapping[str, StatsFn] = dataclasses.field(default_factory=dict)  # role -> fused stats
+
+  def token_stats(self, params: Any, inputs: Mapping[str, jax.Array], temperature: float = 1.0) -> TokenStats:
+    """The trained model's statistics of `inputs["targets"]`."""
+    if self.stats is not None:
+      return self.stats(params, inputs, temperature)
+    return from_logits(self.apply(params, inputs), inputs["targets"], temperature)
+
+  def frozen_stats(self, role: str, inputs: Mapping[str, jax.Array], temperature: float = 1.0) -> TokenStats:
+    """Frozen model `role`'s statistics of `inputs["targets"]`."""
+    if role in self.frozen_stats_fns:
+      return self.frozen_stats_fns[role](inputs, temperature)
+    return from_logits(self.frozen[role](inputs), inputs["targets"], temperature)

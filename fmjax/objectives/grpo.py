@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.errors import UserError
+from fmjax.model.token_stats import from_logits
 from fmjax.objectives.base import Frozen, Head, LossContext, LossOutput
 from fmjax.rl import rewards
 
@@ -35,10 +36,8 @@ REWARD_MODEL = Frozen("reward_model", source="run", key="reward_model")  # read 
 
 def token_logps(logits_BxTxV: jax.Array, targets_BxT: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
   """(log-prob of each target, entropy of each position) under softmax(logits / temperature), float32."""
-  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32) / temperature, axis=-1)
-  target = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-  entropy = -jnp.sum(jnp.exp(logp_BxTxV) * logp_BxTxV, axis=-1)
-  return target, entropy
+  stats = from_logits(logits_BxTxV, targets_BxT, temperature)
+  return stats.logp, stats.entropy
 
 
 def policy_loss(logp: jax.Array, old: jax.Array, ref: jax.Array | None, advantages: jax.Array, mask: jax.Array,
@@ -80,11 +79,12 @@ def make(objective_cfg: Any) -> Head:
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
     mask = batch["loss_mask"].astype(jnp.float32)
-    logp, entropy = token_logps(ctx.apply(params, batch), batch["targets"], temperature)
+    stats = ctx.token_stats(params, batch, temperature)
+    logp, entropy = stats.logp, stats.entropy
     old = batch["old_logps"] if reuse else jax.lax.stop_gradient(logp)
     ref = None
     if cfg.kl_coef:
-      ref = jax.lax.stop_gradient(token_logps(ctx.frozen[REFERENCE.role](batch), batch["targets"], temperature)[0])
+      ref = jax.lax.stop_gradient(ctx.frozen_stats(REFERENCE.role, batch, temperature).logp)
     per_token, values = policy_loss(logp, old, ref, batch["advantages"], mask, cfg)
     rows = (jnp.sum(batch["segment_ids"] > 0, axis=1) > 0).astype(jnp.float32)
     loss_sum, weight = normalise(per_token, mask, rows, cfg.loss_type, int(cfg.max_completion_length))

@@ -7,23 +7,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fmjax.model.token_stats import TokenStats, from_logits
 from fmjax.objectives.base import Head, LossContext, LossOutput
 
 
 def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(negative log-likelihood, log-partition) per token, in float32."""
-  logits = logits_BxTxV.astype(jnp.float32)
-  logz_BxT = jax.nn.logsumexp(logits, axis=-1)
-  target_logit_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-  return logz_BxT - target_logit_BxT, logz_BxT
+  stats = from_logits(logits_BxTxV, targets_BxT)
+  return -stats.logp, stats.logz
 
 
-def masked_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array,
-               z_loss: float) -> LossOutput:
+def masked_nll(stats: TokenStats, mask_BxT: jax.Array, z_loss: float) -> LossOutput:
   """(Σ nll + z_loss·Σ logz², Σ mask, {nll[, z_loss]} sums) over the tokens where `mask_BxT` is 1."""
-  nll_BxT, logz_BxT = token_nll(logits_BxTxV, targets_BxT)
-  nll_sum = jnp.sum(nll_BxT * mask_BxT)
-  z_sum = jnp.sum(jnp.square(logz_BxT) * mask_BxT)
+  nll_sum = -jnp.sum(stats.logp * mask_BxT)
+  z_sum = jnp.sum(jnp.square(stats.logz) * mask_BxT)
   metrics = {"nll": nll_sum}
   if z_loss:
     metrics["z_loss"] = z_sum
@@ -35,7 +32,6 @@ def make(objective_cfg: Any) -> Head:
   z_loss = float(objective_cfg.z_loss)
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
-    logits = ctx.apply(params, batch)
-    return masked_nll(logits, batch["targets"], batch["loss_mask"].astype(jnp.float32), z_loss)
+    return masked_nll(ctx.token_stats(params, batch), batch["loss_mask"].astype(jnp.float32), z_loss)
 
   return Head(loss, reports_nll=True)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from fmjax.objectives import preference_losses as L
 from fmjax.objectives.base import Frozen, Head, LossContext, LossOutput
-from fmjax.objectives.lm import token_nll
+from fmjax.model.token_stats import TokenStats
 from fmjax.errors import UserError
 
 SIDES = ("chosen_", "rejected_")
@@ -47,13 +47,13 @@ def stacked_sides(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]]) for k in keys}
 
 
-def pair_logps(apply: Callable[..., jax.Array], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def pair_logps(stats: Callable[..., TokenStats], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Per-pair sums over response tokens, each [B, T+1] (row, segment): `logp_c`, `logp_r`, token counts `n_c`,
-  `n_r`, and `valid` (1 where both responses exist). One forward pass over both sides."""
+  `n_r`, and `valid` (1 where both responses exist). One forward pass over both sides; `stats(inputs)` gives the
+  model's token statistics of `inputs["targets"]`."""
   both = stacked_sides(batch)
-  logits = apply(both)
   mask = both["loss_mask"].astype(jnp.float32)
-  logp = -token_nll(logits, both["targets"])[0] * mask
+  logp = stats(both).logp * mask
   seg = both["segment_ids"]
   sums, counts = segment_sums(logp, seg), segment_sums(mask, seg)
   B = batch["chosen_tokens"].shape[0]
@@ -78,12 +78,12 @@ def make_head(pair_loss: Callable[..., tuple[jax.Array, dict]], reference: bool)
 
   def make(objective_cfg: Any) -> Head:
     def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
-      p = pair_logps(lambda inputs: ctx.apply(params, inputs), batch)
+      p = pair_logps(lambda inputs: ctx.token_stats(params, inputs), batch)
       ref = None
       if reference and objective_cfg.reference == "precomputed":  # tools/precompute_ref_logps.py's columns
         ref = {f"logp_{s[0]}": segment_sums(batch[s + "ref_logps"], batch[s + "segment_ids"]) for s in SIDES}
       elif reference:
-        ref = jax.tree.map(jax.lax.stop_gradient, pair_logps(ctx.frozen[REFERENCE.role], batch))
+        ref = jax.tree.map(jax.lax.stop_gradient, pair_logps(lambda inputs: ctx.frozen_stats(REFERENCE.role, inputs), batch))
       losses, (reward_c, reward_r) = pair_loss(p, ref, objective_cfg)
       valid = p["valid"]
       total = lambda x: jnp.sum(jnp.where(valid > 0, x, 0.0))  # noqa: E731  (padding pairs hold 0/0 terms)
@@ -143,9 +143,9 @@ def _kto_unpaired(params, batch: dict[str, jax.Array], ctx: LossContext, cfg: An
   """KTO on unpaired records (`label` +1 desirable / −1 undesirable per example): the mean over responses of
   λ_D·(1 − σ(β·(r − z0))) or λ_U·(1 − σ(β·(z0 − r))), r = logπ − logπ_ref summed over the completion."""
   mask, seg = batch["loss_mask"].astype(jnp.float32), batch["segment_ids"]
-  sums = lambda logits: segment_sums(-token_nll(logits, batch["targets"])[0] * mask, seg)  # noqa: E731
-  logp = sums(ctx.apply(params, batch))
-  ref = jax.lax.stop_gradient(sums(ctx.frozen[REFERENCE.role](batch)))
+  sums = lambda stats: segment_sums(stats.logp * mask, seg)  # noqa: E731
+  logp = sums(ctx.token_stats(params, batch))
+  ref = jax.lax.stop_gradient(sums(ctx.frozen_stats(REFERENCE.role, batch)))
   label = segment_sums(batch["label"], seg)
   good = (label > 0) & (segment_sums(mask, seg) > 0)
   bad = (label < 0) & (segment_sums(mask, seg) > 0)

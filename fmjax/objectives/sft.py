@@ -21,13 +21,13 @@ def make(objective_cfg: Any) -> Head:
   z_loss, completion_only = float(objective_cfg.z_loss), bool(objective_cfg.completion_only)
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
-    logits_BxTxV = ctx.apply(params, batch)
+    stats = ctx.token_stats(params, batch)
     if completion_only:
       mask_BxT = batch["loss_mask"].astype(jnp.float32)
     else:
       mask_BxT = (batch["segment_ids"] > 0).astype(jnp.float32)
-    loss_sum, weight, metrics = masked_nll(logits_BxTxV, batch["targets"], mask_BxT, z_loss)
-    hit_BxT = (jnp.argmax(logits_BxTxV, axis=-1) == batch["targets"]).astype(jnp.float32)
+    loss_sum, weight, metrics = masked_nll(stats, mask_BxT, z_loss)
+    hit_BxT = (stats.argmax == batch["targets"]).astype(jnp.float32)
     metrics["accuracy"] = jnp.sum(hit_BxT * mask_BxT)  # greedy next-token accuracy on the trained tokens
     return loss_sum, weight, metrics
 

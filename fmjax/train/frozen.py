@@ -137,20 +137,25 @@ def make_context(model: Transformer, p: Plan) -> Callable[..., LossContext]:
   columns = () if model.adapter is None else model.adapter.columns
 
   def context(frozen: Any, rng: jax.Array | None = None) -> LossContext:
-    def apply(params, inputs):
+    def apply(params, inputs, **kw):
       full = combine(frozen["base"], params) if "base" in frozen else params
       extra = {"adapter_inputs": {c: inputs[c] for c in columns}} if columns else {}
       return model.apply({"params": full}, *model_inputs(inputs), rngs=None if rng is None else {"dropout": rng},
-                         **extra)
+                         **extra, **kw)
 
-    fns = {}
+    def stats(params, inputs, temperature=1.0):
+      return apply(params, inputs, targets_BxT=inputs["targets"], temperature=temperature)
+
+    fns, stats_fns = {}, {}
     for spec in p.specs:
       if spec.source == "run":
         net, w = p.networks[spec.role], frozen[spec.role]
       else:  # the starting policy: its copy, or under a parameterisation the base with it off
         net, w = plain, frozen[spec.role] if spec.role in frozen else frozen["base"]
       fns[spec.role] = lambda inputs, net=net, w=w: net.apply({"params": w}, *model_inputs(inputs))
-    return LossContext(apply=apply, frozen=fns)
+      stats_fns[spec.role] = lambda inputs, t=1.0, net=net, w=w: net.apply(
+          {"params": w}, *model_inputs(inputs), targets_BxT=inputs["targets"], temperature=t)
+    return LossContext(apply=apply, frozen=fns, stats=stats, frozen_stats_fns=stats_fns)
 
   return context
 
