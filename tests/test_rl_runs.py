@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fmjax import config_lib
-from fmjax.objectives import grpo
+from fmjax.model.token_stats import from_logits
 from fmjax.rl import rewards
 
 
@@ -42,7 +42,7 @@ def test_the_samplers_log_probs_are_the_training_forwards(repo):
   batch, made = exp.batch(exp.state, 1)
   assert made["completions/mean_length"] > 0 and "rewards/checksum/mean" in made
   logits = exp.model.apply({"params": exp.state.params}, batch["tokens"], batch["segment_ids"], batch["positions"])
-  logp, _ = grpo.token_logps(logits, batch["targets"], 0.7)
+  logp = from_logits(logits, batch["targets"], 0.7).logp
   mask = np.asarray(batch["loss_mask"]) > 0
   assert mask.sum() >= 8
   np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(batch["old_logps"])[mask], atol=1e-5)

@@ -25,19 +25,12 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.errors import UserError
-from fmjax.model.token_stats import from_logits
 from fmjax.objectives.base import Frozen, Head, LossContext, LossOutput
 from fmjax.rl import rewards
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 REFERENCE = Frozen("reference")  # the starting policy (under a parameterisation: the base with it off)
 REWARD_MODEL = Frozen("reward_model", source="run", key="reward_model")  # read by the rollout, not the loss
-
-
-def token_logps(logits_BxTxV: jax.Array, targets_BxT: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
-  """(log-prob of each target, entropy of each position) under softmax(logits / temperature), float32."""
-  stats = from_logits(logits_BxTxV, targets_BxT, temperature)
-  return stats.logp, stats.entropy
 
 
 def policy_loss(logp: jax.Array, old: jax.Array, ref: jax.Array | None, advantages: jax.Array, mask: jax.Array,
