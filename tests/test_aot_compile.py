@@ -84,24 +84,51 @@ def test_every_stage_compiles_with_its_frozen_trees(v5p_8, spec, frozen):
     assert report.memory.arguments[frozen] == report.memory.arguments["params (trained)"]
 
 
-def test_smoke_with_splash_attention_compiles_for_v5p_8(v5p_8, monkeypatch):
-  """The Pallas kernel lowers through Mosaic for the TPU (not interpret mode) and the step fits."""
+def test_smoke_compiles_for_v5p_8_with_splash_attention_by_default(v5p_8, monkeypatch):
+  """attention_impl=auto: the Pallas kernel lowers through Mosaic for the TPU (not interpret mode) and the step fits."""
   from fmjax.model import splash
 
   modes, local = [], splash._local
   monkeypatch.setattr(splash, "_local", lambda *a, interpret: modes.append(interpret) or local(*a, interpret=interpret))
   topo, devices = v5p_8
   c = config_lib.load("configs/pretrain.py:smoke")
-  c.model.attention_impl = "splash"
+  assert c.model.get("attention_impl") is None and config_lib.resolved_model(c).attention_impl == "auto"
   report = aot.analyse(c, topo, devices=devices, cost=False)
   assert report.verdict == "fits" and report.memory.total > 0
   assert modes and not any(modes)  # every call compiled for the TPU
 
 
+def test_projected_step_adds_the_splash_kernels_at_roofline(v5p_8):
+  from fmjax.model import splash
+  from fmjax.train import peak
+
+  _, devices = v5p_8
+  kind, chips = devices[0].device_kind, len(devices)
+
+  def kernels(**model) -> aot.Cost:
+    c = config_lib.load("configs/pretrain.py:smoke")
+    for key, value in model.items():
+      c.model[key] = value
+    cost = aot.Cost(1.0, 459e12, chips)
+    aot.add_kernel_costs(cost, c, {}, kind)
+    return cost
+
+  none, full, xla = kernels(remat="none"), kernels(remat="full"), kernels(attention_impl="xla")
+  assert xla.kernel_seconds == xla.kernel_flops == 0
+  cfg = config_lib.resolved_model(config_lib.load("configs/pretrain.py:smoke"))
+  calls = 8 * cfg.num_heads * cfg.num_layers / chips  # global batch 8 sequences, per chip
+  work = splash.kernel_cost(128, cfg.head_dim, 4)  # the smoke model computes in float32
+  assert none.kernel_flops == pytest.approx(calls * (work["forward"][0] + work["backward"][0]))
+  assert full.kernel_flops == pytest.approx(calls * (2 * work["forward"][0] + work["backward"][0]))  # remat: again
+  bandwidth = peak.hbm_bandwidth(kind)
+  assert bandwidth == 2765e9  # v5p
+  assert full.kernel_seconds >= max(full.kernel_flops / 459e12, full.kernel_bytes / bandwidth) > 0
+
+
 def test_a_big_model_on_too_few_chips_does_not_fit_and_says_what_to_change(v5p_8):
   topo, devices = v5p_8
   c = config_lib.load("configs/pretrain.py:model=llama3_8b")
-  c.model.num_layers, c.train.batch_size, c.train.seq_len = 2, 64, 4096  # Llama-3-8B layers, 16 x 4096 per chip
+  c.model.num_layers, c.train.batch_size, c.train.seq_len = 2, 256, 4096  # Llama-3-8B layers, 64 x 4096 per chip
   report = aot.analyse(c, topo, devices=devices)
   m = report.memory
   assert report.verdict == "does not fit" and "RESOURCE_EXHAUSTED" in m.message

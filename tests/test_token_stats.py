@@ -89,7 +89,7 @@ def test_statistics_match_float64_closed_forms():
   rng = np.random.default_rng(1)
   logits, targets = rng.normal(0, 3, (2, 5, 40)).astype(np.float32), rng.integers(0, 40, (2, 5))
   for temperature in (1.0, 0.7):
-    s = token_stats.from_logits(jnp.asarray(logits), jnp.asarray(targets), temperature)
+    s = token_stats.from_logits(jnp.asarray(logits), jnp.asarray(targets), temperature, extra=token_stats.EXTRA)
     z = logits.astype(np.float64) / temperature
     logp = log_softmax(z, axis=-1)
     ulp = 4 * np.finfo(np.float32).eps * np.abs(z).max()  # z - logz in float32 is exact to a few ulps of |z|
@@ -97,6 +97,18 @@ def test_statistics_match_float64_closed_forms():
     np.testing.assert_allclose(s.logz, np.log(np.exp(z).sum(-1)), rtol=1e-6)
     np.testing.assert_allclose(s.entropy, -(np.exp(logp) * logp).sum(-1), rtol=0, atol=ulp)
     np.testing.assert_array_equal(s.argmax, logits.argmax(-1))
+
+
+def test_only_the_statistics_asked_for_are_computed():
+  logits, targets = jnp.zeros((1, 3, 8)), jnp.zeros((1, 3), jnp.int32)
+  plain = token_stats.from_logits(logits, targets)
+  assert plain.argmax is None and plain.entropy is None and plain.logp.shape == (1, 3)
+  chunked = token_stats.unembed_stats(jnp.ones((1, 5, 4)), jnp.ones((4, 8)), jnp.zeros((1, 5), jnp.int32), 2,
+                                      jnp.float32, extra=("entropy",))
+  assert chunked.argmax is None and chunked.entropy.shape == (1, 5)
+  np.testing.assert_allclose(chunked.entropy, np.log(8), rtol=1e-6)  # equal logits: the uniform distribution
+  with pytest.raises(ValueError, match="perplexity"):
+    token_stats.from_logits(logits, targets, extra=("perplexity",))
 
 
 @pytest.mark.parametrize("chunk", [4, 7])  # 7: the last chunk is padded
@@ -107,8 +119,9 @@ def test_chunked_unembedding_has_the_values_and_vjp_of_the_full_one(chunk):
   targets = jnp.asarray(rng.integers(0, 50, (3, T)))
   cot = token_stats.TokenStats(*(jnp.asarray(rng.normal(size=(3, T)), jnp.float32) for _ in range(2)),
                                np.zeros((3, T), jax.dtypes.float0), jnp.asarray(rng.normal(size=(3, T)), jnp.float32))
-  full = lambda h, w: token_stats.unembed_stats(h, w, targets, 0, jnp.float32, 0.8)  # noqa: E731
-  chunked = lambda h, w: token_stats.unembed_stats(h, w, targets, chunk, jnp.float32, 0.8)  # noqa: E731
+  everything = token_stats.EXTRA
+  full = lambda h, w: token_stats.unembed_stats(h, w, targets, 0, jnp.float32, 0.8, everything)  # noqa: E731
+  chunked = lambda h, w: token_stats.unembed_stats(h, w, targets, chunk, jnp.float32, 0.8, everything)  # noqa: E731
   (want, want_vjp), (got, got_vjp) = jax.vjp(full, h, w), jax.vjp(chunked, h, w)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -100,8 +100,15 @@ def render(report, spec: str) -> str:
       lines += textwrap.wrap(f"compiler-counted FLOPs per step {cost.compiler_flops * cost.chips:.3e}: {ratio:.2f}x "
                              "the model FLOPs, which leave out remat recompute, attention's masked half and frozen "
                              "models' forward passes", 118)
+    if cost.bytes_per_layer:
+      lines.append(f"HBM bytes moved per layer per chip {cost.bytes_per_layer:.3e} (the cost model's count)")
+    if cost.kernel_seconds:
+      lines += textwrap.wrap(f"splash kernels (analytic, per chip): {cost.kernel_flops:.3e} FLOPs, "
+                             f"{cost.kernel_bytes:.3e} bytes, {_seconds(cost.kernel_seconds)} at roofline", 118)
     if cost.seconds:
-      lines.append(f"estimated step time {_seconds(cost.seconds)} -> projected MFU {100 * cost.mfu:.1f}%")
+      parts = (f" = cost model {_seconds(cost.compiler_seconds)} + kernels {_seconds(cost.kernel_seconds)}"
+               if cost.kernel_seconds else "")
+      lines.append(f"estimated step time {_seconds(cost.seconds)}{parts} -> projected MFU {100 * cost.mfu:.1f}%")
     lines += textwrap.wrap(f"({cost.note})", 118)
   return "\n".join(lines)
 
@@ -120,6 +127,11 @@ def as_json(report) -> dict:
           "tried": [[label, mem.fits, mem.total] for label, mem in report.tried],
           "cost": None if cost is None else {"model_flops": cost.model_flops, "compiler_flops_per_chip":
                                              cost.compiler_flops, "seconds": cost.seconds, "mfu": cost.mfu,
+                                             "compiler_seconds": cost.compiler_seconds,
+                                             "bytes_per_layer_per_chip": cost.bytes_per_layer,
+                                             "kernel_flops_per_chip": cost.kernel_flops,
+                                             "kernel_bytes_per_chip": cost.kernel_bytes,
+                                             "kernel_seconds": cost.kernel_seconds,
                                              "peak_flops_per_chip": cost.peak_flops, "note": cost.note}}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fmjax.model.config import ModelConfig
+from fmjax.model.config import ModelConfig, loss_chunk_for
 from fmjax.errors import UserError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -72,7 +72,8 @@ def to_model_config(hf: dict) -> ModelConfig:
                     "Qwen2 layers are not supported.")
   heads = hf["num_attention_heads"]
   cfg = ModelConfig(
-      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"], num_heads=heads,
+      vocab_size=hf["vocab_size"], loss_chunk=loss_chunk_for(hf["vocab_size"]), d_model=hf["hidden_size"],
+      num_layers=hf["num_hidden_layers"], num_heads=heads,
       num_kv_heads=hf.get("num_key_value_heads") or heads,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),

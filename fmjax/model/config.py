@@ -39,7 +39,9 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = True  # nn.scan over blocks: compile time flat in depth
   remat: str = "none"  # rematerialisation: none | full | dots | dots_no_batch | projections | qkv_proj (saved outputs)
-  attention_impl: str = "xla"  # xla | cudnn (GPU; jax.nn.dot_product_attention) | splash (TPU Pallas kernel)
+  # auto (splash on TPU where it applies, else xla) | xla | cudnn (GPU; jax.nn.dot_product_attention) | splash (TPU
+  # Pallas kernel; Pallas's interpret mode elsewhere, exact but slow)
+  attention_impl: str = "auto"
   # output head: 0 = logits over the vocabulary (a language model); N > 0 = a score head, N float32 values per token
   # read at each sequence's last token (a reward model: 1; a classifier: the number of labels)
   num_labels: int = 0
@@ -56,9 +58,9 @@ class ModelConfig:
       raise UserError(f"model.head_dim={self.head_dim} must be even for RoPE.")
     if self.remat not in REMAT_POLICIES:
       raise UserError(f"model.remat={self.remat!r} is not one of {REMAT_POLICIES}.")
-    if self.attention_impl not in ("xla", "cudnn", "splash"):
-      raise UserError(f"model.attention_impl={self.attention_impl!r}: use 'xla' (any device), 'cudnn' (GPU) or "
-                      "'splash' (TPU).")
+    if self.attention_impl not in ("auto", "xla", "cudnn", "splash"):
+      raise UserError(f"model.attention_impl={self.attention_impl!r}: use 'auto' (splash on TPU, else xla), 'xla' "
+                      "(any device), 'cudnn' (GPU) or 'splash' (TPU).")
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
       if getattr(self, name) <= 0:
         raise UserError(f"model.{name}={getattr(self, name)} must be positive.")
@@ -82,9 +84,17 @@ class ModelConfig:
     return self
 
 
-_LLAMA3 = dict(vocab_size=128_256, rope_theta=500_000.0, rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
-               rope_high_freq_factor=4.0, rope_original_max_len=8192, head_dim=128)
-_QWEN = dict(vocab_size=151_936, rope_theta=1_000_000.0, norm_eps=1e-6, tie_embeddings=True)
+def loss_chunk_for(vocab_size: int) -> int:
+  """The chunk the large-vocabulary presets and imported models start with: with 64k entries or more the float32
+  logits dominate activation memory (Llama-3-8B at 8 x 4096 tokens per chip: 15.7 GiB of them), so the loss heads
+  take 512 positions at a time; smaller vocabularies keep one pass, which skips the chunks' recomputed unembedding."""
+  return 512 if vocab_size >= 65_536 else 0
+
+
+_LLAMA3 = dict(vocab_size=128_256, loss_chunk=loss_chunk_for(128_256), rope_theta=500_000.0, rope_scaling_factor=8.0,
+               rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192, head_dim=128)
+_QWEN = dict(vocab_size=151_936, loss_chunk=loss_chunk_for(151_936), rope_theta=1_000_000.0, norm_eps=1e-6,
+             tie_embeddings=True)
 
 PRESETS: dict[str, ModelConfig] = {
     # Tiny: tests and `:smoke` runs.

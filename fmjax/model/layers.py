@@ -152,7 +152,7 @@ class Attention(nn.Module):
     if mask_Bx1xTxS.ndim == 2:  # splash: the [B,T] segment ids stand for the causal, per-segment mask
       out_BxTxNxH = splash.attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS)
     else:
-      impl = "xla" if cfg.attention_impl == "splash" else cfg.attention_impl  # decoding with a cache
+      impl = "cudnn" if cfg.attention_impl == "cudnn" else "xla"  # decoding with a cache; lengths splash skips
       out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
                                                  scale=1.0 / math.sqrt(H), implementation=impl)
     out_BxTxD = proj("o_kernel", "BTNH,NHD->BTD", out_BxTxNxH, wo, ("heads", "head_dim", "embed"))

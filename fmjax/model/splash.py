@@ -1,4 +1,4 @@
-"""Splash attention (`model.attention_impl=splash`): jax's Pallas TPU kernel, causal within packed segments, GQA.
+"""Splash attention (`model.attention_impl=splash`, and `auto` on TPU): jax's Pallas TPU kernel, causal within packed segments, GQA.
 
 The kernel (`jax.experimental.pallas.ops.tpu.splash_attention`) never materialises the [T, S] scores: it walks
 (block_q, block_kv) tiles, skips the tiles the causal mask rules out, and applies segment ids inside the others.
@@ -35,13 +35,35 @@ def fits(seq_len: int) -> bool:
   return seq_len % 128 == 0
 
 
+def applies(impl: str, seq_len: int, kv_heads: int, platform: str | None = None) -> bool:
+  """Whether a forward over `seq_len` tokens runs the kernel: `impl` 'splash' wherever the length fits; 'auto' (the
+  default) when compiling for TPU and the key/value heads also split over the mesh's tensor axis. `platform`:
+  the target's, else the mesh's devices' (fmjax.train.aot passes the slice's)."""
+  if impl == "splash":
+    return fits(seq_len)
+  return (impl == "auto" and (platform or _platform()) == "tpu" and fits(seq_len)
+          and kv_heads % _kv_head_ways() == 0)
+
+
+def _kv_head_ways() -> int:
+  """Devices the key/value heads split over under the current mesh (the logical 'act_kv_heads' axis)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  axes = nn.logical_to_mesh_axes(("act_kv_heads",))[0]
+  axes = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def _kernel(heads: int, seq_len: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
   b = block_size(seq_len)
+  # one fused backward kernel: dq, dk and dv from a single pass over the tiles (5 tile matmuls, not the 7 of
+  # separate dq and dkv kernels, which each recompute the scores)
   sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
-                        block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+                        block_kv_dkv_compute=b, use_fused_bwd_kernel=True)
   mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len))] * heads)
   # built in each trace (not cached): its block tables become that trace's constants
   return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
@@ -71,8 +93,7 @@ def attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, 
     heads = nn.logical_to_mesh_axes(("act_batch", "act_heads", "act_len", None))
     kv_heads = nn.logical_to_mesh_axes(("act_batch", "act_kv_heads", "act_len", None))
     seg = nn.logical_to_mesh_axes(("act_batch", "act_len"))
-    axes = kv_heads[1] if isinstance(kv_heads[1], tuple) else (kv_heads[1],) if kv_heads[1] else ()
-    ways = math.prod(mesh.shape[a] for a in axes)
+    ways = _kv_head_ways()
     if k.shape[1] % ways:
       raise UserError(f"model.attention_impl='splash' shards key/value heads over the tensor axis: "
                       f"model.num_kv_heads={k.shape[1]} must be a multiple of its {ways} devices; lower mesh.tensor "
@@ -80,6 +101,27 @@ def attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, 
     run = jax.shard_map(run, in_specs=(heads, kv_heads, kv_heads, seg), out_specs=heads, check_vma=False)
   out = run(q, k, v, segments)
   return jnp.swapaxes(out, 1, 2).astype(q_BxTxNxH.dtype)
+
+
+def kernel_cost(seq_len: int, head_dim: int, itemsize: int) -> dict[str, tuple[float, float]]:
+  """Analytic work of the kernels for ONE query head of ONE sequence: {'forward' | 'backward': (FLOPs, HBM bytes)}.
+
+  Counts the tiles the causal mask keeps (each computed in full, the diagonal ones included), 2·b²·head_dim FLOPs per
+  tile matmul: the forward does 2 (QKᵀ, PV), the fused backward 5 (QKᵀ again, dO·Vᵀ, Pᵀ·dO, dSᵀ·Q, dS·K). Bytes: the
+  operands streamed per kept tile (K and V forward; Q and dO backward, which also writes one partial dQ per key
+  block) and those read or written once per head (Q and O forward; K, V, dK, dV backward) plus the float32
+  log-sum-exp. Grouped-query heads stream their key/value head's tiles anew. Compilers' cost models count a Pallas
+  call as almost free, so a projected step time adds this (fmjax.train.aot)."""
+  b = block_size(seq_len)
+  n = seq_len // b
+  tiles = n * (n + 1) // 2
+  tile_matmul = 2.0 * b * b * head_dim
+  block = b * head_dim * itemsize
+  forward = (2 * tile_matmul * tiles, 2 * tiles * block + 2 * seq_len * head_dim * itemsize + 4 * seq_len)
+  backward = (5 * tile_matmul * tiles,
+              2 * tiles * block + n * seq_len * head_dim * itemsize + 4 * seq_len * head_dim * itemsize
+              + 2 * 4 * b * tiles)
+  return {"forward": forward, "backward": backward}
 
 
 def _platform() -> str:

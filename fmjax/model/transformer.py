@@ -55,8 +55,9 @@ class Transformer(nn.Module):
   (`segment_ids` are not used). Right-padded rows of different lengths thus decode together: a row's next token
   overwrites the slot after its last one, and stale slots beyond a row's position stay masked.
 
-  With `targets_BxT` it returns the `token_stats.TokenStats` of the next-token distribution instead of logits, the
-  unembedding fused with the softmax `cfg.loss_chunk` positions at a time (0: all at once)."""
+  With `targets_BxT` it returns the `token_stats.TokenStats` of the next-token distribution instead of logits (with
+  the `extra_stats` named), the unembedding fused with the softmax `cfg.loss_chunk` positions at a time (0: all at
+  once)."""
 
   cfg: ModelConfig
   adapter: Adapter | None = None
@@ -64,7 +65,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array, positions_BxT: jax.Array,
                return_hidden: bool = False, cache: dict | None = None, adapter_inputs: dict | None = None,
-               targets_BxT: jax.Array | None = None, temperature: float = 1.0):
+               targets_BxT: jax.Array | None = None, temperature: float = 1.0, extra_stats: tuple[str, ...] = ()):
     cfg = self.cfg
     embedding_VxD = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                          ("vocab", "embed")),
@@ -72,7 +73,7 @@ class Transformer(nn.Module):
     x_BxTxD = constrain(jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(cfg.dtype), ACT_BTD)
     if cache is not None:
       mask = cache_mask(positions_BxT, cache["k"].shape[2])
-    elif cfg.attention_impl == "splash" and splash.fits(tokens_BxT.shape[1]):  # the kernel applies the mask itself
+    elif splash.applies(cfg.attention_impl, tokens_BxT.shape[1], cfg.num_kv_heads):  # the kernel applies the mask
       mask = segment_ids_BxT
     else:  # other lengths (e.g. scoring a prompt) take the XLA path
       mask = attention_mask(segment_ids_BxT)
@@ -118,12 +119,13 @@ class Transformer(nn.Module):
       adapter = None if cfg.tie_embeddings else self.adapter
       if targets_BxT is not None and not (adapter and adapter.changes_projection(self, "unembed")):
         # fused with the unembedding, a chunk at a time: the [B,T,V] logits never exist
-        return token_stats.unembed_stats(h_BxTxD, unembed_DxV, targets_BxT, cfg.loss_chunk, cfg.dtype, temperature)
+        return token_stats.unembed_stats(h_BxTxD, unembed_DxV, targets_BxT, cfg.loss_chunk, cfg.dtype, temperature,
+                                         extra_stats)
       logits_BxTxV = project(self, adapter, "unembed", "BTD,DV->BTV", h_BxTxD, unembed_DxV.astype(cfg.dtype),
                              ("embed", "vocab"), out_dtype=jnp.float32)
       logits_BxTxV = constrain(logits_BxTxV, ("act_batch", "act_len", "act_vocab"))
     if targets_BxT is not None:
-      return token_stats.from_logits(logits_BxTxV, targets_BxT, temperature)
+      return token_stats.from_logits(logits_BxTxV, targets_BxT, temperature, extra_stats)
     out = (logits_BxTxV, h_BxTxD) if return_hidden else logits_BxTxV
     return out if cache is None else (out, cache)
 

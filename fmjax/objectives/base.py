@@ -73,31 +73,34 @@ class Head:
                       f"{num_labels}; set model.num_labels to {need[self.output]}.")
 
 
-# stats_fn(inputs, temperature) -> TokenStats [B,T] of inputs["targets"] under the model's next-token distribution
-StatsFn = Callable[[Mapping[str, jax.Array], float], TokenStats]
+# stats_fn(inputs, temperature, extra) -> TokenStats [B,T] of inputs["targets"] under the model's next-token
+# distribution, with the token_stats.EXTRA statistics named in `extra`
+StatsFn = Callable[[Mapping[str, jax.Array], float, tuple[str, ...]], TokenStats]
 
 
 @dataclasses.dataclass(frozen=True)
 class LossContext:
   """What a head may use besides the trainable params and the batch.
 
-  A head that reads only per-token statistics of the targets (log-probs, log-partition, greedy token, entropy)
-  asks `token_stats` / `frozen_stats` for them: the training context fuses them with the unembedding
-  (`model.loss_chunk`), so the [B,T,V] logits never exist. Given only `apply` / `frozen` (tests, custom
-  contexts), they are computed from the logits."""
+  A head that reads only per-token statistics of the targets (log-probs and log-partition; the greedy token and
+  the entropy when it names them in `extra`) asks `token_stats` / `frozen_stats` for them: the training context
+  fuses them with the unembedding (`model.loss_chunk`), so the [B,T,V] logits never exist. Given only `apply` /
+  `frozen` (tests, custom contexts), they are computed from the logits."""
   apply: Callable[..., jax.Array]  # apply(params, inputs) -> logits [B,T,V] float32 (inputs: as LogitsFn's)
   frozen: Mapping[str, LogitsFn] = dataclasses.field(default_factory=dict)  # role -> the frozen model's logits
-  stats: Callable[..., TokenStats] | None = None  # stats(params, inputs, temperature), fused
+  stats: Callable[..., TokenStats] | None = None  # stats(params, inputs, temperature, extra), fused
   frozen_stats_fns: Mapping[str, StatsFn] = dataclasses.field(default_factory=dict)  # role -> fused stats
 
-  def token_stats(self, params: Any, inputs: Mapping[str, jax.Array], temperature: float = 1.0) -> TokenStats:
-    """The trained model's statistics of `inputs["targets"]`."""
+  def token_stats(self, params: Any, inputs: Mapping[str, jax.Array], temperature: float = 1.0,
+                  extra: tuple[str, ...] = ()) -> TokenStats:
+    """The trained model's statistics of `inputs["targets"]` (`extra`: "argmax", "entropy")."""
     if self.stats is not None:
-      return self.stats(params, inputs, temperature)
-    return from_logits(self.apply(params, inputs), inputs["targets"], temperature)
+      return self.stats(params, inputs, temperature, extra)
+    return from_logits(self.apply(params, inputs), inputs["targets"], temperature, extra)
 
-  def frozen_stats(self, role: str, inputs: Mapping[str, jax.Array], temperature: float = 1.0) -> TokenStats:
+  def frozen_stats(self, role: str, inputs: Mapping[str, jax.Array], temperature: float = 1.0,
+                   extra: tuple[str, ...] = ()) -> TokenStats:
     """Frozen model `role`'s statistics of `inputs["targets"]`."""
     if role in self.frozen_stats_fns:
-      return self.frozen_stats_fns[role](inputs, temperature)
-    return from_logits(self.frozen[role](inputs), inputs["targets"], temperature)
+      return self.frozen_stats_fns[role](inputs, temperature, extra)
+    return from_logits(self.frozen[role](inputs), inputs["targets"], temperature, extra)

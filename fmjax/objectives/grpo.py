@@ -72,7 +72,7 @@ def make(objective_cfg: Any) -> Head:
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
     mask = batch["loss_mask"].astype(jnp.float32)
-    stats = ctx.token_stats(params, batch, temperature)
+    stats = ctx.token_stats(params, batch, temperature, extra=("entropy",))
     logp, entropy = stats.logp, stats.entropy
     old = batch["old_logps"] if reuse else jax.lax.stop_gradient(logp)
     ref = None

@@ -21,7 +21,7 @@ def make(objective_cfg: Any) -> Head:
   z_loss, completion_only = float(objective_cfg.z_loss), bool(objective_cfg.completion_only)
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
-    stats = ctx.token_stats(params, batch)
+    stats = ctx.token_stats(params, batch, extra=("argmax",))
     if completion_only:
       mask_BxT = batch["loss_mask"].astype(jnp.float32)
     else:

@@ -20,7 +20,7 @@ import optax
 from fmjax import adapters, config_checks, config_lib, objectives, sharding, topology
 from fmjax.data import layout
 from fmjax.data.layout import Layout
-from fmjax.model import ModelConfig
+from fmjax.model import ModelConfig, splash
 from fmjax.train import frozen, peak
 from fmjax.train import step as step_lib
 
@@ -60,8 +60,17 @@ class Cost:
   peak_flops: float  # per chip (bf16, fmjax.train.peak's table)
   chips: int
   compiler_flops: float | None = None  # per chip per step, as the cost model counts them (remat included)
-  seconds: float | None = None  # the cost model's step time ("optimal_seconds")
+  compiler_seconds: float | None = None  # the cost model's step time ("optimal_seconds")
+  bytes_per_layer: float | None = None  # HBM bytes one more layer moves per chip, as the cost model counts them
+  kernel_flops: float = 0.0  # per chip per step: Pallas kernels' analytic FLOPs, which the cost model leaves out
+  kernel_bytes: float = 0.0  # and their HBM bytes
+  kernel_seconds: float = 0.0  # their roofline time: per call the slower of FLOPs at peak and bytes at HBM bandwidth
   note: str = ""
+
+  @property
+  def seconds(self) -> float | None:
+    """The projected step: the cost model's time plus the kernels' roofline time."""
+    return None if not self.compiler_seconds else self.compiler_seconds + self.kernel_seconds
 
   @property
   def mfu(self) -> float | None:
@@ -139,7 +148,31 @@ def compile_memory(config: ml_collections.ConfigDict, devices: list, archs: dict
 def _costs(compiled: Any) -> dict[str, float]:
   ca = compiled.cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-  return {"flops": float(ca.get("flops", 0.0)), "seconds": float(ca.get("optimal_seconds", 0.0))}
+  return {"flops": float(ca.get("flops", 0.0)), "seconds": float(ca.get("optimal_seconds", 0.0)),
+          "bytes": float(ca.get("bytes accessed", 0.0))}
+
+
+def add_kernel_costs(cost: Cost, config: ml_collections.ConfigDict, archs: dict[str, ModelConfig],
+                     device_kind: str) -> None:
+  """Adds the splash kernels' analytic work (fmjax.model.splash.kernel_cost) of one step to `cost`, per chip, at
+  roofline: the trained model's forward, its recomputed forward under remat, its backward; a frozen model's forward.
+  The batch and heads split evenly over the chips (data, fsdp and tensor axes all divide one or the other)."""
+  bandwidth = peak.hbm_bandwidth(device_kind)
+  seq = config.train.seq_len
+  sequences = config.train.batch_size * batch_layout(config).rows_per_example
+  trained = config_lib.resolved_model(config)
+  models = [(trained, ("forward", "backward") + (("forward",) if trained.remat != "none" else ()))]
+  models += [(a, ("forward",)) for a in archs.values()]
+  for cfg, passes in models:
+    if not splash.applies(cfg.attention_impl, seq, cfg.num_kv_heads, "tpu"):
+      continue
+    work = splash.kernel_cost(seq, cfg.head_dim, np.dtype(cfg.dtype).itemsize)
+    calls = sequences * cfg.num_heads * cfg.num_layers / cost.chips
+    for p in passes:
+      flops, moved = work[p]
+      cost.kernel_flops += calls * flops
+      cost.kernel_bytes += calls * moved
+      cost.kernel_seconds += calls * max(flops / cost.peak_flops, moved / bandwidth if bandwidth else 0.0)
 
 
 def model_flops(config: ml_collections.ConfigDict) -> float:
@@ -193,11 +226,15 @@ def estimate_cost(config: ml_collections.ConfigDict, devices: list, archs: dict[
     cost.note = (f"the compiler's cost model gives no step time for this program ('optimal_seconds' = {untimed[0]:g} "
                  "< 0: some of its ops went untimed), so there is no projected MFU.")
     return cost
-  cost.seconds = extrapolate("seconds")
+  cost.compiler_seconds = extrapolate("seconds")
+  cost.bytes_per_layer = runs["deeper"]["bytes"] - runs["base"]["bytes"] or None
+  add_kernel_costs(cost, config, archs, devices[0].device_kind)
   cost.note = ("libtpu's cost model, 'optimal_seconds': per op about the slower of its compute and its HBM traffic; "
                "collectives count as HBM traffic, not ICI/DCN time, and overlap is perfect, so the projected MFU is "
                "an upper bound. Scanned layers extrapolated from 1- and 2-layer unrolled compiles"
-               + (f"; {k} micro-batches and one optimizer update." if k > 1 else "."))
+               + (f"; {k} micro-batches and one optimizer update" if k > 1 else "")
+               + ("; the splash kernels' analytic FLOPs and bytes added at roofline, as the cost model counts a "
+                  "Pallas call as almost free." if cost.kernel_seconds else "."))
   return cost
 
 

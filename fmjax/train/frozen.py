@@ -143,8 +143,8 @@ def make_context(model: Transformer, p: Plan) -> Callable[..., LossContext]:
       return model.apply({"params": full}, *model_inputs(inputs), rngs=None if rng is None else {"dropout": rng},
                          **extra, **kw)
 
-    def stats(params, inputs, temperature=1.0):
-      return apply(params, inputs, targets_BxT=inputs["targets"], temperature=temperature)
+    def stats(params, inputs, temperature=1.0, extra=()):
+      return apply(params, inputs, targets_BxT=inputs["targets"], temperature=temperature, extra_stats=extra)
 
     fns, stats_fns = {}, {}
     for spec in p.specs:
@@ -153,8 +153,8 @@ def make_context(model: Transformer, p: Plan) -> Callable[..., LossContext]:
       else:  # the starting policy: its copy, or under a parameterisation the base with it off
         net, w = plain, frozen[spec.role] if spec.role in frozen else frozen["base"]
       fns[spec.role] = lambda inputs, net=net, w=w: net.apply({"params": w}, *model_inputs(inputs))
-      stats_fns[spec.role] = lambda inputs, t=1.0, net=net, w=w: net.apply(
-          {"params": w}, *model_inputs(inputs), targets_BxT=inputs["targets"], temperature=t)
+      stats_fns[spec.role] = lambda inputs, t=1.0, extra=(), net=net, w=w: net.apply(
+          {"params": w}, *model_inputs(inputs), targets_BxT=inputs["targets"], temperature=t, extra_stats=extra)
     return LossContext(apply=apply, frozen=fns, stats=stats, frozen_stats_fns=stats_fns)
 
   return context

@@ -19,6 +19,23 @@ PEAK_FLOPS_PER_CHIP = (
     ("A100", 312e12),
 )
 
+# HBM bandwidth per chip, bytes/s (vendor figures): the memory roofline of an analytic kernel cost (fmjax.train.aot).
+HBM_BYTES_PER_SECOND = (
+    ("TPU v6 lite", 1640e9),
+    ("TPU v5 lite", 819e9),
+    ("TPU v5p", 2765e9),
+    ("TPU v5", 2765e9),
+    ("TPU v4", 1200e9),
+    ("H200", 4.8e12),
+    ("H100", 3.35e12),
+    ("A100", 2.0e12),
+)
+
+
+def hbm_bandwidth(device_kind: str) -> float:
+  """HBM bytes/s of one chip of `device_kind`, 0 when the table does not know it."""
+  return next((value for key, value in HBM_BYTES_PER_SECOND if key in device_kind), 0.0)
+
 
 def cpu_matmul_peak(n: int = 2048, repeats: int = 5, seconds: float = 1.0) -> float:
   """Best FLOP/s of a jitted float32 n³ matmul on the default device: the CPU's practical ceiling.
