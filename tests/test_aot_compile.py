@@ -120,6 +120,15 @@ def test_projected_step_adds_the_splash_kernels_at_roofline(v5p_8):
   work = splash.kernel_cost(128, cfg.head_dim, 4)  # the smoke model computes in float32
   assert none.kernel_flops == pytest.approx(calls * (work["forward"][0] + work["backward"][0]))
   assert full.kernel_flops == pytest.approx(calls * (2 * work["forward"][0] + work["backward"][0]))  # remat: again
+  # DPO: the chosen and rejected rows both train, and the frozen reference runs its forward on both
+  dpo = config_lib.load("configs/dpo.py:smoke")
+  cost = aot.Cost(1.0, 459e12, chips)
+  aot.add_kernel_costs(cost, dpo, {}, kind)
+  d = config_lib.resolved_model(dpo)
+  work = splash.kernel_cost(dpo.train.seq_len, d.head_dim, 4)
+  remat = 1 if d.remat != "none" else 0
+  calls = dpo.train.batch_size * 2 * d.num_heads * d.num_layers / chips
+  assert cost.kernel_flops == pytest.approx(calls * ((2 + remat) * work["forward"][0] + work["backward"][0]))
   bandwidth = peak.hbm_bandwidth(kind)
   assert bandwidth == 2765e9  # v5p
   assert full.kernel_seconds >= max(full.kernel_flops / 459e12, full.kernel_bytes / bandwidth) > 0

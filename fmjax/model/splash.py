@@ -1,4 +1,5 @@
-"""Splash attention (`model.attention_impl=splash`, and `auto` on TPU): jax's Pallas TPU kernel, causal within packed segments, GQA.
+"""Splash attention (`model.attention_impl=splash`, and `auto` on TPU): jax's Pallas TPU kernel, causal within packed
+segments, GQA.
 
 The kernel (`jax.experimental.pallas.ops.tpu.splash_attention`) never materialises the [T, S] scores: it walks
 (block_q, block_kv) tiles, skips the tiles the causal mask rules out, and applies segment ids inside the others.

@@ -155,14 +155,15 @@ def _costs(compiled: Any) -> dict[str, float]:
 def add_kernel_costs(cost: Cost, config: ml_collections.ConfigDict, archs: dict[str, ModelConfig],
                      device_kind: str) -> None:
   """Adds the splash kernels' analytic work (fmjax.model.splash.kernel_cost) of one step to `cost`, per chip, at
-  roofline: the trained model's forward, its recomputed forward under remat, its backward; a frozen model's forward.
-  The batch and heads split evenly over the chips (data, fsdp and tensor axes all divide one or the other)."""
+  roofline: the trained model's forward, its recomputed forward under remat, its backward; the forward of each
+  frozen model the head reads (a reference copy, or another run's network from `archs`). The batch and heads split
+  evenly over the chips (data, fsdp and tensor axes all divide one or the other)."""
   bandwidth = peak.hbm_bandwidth(device_kind)
   seq = config.train.seq_len
   sequences = config.train.batch_size * batch_layout(config).rows_per_example
   trained = config_lib.resolved_model(config)
   models = [(trained, ("forward", "backward") + (("forward",) if trained.remat != "none" else ()))]
-  models += [(a, ("forward",)) for a in archs.values()]
+  models += [(archs.get(f.role, trained), ("forward",)) for f in objectives.get(config.objective).frozen]
   for cfg, passes in models:
     if not splash.applies(cfg.attention_impl, seq, cfg.num_kv_heads, "tpu"):
       continue
