@@ -7,34 +7,23 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak per chip (vendor figures), matched against `device.device_kind` in order.
-PEAK_FLOPS_PER_CHIP = (
-    ("TPU v6 lite", 918e12),  # v6e (Trillium)
-    ("TPU v5 lite", 197e12),  # v5e
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),  # v5p reports "TPU v5" on some runtimes
-    ("TPU v4", 275e12),
-    ("H200", 989e12),
-    ("H100", 989e12),  # SXM
-    ("A100", 312e12),
-)
-
-# HBM bandwidth per chip, bytes/s (vendor figures): the memory roofline of an analytic kernel cost (fmjax.train.aot).
-HBM_BYTES_PER_SECOND = (
-    ("TPU v6 lite", 1640e9),
-    ("TPU v5 lite", 819e9),
-    ("TPU v5p", 2765e9),
-    ("TPU v5", 2765e9),
-    ("TPU v4", 1200e9),
-    ("H200", 4.8e12),
-    ("H100", 3.35e12),
-    ("A100", 2.0e12),
+# Per chip (vendor figures), matched against `device.device_kind` in order: dense bf16 peak FLOP/s, and HBM
+# bytes/s, the memory roofline of an analytic kernel cost (fmjax.train.aot).
+CHIPS = (
+    ("TPU v6 lite", 918e12, 1640e9),  # v6e (Trillium)
+    ("TPU v5 lite", 197e12, 819e9),  # v5e
+    ("TPU v5p", 459e12, 2765e9),
+    ("TPU v5", 459e12, 2765e9),  # v5p reports "TPU v5" on some runtimes
+    ("TPU v4", 275e12, 1200e9),
+    ("H200", 989e12, 4.8e12),
+    ("H100", 989e12, 3.35e12),  # SXM
+    ("A100", 312e12, 2.0e12),
 )
 
 
 def hbm_bandwidth(device_kind: str) -> float:
   """HBM bytes/s of one chip of `device_kind`, 0 when the table does not know it."""
-  return next((value for key, value in HBM_BYTES_PER_SECOND if key in device_kind), 0.0)
+  return next((bandwidth for key, _, bandwidth in CHIPS if key in device_kind), 0.0)
 
 
 def cpu_matmul_peak(n: int = 2048, repeats: int = 5, seconds: float = 1.0) -> float:
@@ -64,7 +53,7 @@ def total_peak_flops(devices: list, configured_per_device: float = 0.0) -> tuple
   if devices[0].platform == "cpu":
     return cpu_matmul_peak() * hosts, "measured f32 matmul probe" + (f" × {hosts} processes" if hosts > 1 else "")
   kind = devices[0].device_kind
-  for key, peak in PEAK_FLOPS_PER_CHIP:
+  for key, peak, _ in CHIPS:
     if key in kind:
       return peak * len(devices), f"table ({key})"
   return 0.0, f"unknown device kind {kind!r}: set log.peak_flops to get MFU"
