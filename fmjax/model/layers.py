@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from fmjax.model import splash
+from fmjax.model import projection, splash
 from fmjax.model.config import ModelConfig
 from fmjax.adapters.base import Adapter
 
@@ -102,8 +102,8 @@ def project(module: nn.Module, adapter: Adapter | None, name: str, spec: str, x:
             axes: tuple[str, ...], out_dtype=None) -> jax.Array:
   """The projection hook: einsum(spec, x, w) for kernel `name` of `module`, as the active parameterisation computes
   it (`axes`: the kernel's logical axis names). The output is named `name` for the remat policies that save it."""
-  if adapter is None:
-    out = jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+  if adapter is None or not adapter.changes_projection(module, name):
+    out = projection.einsum(spec, x, w, out_dtype)
   else:
     out = adapter.project(module, name, spec, x, w, axes, out_dtype)
   return checkpoint_name(out, name)

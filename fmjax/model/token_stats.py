@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fmjax.model import projection
+
 
 EXTRA = ("argmax", "entropy")  # computed only when a head asks for them (from_logits says why)
 
@@ -49,7 +51,7 @@ def from_logits(logits_BxTxV: jax.Array, targets_BxT: jax.Array, temperature: fl
 
 def unembed(h_BxTxD: jax.Array, w_DxV: jax.Array, dtype) -> jax.Array:
   """float32 logits of hidden states under the unembedding, the matmul in the compute `dtype`."""
-  logits = jnp.einsum("BTD,DV->BTV", h_BxTxD, w_DxV.astype(dtype), preferred_element_type=jnp.float32)
+  logits = projection.einsum("BTD,DV->BTV", h_BxTxD, w_DxV.astype(dtype), jnp.float32)
   return nn.with_logical_constraint(logits, ("act_batch", "act_len", "act_vocab"))
 
 

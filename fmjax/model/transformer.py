@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from fmjax.model.config import ModelConfig
 from fmjax.adapters.base import Adapter, combine, split
-from fmjax.model import splash, token_stats
+from fmjax.model import projection, splash, token_stats
 from fmjax.model.layers import (ACT_BTD, Attention, RMSNorm, SwiGLU, attention_mask, cache_mask, constrain, project,
                                 rope_tables)
 
@@ -106,8 +106,7 @@ class Transformer(nn.Module):
       score_DxK = self.param("score", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                    ("embed", "labels")),
                              (cfg.d_model, cfg.num_labels), jnp.dtype(cfg.param_dtype))
-      logits_BxTxV = jnp.einsum("BTD,DK->BTK", h_BxTxD, score_DxK.astype(cfg.dtype),
-                                preferred_element_type=jnp.float32)
+      logits_BxTxV = projection.einsum("BTD,DK->BTK", h_BxTxD, score_DxK.astype(cfg.dtype), jnp.float32)
       logits_BxTxV = constrain(logits_BxTxV, ("act_batch", "act_len", None))
     else:
       if cfg.tie_embeddings:
