@@ -29,25 +29,14 @@ def einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -
   return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
 
 
-XT = False
-
-
 def _fwd(spec, x, w, preferred_element_type):
-  if XT:
-    xs, ws, out = _subscripts(spec)
-    perm = "".join(c for c in xs if c in ws) + "".join(c for c in xs if c not in ws)
-    return einsum(spec, x, w, preferred_element_type), (jnp.einsum(f"{xs}->{perm}", x), w)
   return einsum(spec, x, w, preferred_element_type), (x, w)
 
 
 def _bwd(spec, preferred_element_type, residuals, g):
   x, w = residuals
   xs, ws, out = _subscripts(spec)
-  dx = jnp.einsum(f"{out},{ws}->{xs}", g, w, preferred_element_type=w.dtype if XT else x.dtype)
-  if XT:
-    perm = "".join(c for c in xs if c in ws) + "".join(c for c in xs if c not in ws)
-    dw = jnp.einsum(f"{perm},{out}->{ws}", x, g, preferred_element_type=w.dtype)
-    return dx.astype(w.dtype), dw.astype(w.dtype)
+  dx = jnp.einsum(f"{out},{ws}->{xs}", g, w, preferred_element_type=x.dtype)
   dw = jnp.einsum(f"{xs},{out}->{ws}", x, g, preferred_element_type=w.dtype)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
