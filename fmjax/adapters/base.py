@@ -1,7 +1,9 @@
 """The parameterisation contract: how the trainable weights adapt a frozen base.
 
 The model exposes two hook points and calls the active parameterisation at each; it knows no method by name:
-  project(module, name, spec, x, w, axes)   every projection einsum (attention q/k/v/o, MLP gate/up/down, unembed)
+  project(module, name, spec, x, w, axes)   each projection einsum (attention q/k/v/o, MLP gate/up/down, unembed)
+                                            for which changes_projection(module, name) is true; the others are
+                                            the plain einsum (fmjax.model.projection)
   block_output(module, x, layer_params, inputs)   each block's output (the residual stream), with the layer's
                                                   slice of `layer_params` and the batch's per-token `columns`
 An adapter's parameters live in the same tree as the base's, and `owns(path)` tells them apart: training keeps the
