@@ -12,6 +12,9 @@ SPECS = {  # every projection the decoder makes: (spec, x shape, w shape)
     "mlp_out": ("BTF,FD->BTD", (2, 5, 12), (12, 8)),
     "q": ("BTD,DNH->BTNH", (2, 5, 8), (8, 4, 3)),
     "o": ("BTNH,NHD->BTD", (2, 5, 4, 3), (4, 3, 8)),
+    "w_stored_out_in": ("BTD,FD->BTF", (2, 5, 8), (12, 8)),  # the flattened weight cotangent is permuted back
+    "summed_dims_not_leading": ("TBD,DF->BTF", (5, 2, 8), (8, 12)),  # the plain einsum
+    "dim_shared_by_all": ("BND,NDF->BNF", (2, 4, 8), (4, 8, 12)),  # the plain einsum
 }
 
 
@@ -45,17 +48,24 @@ def test_an_index_summed_within_one_operand_is_refused():
     projection.einsum("BTK,DF->BTF", jnp.ones((2, 3, 4)), jnp.ones((5, 6)))
 
 
-def test_cpu_weight_gradient_transposes_only_the_small_operand():
-  """The point of the module: on XLA:CPU the weight gradient of x [B·T, D] -> [B·T, F] copies out x transposed
-  ([D, B·T]), never the F-wide cotangent ([F, B·T]) that jax's own transpose rule leads XLA to copy."""
-  B, T, D, F = 4, 64, 16, 48
-  x, w, g = jnp.ones((B, T, D)), jnp.ones((D, F)), jnp.ones((B, T, F))
+def test_cpu_weight_gradient_copies_no_operand_transposed():
+  """The point of the module: on XLA:CPU the weight gradient of x [B, T, D] -> [B, T, F] is one matmul over the
+  flattened B·T that copies neither operand out transposed, also where x is a layer scan's saved residual; jax's own
+  transpose rule leads XLA to copy the F-wide cotangent out as [F, B·T]."""
+  B, T, D, F, L = 4, 64, 16, 48, 3
+  w = jnp.ones((D, F))
 
   def weight_grad(einsum):
-    return jax.jit(lambda x, w, g: jax.vjp(lambda b: einsum("BTD,DF->BTF", x, b), w)[1](g)[0])
+    return lambda x, g: jax.vjp(lambda b: einsum("BTD,DF->BTF", x, b), w)[1](g)[0]
 
-  big = f"f32[{F},{B * T}]"
-  plain = weight_grad(lambda s, a, b: jnp.einsum(s, a, b)).lower(x, w, g).compile().as_text()
-  ours = weight_grad(projection.einsum).lower(x, w, g).compile().as_text()
-  assert big in plain  # the layout this module exists to avoid (if XLA stops making it, the module can go)
-  assert big not in ours and f"f32[{D},{B * T}]" in ours
+  def in_scan(einsum):
+    return lambda xs, gs: jax.lax.scan(lambda c, xg: (c, weight_grad(einsum)(*xg)), 0.0, (xs, gs))[1]
+
+  x, g = jnp.ones((B, T, D)), jnp.ones((B, T, F))
+  xs, gs = jnp.ones((L, B, T, D)), jnp.ones((L, B, T, F))
+  hlo = lambda f, *a: jax.jit(f).lower(*a).compile().as_text()  # noqa: E731
+  plain = hlo(weight_grad(lambda s, a, b: jnp.einsum(s, a, b)), x, g)
+  assert f"f32[{F},{B * T}]" in plain  # the layout this module exists to avoid (if XLA stops making it, it can go)
+  for ours in (hlo(weight_grad(projection.einsum), x, g), hlo(in_scan(projection.einsum), xs, gs)):
+    for transposed in (f"f32[{F},{B * T}]", f"f32[{D},{B * T}]", f"f32[{F},{B},{T}]", f"f32[{D},{B},{T}]"):
+      assert transposed not in ours

@@ -4,12 +4,16 @@ jax differentiates `einsum("BTD,DF->BTF", x, w)` by transposing the forward dot:
 as dot(dy, x) -> [F, D] followed by a transpose. XLA:CPU turns that into a weight-gradient matmul whose big operand,
 dy [B·T, F], is first copied out transposed, with strided reads that cost a fifth of a CPU train step. Asking for
 each cotangent directly in its own layout, dw = einsum("BTD,BTF->DF", x, dy) and dx = einsum("BTF,DF->BTD", dy,
-w), leaves only the small transposes. The values are the same contractions; on TPU the projected step keeps its
-memory and time.
+w), leaves only the small transposes. The weight's cotangent is taken with the summed dims (B, T) flattened into one
+first: from a [B, T, D] operand XLA:CPU still copies x out transposed, and where x is a layer scan's saved residual
+(a slice of the stacked residuals) that copy runs ten times slower than a plain transpose; from [B·T, D] it
+contracts the leading dim in place (the flattening is for CPU only). The values are the same contractions; on TPU
+the projected step keeps its memory and time.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -38,8 +42,28 @@ def _bwd(spec, preferred_element_type, residuals, g):
   x, w = residuals
   xs, ws, out = _subscripts(spec)
   dx = jnp.einsum(f"{out},{ws}->{xs}", g, w, preferred_element_type=x.dtype)
-  dw = jnp.einsum(f"{xs},{out}->{ws}", x, g, preferred_element_type=w.dtype)
-  return dx.astype(x.dtype), dw.astype(w.dtype)
+  return dx.astype(x.dtype), _weight_cotangent(xs, ws, out, x, g, w.dtype).astype(w.dtype)
+
+
+def _weight_cotangent(xs: str, ws: str, out: str, x: jax.Array, g: jax.Array, dtype) -> jax.Array:
+  """einsum(f"{xs},{out}->{ws}", x, g); on CPU as one 2-D matmul over the flattened summed dims where they lead both
+  x and g in the same order (as B, T do in every projection here). Elsewhere the plain einsum: in the Llama-3-8B
+  v5p-8 compile the flattened form moved 10% more bytes per layer."""
+  plain = lambda x, g: jnp.einsum(f"{xs},{out}->{ws}", x, g, preferred_element_type=dtype)  # noqa: E731
+  n = 0
+  while n < min(len(xs), len(out)) and xs[n] == out[n] and xs[n] not in ws:
+    n += 1
+  x_rest, g_rest = xs[n:], out[n:]
+  if n == 0 or any(c not in ws for c in x_rest + g_rest) or set(x_rest) & set(g_rest):
+    return plain(x, g)
+
+  def flat(x, g):
+    x2 = x.reshape(math.prod(x.shape[:n]), math.prod(x.shape[n:]))
+    g2 = g.reshape(x2.shape[0], math.prod(g.shape[n:]))
+    dw = jnp.einsum("na,nb->ab", x2, g2, preferred_element_type=dtype).reshape(x.shape[n:] + g.shape[n:])
+    return dw if x_rest + g_rest == ws else jnp.transpose(dw, [(x_rest + g_rest).index(c) for c in ws])
+
+  return jax.lax.platform_dependent(x, g, cpu=flat, default=plain)
 
 
 einsum.defvjp(_fwd, _bwd)
