@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from fmjax.model import projection, splash
+from fmjax.model import projection, splash, xla_attention
 from fmjax.model.config import ModelConfig
 from fmjax.adapters.base import Adapter
 
@@ -153,8 +153,8 @@ class Attention(nn.Module):
       out_BxTxNxH = splash.attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS)
     else:
       impl = "cudnn" if cfg.attention_impl == "cudnn" else "xla"  # decoding with a cache; lengths splash skips
-      out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
-                                                 scale=1.0 / math.sqrt(H), implementation=impl)
+      out_BxTxNxH = xla_attention.attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal=cache is None,
+                                            implementation=impl)
     out_BxTxD = proj("o_kernel", "BTNH,NHD->BTD", out_BxTxNxH, wo, ("heads", "head_dim", "embed"))
     return constrain(out_BxTxD, ACT_BTD), cache
 
