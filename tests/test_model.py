@@ -168,3 +168,21 @@ def test_named_remat_policies_save_exactly_their_projections(policy, saved):
   residuals = saved_residuals(lambda q: Transformer(cfg).apply({"params": q}, tok, segs, pos).sum(), p)
   names = {what.split("named '")[1].split("'")[0] for _, what in residuals if "named '" in what}
   assert names == saved
+
+
+def test_swiglu_matches_jax_autodiff_in_float64_and_keeps_only_its_inputs():
+  """layers.swiglu's value and cotangents against jax's own autodiff of silu(gate) * up in float64, and what its
+  backward pass saves: gate and up, where jax's rule for the plain expression keeps three more arrays."""
+  from jax._src.ad_checkpoint import saved_residuals
+
+  rng = np.random.default_rng(0)
+  gate, up, dy = (rng.standard_normal((2, 3, 16)) * 3 for _ in range(3))
+  with jax.enable_x64(True):
+    y_ref, vjp_ref = jax.vjp(lambda g, u: jax.nn.silu(g) * u, jnp.float64(gate), jnp.float64(up))
+    grads_ref = vjp_ref(jnp.float64(dy))
+  y, vjp = jax.vjp(layers.swiglu, jnp.float32(gate), jnp.float32(up))
+  for got, want in zip((y, *vjp(jnp.float32(dy))), (y_ref, *grads_ref)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  args = (jnp.float32(gate), jnp.float32(up))
+  assert len(saved_residuals(layers.swiglu, *args)) == 2
+  assert len(saved_residuals(lambda g, u: jax.nn.silu(g) * u, *args)) > 2

@@ -159,6 +159,29 @@ class Attention(nn.Module):
     return constrain(out_BxTxD, ACT_BTD), cache
 
 
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up, whose backward pass keeps only gate and up: jax's own rule for it also saves sigmoid(gate),
+  silu(gate) and a product, three more [B, T, F] arrays that a layer scan stacks per layer (4% of a CPU train
+  step at the fixed shape)."""
+  return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+  return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, dy):
+  gate, up = residuals
+  g, dy32 = gate.astype(jnp.float32), dy.astype(jnp.float32)
+  sig = jax.nn.sigmoid(g)
+  dgate = dy32 * up.astype(jnp.float32) * sig * (1 + g * (1 - sig))  # d silu(g) / dg = sig + g sig (1 - sig)
+  return dgate.astype(gate.dtype), (dy32 * g * sig).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class SwiGLU(nn.Module):
   """down(silu(gate(x)) * up(x))."""
 
@@ -175,6 +198,6 @@ class SwiGLU(nn.Module):
                          std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
     proj = lambda name, spec, x, w, axes: project(self, self.adapter, name, spec, x, w, axes)  # noqa: E731
     gate_BxTxF = proj("gate_kernel", "BTD,DF->BTF", x_BxTxD, w_gate, ("embed", "mlp"))
-    h_BxTxF = jax.nn.silu(gate_BxTxF) * proj("up_kernel", "BTD,DF->BTF", x_BxTxD, w_up, ("embed", "mlp"))
+    h_BxTxF = swiglu(gate_BxTxF, proj("up_kernel", "BTD,DF->BTF", x_BxTxD, w_up, ("embed", "mlp")))
     h_BxTxF = constrain(h_BxTxF, ("act_batch", "act_len", "act_mlp"))
     return constrain(proj("down_kernel", "BTF,FD->BTD", h_BxTxF, w_down, ("mlp", "embed")), ACT_BTD)
