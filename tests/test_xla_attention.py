@@ -56,7 +56,6 @@ def test_causal_blocks_match_full_attention_in_float64(inputs):
 
 def test_cpu_skips_the_key_blocks_after_each_query_block(inputs):
   q, k, v, _, mask = inputs
-
   c = T // xla_attention.QUERY_BLOCKS
 
   def scores(causal):
