@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
                            rank=0, steps=300, lr=1e-4, model="small")
   c = config_lib.finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, a.data, __file__)
   c.model.num_labels = a.labels
-  c.objective.name = "classify"
+  config_lib.use_head(c, "classify")
   c.lora.rank = a.rank
   c.train.batch_size = 16
   return c

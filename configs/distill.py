@@ -23,9 +23,8 @@ def get_config(arg: str | None = None):
   a = config_lib.parse_arg(arg, smoke=False, teacher="", divergence="forward_kl", alpha=0.5, temperature=1.0, top_k=0,
                            data="embedded:prose", steps=300, lr=1e-3)
   c = config_lib.base()
-  c.objective.name, c.objective.teacher = "distill", a.teacher
-  c.objective.divergence, c.objective.alpha, c.objective.temperature, c.objective.top_k = (
-      a.divergence, a.alpha, a.temperature, a.top_k)
+  config_lib.use_head(c, "distill", teacher=a.teacher, divergence=a.divergence, alpha=a.alpha,
+                      temperature=a.temperature, top_k=a.top_k)
   c.model.name = "small"
   c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.num_kv_heads, c.model.mlp_dim = 256, 4, 4, 2, 768
   c.data.source = a.data

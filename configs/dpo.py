@@ -29,8 +29,9 @@ def get_config(arg: str | None = None):
   if a.ref_logps:  # tools/precompute_ref_logps.py output: no reference model in memory
     c.data.source, c.data.holdout = os.path.join(a.ref_logps, "train.jsonl"), 0.0
     c.eval.sources = {"heldout": os.path.join(a.ref_logps, "validation.jsonl")}
+  config_lib.use_head(c, a.head, beta=a.beta)
+  if a.ref_logps:
     c.objective.reference = "precomputed"
-  c.objective.name, c.objective.beta = a.head, a.beta
   c.lora.rank = a.rank
   c.train.batch_size = 8
   return c

@@ -29,8 +29,8 @@ def get_config(arg: str | None = None):
     c.init_from.bootstrap = config_lib.sibling(__file__, "sft.py:smoke" if a.smoke else "sft.py")
     if not a.rlhf:
       c.init_from.bootstrap += (",data=embedded:sort" if a.smoke else ":data=embedded:sort")
-  o = c.objective
-  o.name, o.loss_type, o.scale_rewards, o.kl_coef = "grpo", a.loss, a.scale, a.beta
+  o = config_lib.use_head(c, "grpo")
+  o.loss_type, o.scale_rewards, o.kl_coef = a.loss, a.scale, a.beta
   o.num_generations, o.num_iterations, o.temperature = a.G, a.mu, a.temperature
   o.rewards = a.rewards or ("model" if a.rlhf else "sort_digits")
   o.reward_model = a.reward_model

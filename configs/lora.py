@@ -22,6 +22,6 @@ def get_config(arg: str | None = None):
   a = config_lib.parse_arg(arg, smoke=False, init_from="", rank=8, alpha=16.0, dropout=0.05, head="sft",
                            data="embedded:instruct", steps=300, lr=1e-3, model="small")
   c = config_lib.finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, a.data, __file__, smoke_lr=1e-2)
-  c.objective.name = a.head
+  config_lib.use_head(c, a.head)
   c.lora.rank, c.lora.alpha, c.lora.dropout = a.rank, a.alpha, a.dropout
   return c

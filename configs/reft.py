@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
                            share=False, dropout=0.0, head="sft", data="embedded:instruct", steps=300, lr=4e-3,
                            model="small")
   c = config_lib.finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, a.data, __file__, smoke_lr=1e-2)
-  c.objective.name = a.head
+  config_lib.use_head(c, a.head)
   c.reft.rank, c.reft.method, c.reft.layers, c.reft.positions = a.rank, a.method, a.layers, a.positions
   c.reft.share_weights, c.reft.dropout = a.share, a.dropout
   return c

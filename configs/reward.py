@@ -23,8 +23,7 @@ def get_config(arg: str | None = None):
                            center=0.0, steps=300, lr=5e-5, model="small")
   c = config_lib.finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, a.data, __file__)
   c.model.num_labels = 1
-  c.objective.name = "reward"
-  c.objective.reward_margin, c.objective.center_rewards_coefficient = a.margin, a.center
+  config_lib.use_head(c, "reward", reward_margin=a.margin, center_rewards_coefficient=a.center)
   c.lora.rank = a.rank
   c.train.batch_size = 8
   return c

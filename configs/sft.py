@@ -19,5 +19,5 @@ def get_config(arg: str | None = None):
   a = config_lib.parse_arg(arg, smoke=False, init_from="", data="embedded:instruct", steps=300, lr=1e-4,
                            model="small")
   c = config_lib.finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, a.data, __file__, smoke_lr=3e-3)
-  c.objective.name = "sft"
+  config_lib.use_head(c, "sft")
   return c

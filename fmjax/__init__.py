@@ -3,7 +3,7 @@
 `fmjax.load(path)` opens an fmjax run directory or a Hugging Face checkpoint as a `fmjax.api.Model`.
 """
 
-__version__ = "0.1.0"
+from fmjax.version import __version__  # noqa: F401
 
 
 def __getattr__(name: str):  # `import fmjax` stays light; `fmjax.load` imports jax on first use

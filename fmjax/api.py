@@ -1,6 +1,6 @@
 """The public Python API: `fmjax.load(path)` → a `Model` with weights, tokenizer, logits and generation.
 
-  model = fmjax.load("/tmp/fmjax/sft")              # an fmjax run directory (newest checkpoint)
+  model = fmjax.load("/tmp/fmjax/run")              # an fmjax run directory (newest checkpoint)
   model = fmjax.load("/models/Qwen3-0.6B")           # or a Hugging Face directory (config.json + safetensors)
   logits = model.logits(tokens)                      # int [B,T] → float32 [B,T,V]
   texts = model.generate(["def add(a, b):"], max_new_tokens=32, temperature=0.7, top_p=0.9)
@@ -118,7 +118,7 @@ class Model:
 
     if not self.config.num_labels:
       raise UserError(f"{self.source} is a language model (model.num_labels=0); scores come from a reward model "
-                      "or a classifier (configs/reward.py, configs/classify.py).")
+                      "or a classifier (a model with model.num_labels > 0).")
     rows = []
     for n, record in enumerate(records):
       fmt = "text" if "completion" not in record else "prompt_completion"

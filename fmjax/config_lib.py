@@ -14,8 +14,7 @@ from ml_collections import config_dict
 from fmjax import data as data_lib
 from fmjax import sharding
 from fmjax.model import config as model_config
-from fmjax import adapters
-from fmjax.adapters import lora as lora_lib
+from fmjax import adapters, objectives
 from fmjax.errors import UserError
 
 
@@ -76,44 +75,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.seed = 0  # shuffle order
   c.data.shards = 0  # record streams split among the processes; 0 = one each; fixed: same batches on any host count
 
-  c.objective = ml_collections.ConfigDict()
-  c.objective.name = "lm"  # loss head (fmjax/objectives)
-  c.objective.z_loss = 0.0  # weight of logsumexp(logits)² (PaLM uses 1e-4)
-  c.objective.completion_only = True  # sft: loss on responses only (False: on every real token of an example)
-  c.objective.beta = 0.1  # preference heads: inverse temperature of the implicit reward
-  c.objective.reference = "model"  # preference heads: model (frozen, live) | precomputed (ref_*_logps in the data)
-  # cdpo: ε, the probability that a preference label is flipped; the conservative DPO loss of Mitchell (2023),
-  # −(1−ε)·logσ(βh) − ε·logσ(−βh). Not TRL's DPOTrainer `label_smoothing`: its "sigmoid" loss ignores it (it smooths
-  # "robust", "exo_pair" and "aot"; CPOTrainer's "sigmoid" applies it, without a reference model).
-  c.objective.label_smoothing = 0.1
-  c.objective.simpo_gamma = 0.5  # simpo: target reward margin
-  c.objective.kto_desirable_weight = 1.0  # kto: weight of desirable (chosen) responses
-  c.objective.kto_undesirable_weight = 1.0  # kto: weight of undesirable (rejected) responses
-  c.objective.teacher = ""  # distill: the teacher's run directory (frozen; same tokenizer)
-  c.objective.teacher_step = -1  # distill: the teacher's checkpoint step; -1 = newest
-  c.objective.teacher_bootstrap = ""  # distill, with no teacher: pre-train this config into WORKDIR/teacher first
-  c.objective.divergence = "forward_kl"  # distill: forward_kl | reverse_kl | jsd
-  c.objective.jsd_beta = 0.5  # distill, jsd: weight of the teacher in the mixture
-  c.objective.temperature = 1.0  # distill: softmax temperature of both (the divergence is scaled by T²); grpo: sampling
-  c.objective.alpha = 0.5  # distill: weight of the hard-label cross-entropy; 1 − alpha on the divergence
-  c.objective.top_k = 0  # distill: the teacher's top-k tokens only; grpo: sample among the top k; 0 = all
-  c.objective.reward_margin = 0.0  # reward: the score gap a chosen response must clear, −log σ(r⁺ − r⁻ − margin)
-  c.objective.center_rewards_coefficient = 0.0  # reward: weight of (r⁺ + r⁻)², which keeps scores centred (TRL's)
-  # grpo (on-policy RL, fmjax/rl): rollouts of the current policy, scored, then trained on
-  c.objective.rewards = "sort_digits"  # grpo: 'name[:weight],...': built-ins, 'model' (reward_model), 'pkg.mod:fn'
-  c.objective.reward_model = ""  # grpo with rewards 'model': a reward-model run directory (configs/reward.py)
-  c.objective.reward_model_step = -1  # its checkpoint step; -1 = newest
-  c.objective.reward_model_bootstrap = ""  # with no directory: train this reward config into WORKDIR/reward_model
-  c.objective.num_generations = 4  # grpo: completions sampled per prompt (G); train.batch_size = prompts × G
-  c.objective.num_iterations = 1  # grpo: optimizer steps on each rollout (μ); > 1 reuses it with clipping
-  c.objective.max_completion_length = 32  # grpo: tokens sampled per completion at most
-  c.objective.top_p = 1.0  # grpo: nucleus sampling (objective.temperature is the sampling temperature)
-  c.objective.loss_type = "dapo"  # grpo: grpo (per-sequence token mean) | dr_grpo (÷ G·L_max) | dapo (token mean)
-  c.objective.scale_rewards = "group"  # grpo: advantages ÷ std of the group | batch | none, or rloo (leave-one-out)
-  c.objective.epsilon_low = 0.2  # grpo: the ratio's lower clip 1 − ε_low
-  c.objective.epsilon_high = 0.28  # grpo: the upper clip 1 + ε_high (DAPO's clip-higher; 0.2 = symmetric)
-  c.objective.mask_truncated_completions = False  # grpo: no loss on completions that hit the length limit
-  c.objective.kl_coef = 0.0  # grpo: β of the k3 KL to the reference (TRL's beta); 0 = no reference model at all
+  # the loss head (fmjax/objectives) and its options: `use_head` builds the section of any registered head
+  c.objective = ml_collections.ConfigDict(objectives.section("lm"))
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | sgd
@@ -159,20 +122,8 @@ def base() -> ml_collections.ConfigDict:
   c.init_from.step = -1  # that run's step; -1 = its newest checkpoint
   c.init_from.bootstrap = ""  # with workdir empty: pre-train this config into WORKDIR/base first, start from it
 
-  c.lora = ml_collections.ConfigDict()
-  c.lora.rank = 0  # 0 = off (every parameter trains); r > 0: train rank-r adapters over a frozen base
-  c.lora.alpha = 16.0  # adapter scale s = alpha / rank
-  c.lora.dropout = 0.0  # dropout on the adapters' input while training
-  c.lora.targets = lora_lib.DEFAULT_TARGETS  # regex searched in parameter paths, e.g. 'layers/attn/q_kernel'
-  c.lora.rslora = False  # rank-stabilised scale alpha / sqrt(rank)
-
-  c.reft = ml_collections.ConfigDict()  # representation fine-tuning: edits of the residual stream (fmjax/adapters)
-  c.reft.rank = 0  # 0 = off; r > 0: train rank-r interventions over a frozen base
-  c.reft.method = "loreft"  # loreft h + Rᵀ(Wh + b − Rh), R orthonormal | noreft (R free) | direft h + Rᵀ(Wh + b)
-  c.reft.layers = "all"  # the blocks whose output is edited: 'all' or indices '2,4,6'
-  c.reft.positions = "f5+l5"  # prompt positions edited: first k / last k of each example's prompt ('f3', 'l7', ...)
-  c.reft.share_weights = False  # one intervention per layer for first and last positions (else one each)
-  c.reft.dropout = 0.0  # dropout on the edit while training
+  for name, cls in adapters.registered().items():  # parameterisations (fmjax/adapters), each switched off
+    c[name] = ml_collections.ConfigDict(cls.section_defaults())
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 200  # held-out loss period in steps (and at the last step); 0 = never
@@ -187,6 +138,15 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+def use_head(c: ml_collections.ConfigDict, name: str, **values: Any) -> ml_collections.ConfigDict:
+  """Sets the loss head of config `c` to `name`, its objective section to that head's options at their defaults
+  and then `values`; returns the section."""
+  c.objective = ml_collections.ConfigDict(objectives.section(name))
+  for key, value in values.items():
+    c.objective[key] = value
+  return c.objective
+
+
 def sibling(config_file: str, spec: str) -> str:
   """`spec` ('pretrain.py[:variant]') as a path beside `config_file` (a config's `__file__`), so a config that
   bootstraps another finds it from any working directory."""
@@ -195,7 +155,7 @@ def sibling(config_file: str, spec: str) -> str:
 
 def finetune(init_from: str, smoke: bool, model: str, steps: int, lr: float, data: str,
              config_file: str, smoke_lr: float = 1e-3) -> ml_collections.ConfigDict:
-  """The base of the fine-tuning stages (SFT, LoRA, ...): start from the params of pre-trained (or imported) run
+  """The base of the fine-tuning stages: start from the params of pre-trained (or imported) run
   `init_from` with its tokenizer, model shape and chat template, evaluate the held-out split from step 0 on. With no
   `init_from`, the pre-training config beside `config_file` (`smoke`: its smoke variant) first trains a base into
   WORKDIR/base. `smoke`: a tiny model and 30 steps at `smoke_lr`."""

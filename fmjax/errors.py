@@ -8,7 +8,6 @@ teacher — and its message names the value and the fix. `fmjax.main` and every 
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 from typing import Callable
@@ -64,7 +63,7 @@ def cli(main: Callable[..., object]) -> Callable[..., object]:
   return wrapped
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag or config (a ValueError raised by a config file's `get_config`, a key
   that does not exist, a value of the wrong type) reported as one line."""
   from absl import flags
@@ -89,12 +88,29 @@ def _flag_error(argv: list[str], e: BaseException) -> BaseException:
   if isinstance(cause, KeyError):  # an override of a key the config does not have
     key = str(cause.args[0]).strip("'\"") if cause.args else ""
     arg = next((a for a in argv if a.startswith("--config.") and f".{key}" in a.split("=")[0]), key)
-    return UserError(f"{arg}: the config has no key {key!r}; check the spelling (every section's keys and what "
-                     "they do are listed in fmjax/config_lib.py, base()).")
+    return UserError(f"{arg}: the config has no key {key!r}; {_section_keys(argv, arg)}check the spelling (every "
+                     "section's keys and what they do: docs/config-keys.md).")
   if cause is not e:  # a config file's own error, which ml_collections re-raises with its traceback as text
     flag = str(e).split(":", 1)[0]
     return UserError(f"{flag.removeprefix('flag ')}: {message(cause)}")
   return e
+
+
+def _section_keys(argv: list[str], arg: str) -> str:
+  """'objective (head 'lm') has: z_loss; ' for an override --config.objective.KEY=..., naming the keys the
+  config's section does have (the objective section's are its head's options). The config file is loaded again:
+  the flag holds no value once an override failed."""
+  from absl import flags
+
+  parts = arg.removeprefix("--config.").split("=")[0].split(".")
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+  try:
+    section = flags.FLAGS["config"].parser.parse(spec)[parts[0]]
+    keys = ", ".join(sorted(k for k in section.keys() if k != "name"))
+  except (KeyError, AttributeError, TypeError, IndexError):
+    return ""
+  head = f" (head {section['name']!r})" if parts[0] == "objective" and "name" in section else ""
+  return f"{parts[0]}{head} has: {keys or 'no options'}; "
 
 
 def _root_cause(e: BaseException) -> BaseException:
@@ -118,26 +134,3 @@ class ArgumentParser(argparse.ArgumentParser):
     if debug_requested():
       super().error(message)
     report(UserError(f"{self.prog}: {message}; see --help."))
-
-
-def run(main: Callable[..., object]) -> None:
-  """Runs a tool's or fmjax.main's `main`: the allocator and the JAX platform chosen (fmjax/startup.py), then the error
-  boundary: user errors (and bad flags) are one line.
-  `--debug` (or FMJAX_DEBUG=1) shows the traceback instead.
-
-  An absl `main(argv)` runs as `absl.app.run(main)` with flags parsed here; a `main()` whose arguments are all
-  optional (an argparse tool, see `ArgumentParser`) is called as it is."""
-  from fmjax import startup
-
-  startup.preload_allocator()  # re-executes with tcmalloc / jemalloc preloaded where one is installed
-  startup.select_platform()  # before anything creates a JAX backend: no TPU probing where there is no TPU
-  required = [p for p in inspect.signature(main).parameters.values()
-              if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-  if not required:
-    cli(main)()
-    return
-  from absl import app, flags
-
-  if "debug" not in flags.FLAGS:  # shown by --help; read from argv (debug_requested), so it works before parsing
-    flags.DEFINE_bool("debug", False, f"On an error, show its traceback instead of one line (or {DEBUG_ENV}=1).")
-  app.run(cli(main), flags_parser=_parse_flags)

@@ -62,4 +62,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

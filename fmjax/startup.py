@@ -7,10 +7,13 @@ the first thing `fmjax.main` does, and a tool can call it the same way.
 from __future__ import annotations
 
 import glob
+import inspect
 import logging
 import os
 import time
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
+
+from fmjax import errors
 
 # Set on a TPU VM or GKE TPU node, read by libtpu and JAX's cluster detection; any of them: keep the TPU platform.
 # (Not TPU_SKIP_MDS_QUERY or TPU_LIBRARY_PATH: `import jax` / `import libtpu` set those on any machine.)
@@ -52,7 +55,6 @@ def preload_allocator() -> None:
   if lib is None:
     return
   if not os.path.isfile(lib):
-    from fmjax import errors
     errors.report(errors.UserError(f"{ALLOCATOR_ENV}={lib!r} is not a file; name an allocator library (e.g. "
                                    f"{ALLOCATORS[0]}), or use {ALLOCATOR_ENV}=system."))
   env = {**os.environ, _PRELOADED: lib, "LD_PRELOAD": ":".join(p for p in (lib, os.environ.get("LD_PRELOAD")) if p)}
@@ -127,3 +129,24 @@ def use_short_info_format() -> None:
   handler = absl_logging.get_absl_handler().python_handler
   if not isinstance(handler.formatter, ShortInfoFormatter):
     handler.setFormatter(ShortInfoFormatter(handler.formatter))
+
+
+def run(main: Callable[..., object]) -> None:
+  """Runs a tool's or fmjax.main's `main`: the allocator and the JAX platform chosen (fmjax/startup.py), then the error
+  boundary: user errors (and bad flags) are one line.
+  `--debug` (or FMJAX_DEBUG=1) shows the traceback instead.
+
+  An absl `main(argv)` runs as `absl.app.run(main)` with flags parsed here; a `main()` whose arguments are all
+  optional (an argparse tool, see `ArgumentParser`) is called as it is."""
+  preload_allocator()  # re-executes with tcmalloc / jemalloc preloaded where one is installed
+  select_platform()  # before anything creates a JAX backend: no TPU probing where there is no TPU
+  required = [p for p in inspect.signature(main).parameters.values()
+              if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  if not required:
+    errors.cli(main)()
+    return
+  from absl import app, flags
+
+  if "debug" not in flags.FLAGS:  # shown by --help; read from argv (debug_requested), so it works before parsing
+    flags.DEFINE_bool("debug", False, f"On an error, show its traceback instead of one line (or {errors.DEBUG_ENV}=1).")
+  app.run(errors.cli(main), flags_parser=errors.parse_flags)

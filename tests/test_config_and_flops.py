@@ -6,7 +6,8 @@ import os
 import jax
 import pytest
 
-from fmjax import config_checks, config_lib
+from fmjax import config_lib
+from fmjax.train import checks
 from fmjax.model import PRESETS, flops, init_params, resolve
 from fmjax.train import optimizer
 
@@ -20,7 +21,7 @@ def test_every_config_file_and_smoke_variant_loads(repo):
   for path in config_files(repo):
     for variant in ("", ":smoke"):
       c = config_lib.load(path + variant)
-      config_checks.validate(c)
+      checks.validate(c)
       assert config_lib.resolved_model(c).num_layers > 0
       assert c.train.steps > 0 and c.checkpoint.every_steps > 0
 
@@ -51,11 +52,11 @@ def test_variant_and_model_errors_name_the_key(repo):
   c = config_lib.load(f"{repo}/configs/pretrain.py:smoke")
   c.train.grad_accum = 3
   with pytest.raises(ValueError, match="grad_accum=3"):
-    config_checks.validate(c)
+    checks.validate(c)
   c = config_lib.load(f"{repo}/configs/pretrain.py:smoke")
   c.data.holdout = 1.5
   with pytest.raises(ValueError, match=r"data.holdout=1.5 must be in \[0, 1\)"):
-    config_checks.validate(c)
+    checks.validate(c)
 
 
 def test_model_overrides_apply_on_top_of_the_preset(repo):

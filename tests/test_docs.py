@@ -11,7 +11,8 @@ import re
 
 import pytest
 
-from fmjax import config_checks, config_lib
+from fmjax import config_lib
+from fmjax.train import checks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
@@ -87,7 +88,7 @@ def test_named_config_loads_and_validates(spec, monkeypatch):
   monkeypatch.chdir(REPO)  # as `--config=configs/...` is written: relative to the repository root
   try:
     config = config_lib.load(spec)
-    config_checks.validate(config)
+    checks.validate(config)
     config_lib.resolved_model(config)  # the preset it names exists and its fields are consistent
   except Exception as e:  # noqa: BLE001 - any failure is a doc that names a config that does not work
     pytest.fail(f"{spec} (named in {', '.join(SPECS[spec])}) does not load: {type(e).__name__}: {e}")

@@ -48,7 +48,7 @@ def main_row(id_: str, names: str, fix: str, *args: str, config: str = PRETRAIN,
 # Through the command line, as a user types it (each row is a subprocess: keep this table to what only a process
 # shows; VALUES and INPUTS below check the rest of the validation in-process).
 ROWS = [
-    # config values (config_checks.validate): refused before any work, an existing run left as it is
+    # config values (train.checks.validate): refused before any work, an existing run left as it is
     main_row("lr_negative_on_a_run", "optimizer.lr=-1.0", "peak learning rate", "--config.optimizer.lr=-1",
              workdir="run"),
     main_row("b2_above_1", "optimizer.b2=1.5", "in [0, 1)", "--config.optimizer.b2=1.5"),
@@ -56,13 +56,15 @@ ROWS = [
              "--config.optimizer.warmup_steps=40"),
     main_row("keep_zero_on_a_run", "checkpoint.keep=0", ">= 1", "--config.checkpoint.keep=0", workdir="run"),
     main_row("objective_unknown", "objective.name='dpoo'", "one of", "--config.objective.name=dpoo"),
-    main_row("beta_zero", "objective.beta=0.0", "must be > 0", "--config.objective.beta=0"),
+    main_row("beta_zero", "objective.beta=0.0", "must be > 0", "--config.objective.beta=0",
+             config="--config=configs/dpo.py:smoke"),
+    main_row("option_of_another_head", "objective.beta", "z_loss", "--config.objective.beta=0.5"),
     main_row("batch_not_divisible_by_grad_accum", "train.grad_accum=3", "change one of them",
              "--config.train.grad_accum=3"),
     main_row("mesh_does_not_divide", "mesh.fsdp=3", "-1 to fill", "--config.mesh.fsdp=3"),
     main_row("holdout_above_1", "data.holdout=1.5", "[0, 1)", "--config.data.holdout=1.5"),
     main_row("lora_dropout_1", "lora.dropout=1.0", "[0, 1)", "--config.lora.rank=4", "--config.lora.dropout=1.0"),
-    # flags and config files (errors.run)
+    # flags and config files (startup.run)
     main_row("unknown_config_key", "lrr", "spelling", "--config.optimizer.lrr=1"),
     main_row("unknown_variant", "smok", "known variants", config="--config=configs/pretrain.py:smok"),
     main_row("bad_variant_type", "steps=abc", "takes an int", config="--config=configs/pretrain.py:steps=abc"),
@@ -202,7 +204,7 @@ def test_debug_shows_the_traceback(row: Row, inputs: Inputs, prefetched):
 
 
 # In-process: every config value with a range or a set of choices, with a value outside it -> (key=value named, a
-# word of what it must be). `test_every_rule_has_a_row` keeps this table and config_checks' in step.
+# word of what it must be). `test_every_rule_has_a_row` keeps this table and the rules (train/checks.py, each head's options) in step.
 VALUES = [
     ("train.steps", 0, "> 0"), ("train.batch_size", 0, "> 0"), ("train.seq_len", 0, "> 0"),
     ("train.grad_accum", 0, "> 0"), ("train.stop_after", -1, ">= 0"),
@@ -248,9 +250,15 @@ def shown(value) -> str:
 
 
 def load(spec: str = "configs/pretrain.py:smoke", **overrides):
-  from fmjax import config_lib
+  """The config of `spec` with `overrides`; an option of a head other than the config's (objective.beta on the
+  pre-training config) switches to the first head that reads it."""
+  from fmjax import config_lib, objectives
 
   c = config_lib.load(os.path.join(REPO, spec))
+  for key in overrides:
+    section, name = key.split(".")
+    if section == "objective" and name != "name" and name not in c.objective:
+      config_lib.use_head(c, next(h for h, t in objectives.REGISTRY.items() if name in t.options.docs()))
   for key, value in overrides.items():
     section, name = key.split(".")
     c[section][name] = value
@@ -258,22 +266,31 @@ def load(spec: str = "configs/pretrain.py:smoke", **overrides):
 
 
 def test_every_rule_has_a_row():
-  from fmjax import config_checks, config_lib
+  import dataclasses
+
+  from fmjax import config_lib, objectives
+  from fmjax.train import checks
 
   base, rows = config_lib.base(), {key for key, _, _ in VALUES}
-  for key, _, _ in config_checks._rules():
+  for key, _ in checks._rules():
     section, name = key.split(".")
     assert name in base[section], f"rule for {key}, which base() does not have"
     assert key in rows, f"no row of VALUES checks {key}"
+  for head in objectives.REGISTRY.values():  # each built-in head's options with a range rule
+    if not head.make.__module__.startswith("fmjax."):
+      continue  # registered by another test module (tests/plugin_heads.py)
+    for f in dataclasses.fields(head.options):
+      if f.metadata.get("rule") is not None:
+        assert f"objective.{f.name}" in rows, f"no row of VALUES checks objective.{f.name}"
 
 
 @pytest.mark.parametrize("key,value,fix", VALUES, ids=[v[0] for v in VALUES])
 def test_a_value_out_of_range_names_the_key_the_value_and_the_range(key, value, fix):
-  from fmjax import config_checks
   from fmjax.errors import UserError
+  from fmjax.train import checks
 
   with pytest.raises(UserError) as e:
-    config_checks.validate(load(**{key: value}))
+    checks.validate(load(**{key: value}))
   assert f"{key}={shown(value)} must be" in str(e.value) and fix in str(e.value), str(e.value)
 
 
@@ -338,14 +355,14 @@ INPUTS = [
 
 @pytest.mark.parametrize("row", INPUTS, ids=[i[0] for i in INPUTS])
 def test_check_run_refuses_with_the_key_and_the_fix(row, inputs: Inputs, tmp_path):
-  from fmjax import config_checks
+  from fmjax.train import checks
   from fmjax.errors import UserError
 
   _, spec, overrides, workdir, names, fix = row
   fill = lambda v: v.format(files=inputs.files, run=inputs.run) if isinstance(v, str) else v  # noqa: E731
   config = load(fill(spec), **{k: fill(v) for k, v in overrides.items()})
   with pytest.raises(UserError) as e:
-    config_checks.check_run(config, str(tmp_path / "run") if workdir == "new" else fill(workdir))
+    checks.check_run(config, str(tmp_path / "run") if workdir == "new" else fill(workdir))
   message = str(e.value)
   assert fill(names) in message and fill(fix) in message, message
   assert "\n" not in message

@@ -15,17 +15,14 @@ from fmjax import config_lib, objectives
 from fmjax.errors import UserError
 from fmjax.objectives import LossContext
 from fmjax.objectives import grpo
-from fmjax.rl import advantages, rewards, rollout
+from fmjax.rl import advantages, rewards
+from fmjax.train import rollout
 
 V = 11
 
 
 def grpo_cfg(**kw):
-  c = config_lib.base().objective
-  c.name = "grpo"
-  for k, v in kw.items():
-    c[k] = v
-  return c
+  return config_lib.use_head(config_lib.base(), "grpo", **kw)
 
 
 # --- advantages ---------------------------------------------------------------------------------------------------
@@ -83,7 +80,8 @@ def rollout_batch(seed=3, lengths=(3, 5, 1, 4), width=9, prompt=2):
   prompts = [rng.integers(0, V, prompt) for _ in range(n)]
   comps = [rng.integers(0, V, k) for k in lengths]
   adv = rng.normal(size=n)
-  rows = rollout.rows(prompts, comps, [np.zeros(k, np.float32) for k in lengths], adv, np.ones(n, bool), width)
+  rows = rollout.rows(prompts, comps, np.ones(n, bool), width, {"advantages": adv},
+                      {"old_logps": [np.zeros(k, np.float32) for k in lengths]})
   return {k: jnp.asarray(v) for k, v in rows.items()}, adv
 
 

@@ -33,9 +33,9 @@ def make_anchored_lm(objective_cfg) -> objectives.Head:
 
 @pytest.fixture
 def anchored(monkeypatch, repo):
-  monkeypatch.setitem(objectives.REGISTRY, "anchored_lm", make_anchored_lm)
+  monkeypatch.setitem(objectives.REGISTRY, "anchored_lm", objectives.HeadType(objectives.Options, make_anchored_lm))
   c = config_lib.load(f"{repo}/configs/pretrain.py:smoke")
-  c.objective.name = "anchored_lm"
+  config_lib.use_head(c, "anchored_lm")
   c.train.steps, c.log.every_steps, c.eval.every_steps, c.checkpoint.async_save = 2, 1, 0, False
   c.optimizer.warmup_steps = 0  # step 1 trains at the peak lr, so step 2 sees moved params
   return c
@@ -76,7 +76,7 @@ def test_divergence_guard_skips_spikes_then_stops_the_run_naming_the_step(anchor
   spikes. (That a spike's update is skipped on the device: tests/test_train_step.py.)"""
   from fmjax.train import experiment
 
-  anchored.objective.name = "lm"
+  config_lib.use_head(anchored, "lm")
   anchored.train.steps, anchored.checkpoint.every_steps = 30, 10
   real_build = experiment.build
 

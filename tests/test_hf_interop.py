@@ -228,7 +228,7 @@ def test_lora_run_exports_merged_and_as_a_peft_adapter(importer, tmp_path):
   hf.export_dir(lora_run, merged)
   np.testing.assert_allclose(hf_logits(merged), ours, rtol=0, atol=1e-4)
   adapter = str(tmp_path / "adapter")
-  hf.export_dir(lora_run, adapter, lora_mode="peft")
+  hf.export_dir(lora_run, adapter, adapter_mode="peft")
   base = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
   with torch.no_grad():
     adapted = peft_lib.PeftModel.from_pretrained(base, adapter).eval()

@@ -1,4 +1,5 @@
-"""The package's import structure: no import cycles among fmjax's modules, and `import fmjax` stays light."""
+"""The package's import structure: no import cycles among fmjax's modules, counting imports inside functions (a lazy
+import hides a cycle, it does not remove it), and `import fmjax` stays light."""
 
 from __future__ import annotations
 
@@ -50,16 +51,32 @@ def _module_level_imports(body: list[ast.stmt]):
       yield from _module_level_imports(getattr(node, "orelse", []))
 
 
-def import_graph(root: str = ROOT, package: str = PACKAGE) -> dict[str, set[str]]:
-  """module -> the package's modules it imports at module level. `from a.b import c` is module a.b.c when that is a
-  submodule, else a.b (its __init__, its own node: importing a.b.c does not count as importing a.b here)."""
+def _all_imports(body: list[ast.stmt]):
+  """Every import statement, inside functions too, except under `if TYPE_CHECKING:` (never run)."""
+  for node in body:
+    if isinstance(node, ast.If) and _is_type_checking(node.test):
+      yield from _all_imports(node.orelse)
+      continue
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+      yield node
+    for child in ast.iter_child_nodes(node):
+      if isinstance(child, ast.stmt):
+        yield from _all_imports([child])
+      elif isinstance(child, (ast.excepthandler, ast.match_case)):
+        yield from _all_imports(child.body)
+
+
+def import_graph(root: str = ROOT, package: str = PACKAGE, lazy: bool = True) -> dict[str, set[str]]:
+  """module -> the package's modules it imports (`lazy`: inside functions too; else at module level only).
+  `from a.b import c` is module a.b.c when that is a submodule, else a.b (its __init__, its own node: importing
+  a.b.c does not count as importing a.b here)."""
   mods = modules(root, package)
   graph: dict[str, set[str]] = {m: set() for m in mods}
   for name, path in mods.items():
     with open(path, encoding="utf-8") as f:
       tree = ast.parse(f.read(), path)
     is_package = path.endswith("__init__.py")
-    for node in _module_level_imports(tree.body):
+    for node in (_all_imports if lazy else _module_level_imports)(tree.body):
       if isinstance(node, ast.Import):
         targets = [alias.name for alias in node.names]
       else:
@@ -110,9 +127,9 @@ def test_graph_resolves_submodules_and_packages():
   assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_finds_module_level_cycles_only(tmp_path):
+def test_finds_cycles_through_imports_inside_functions(tmp_path):
   """A package shaped like fmjax.data once was: `prepared` imports `sources` at module level, `sources` imports
-  `prepared` inside a function (no cycle by this test's rule), then at module level (a cycle)."""
+  `prepared` inside a function (a cycle, which module-level imports alone do not show), then at module level."""
   pkg = tmp_path / "pkg"
   (pkg / "data").mkdir(parents=True)
   (pkg / "__init__.py").write_text("")
@@ -121,18 +138,61 @@ def test_finds_module_level_cycles_only(tmp_path):
   lazy = "WHERE = 1\ndef open_source():\n  from pkg.data.prepared import PreparedSource\n"
   (pkg / "data" / "sources.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                                            "  from pkg.data import prepared\n" + lazy)
-  assert find_cycle(import_graph(str(tmp_path), "pkg")) is None
-  (pkg / "data" / "sources.py").write_text("try:\n  from . import prepared\nexcept ImportError:\n  pass\n" + lazy)
+  assert find_cycle(import_graph(str(tmp_path), "pkg", lazy=False)) is None
   cycle = find_cycle(import_graph(str(tmp_path), "pkg"))
+  assert cycle is not None and set(cycle) == {"pkg.data.prepared", "pkg.data.sources"}
+  (pkg / "data" / "sources.py").write_text("WHERE = 1\nif TYPE_CHECKING:\n  from pkg.data import prepared\n")
+  assert find_cycle(import_graph(str(tmp_path), "pkg")) is None  # a type-checking import never runs
+  (pkg / "data" / "sources.py").write_text("try:\n  from . import prepared\nexcept ImportError:\n  pass\n" + lazy)
+  cycle = find_cycle(import_graph(str(tmp_path), "pkg", lazy=False))
   assert cycle is not None and cycle[0] == cycle[-1] and set(cycle) == {"pkg.data.prepared", "pkg.data.sources"}
 
 
 def test_no_import_cycles():
   cycle = find_cycle(import_graph())
-  assert cycle is None, "module-level import cycle: " + " -> ".join(cycle)
+  assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 def test_import_fmjax_does_not_import_jax():
   code = "import sys, fmjax; print(sorted(m for m in ('jax', 'flax', 'numpy') if m in sys.modules))"
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]", f"`import fmjax` imported {out.stdout.strip()}; keep its __init__ light"
+
+
+PARAMETERISATIONS = ("lora", "reft")  # fmjax/adapters/ REGISTRY's names
+
+
+def _words(path: str) -> set[str]:
+  """The lower-cased words of a module's code: its identifiers and the words of its string literals, docstrings and
+  comments left out (they may cite a method by name; code must not depend on one)."""
+  import re
+
+  with open(path, encoding="utf-8") as f:
+    tree = ast.parse(f.read(), path)
+  docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+  words: set[str] = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+      words |= {w.lower() for w in re.findall(r"[A-Za-z]+", node.value)}
+    for attr in ("id", "attr", "name", "arg", "asname", "module"):
+      value = getattr(node, attr, None)
+      if isinstance(value, str):
+        words |= {w.lower() for w in re.split(r"[._]", value) if w} | {value.lower()}
+  return words
+
+
+def test_plug_ins_are_named_only_in_their_own_package():
+  """A parameterisation is named only under fmjax/adapters/, a loss head only under fmjax/objectives/: the rest of
+  the package reads their declarations, not their names."""
+  from fmjax import adapters, objectives
+
+  assert set(PARAMETERISATIONS) == set(adapters.REGISTRY)
+  heads = set(objectives.REGISTRY) - {"lm", "reward"}  # also common words: lm-eval's `lm`, a reward function
+  for module, path in modules().items():
+    words = _words(path)
+    if not module.startswith("fmjax.adapters"):
+      assert not words & set(PARAMETERISATIONS), f"{path} names {sorted(words & set(PARAMETERISATIONS))}"
+    if not module.startswith("fmjax.objectives"):
+      assert not words & heads, f"{path} names the heads {sorted(words & heads)}"

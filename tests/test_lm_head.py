@@ -1,7 +1,6 @@
 """The `lm` head against a float64 NumPy recomputation; masked positions never count."""
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from fmjax import objectives
@@ -20,7 +19,7 @@ def batch_and_logits(seed=0):
 
 
 def head(z_loss):
-  return objectives.get(ml_collections.ConfigDict({"name": "lm", "z_loss": z_loss})).loss
+  return objectives.get({"name": "lm", "z_loss": z_loss}).loss
 
 
 def test_lm_loss_matches_float64_reference():

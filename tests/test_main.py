@@ -45,12 +45,12 @@ def test_unknown_cli_key_fails_before_training(repo, tmp_path):
 
 @pytest.mark.slow
 def test_nonfinite_loss_stops_the_run_naming_the_step(repo, tmp_path, monkeypatch):
-  def make_nan(cfg):
-    base = objectives.lm.make(cfg)
+  def make_nan(o):
+    base = objectives.lm.make(o)
     return dataclasses.replace(base, loss=lambda p, b, ctx: (lambda s, w, m: (s * float("nan"), w, m))(
         *base.loss(p, b, ctx)))
 
-  monkeypatch.setitem(objectives.REGISTRY, "nan_for_test", make_nan)
+  monkeypatch.setitem(objectives.REGISTRY, "nan_for_test", objectives.HeadType(objectives.lm.Options, make_nan))
   c = config_lib.load(f"{repo}/configs/pretrain.py:smoke")
   c.objective.name, c.train.steps, c.train.seq_len, c.optimizer.warmup_steps = "nan_for_test", 3, 32, 0
   with pytest.raises(loop.NonFiniteLossError, match="step 1: loss=nan"):

@@ -115,8 +115,7 @@ def per_pair_reference(batch, model_seed, ref_seed, beta):
 def test_dpo_head_on_packed_pairs_equals_each_pair_alone_and_ignores_padding(pad):
   rows = list(pairs())
   batch = batch_of(rows + [{k: np.zeros_like(v) for k, v in rows[0].items()}], pad)  # + an all-padding row
-  cfg = config_lib.base().objective
-  cfg.name, cfg.beta = "dpo", 0.5
+  cfg = config_lib.use_head(config_lib.base(), "dpo", beta=0.5)
   policy, reference = fake_model(1), fake_model(2)
   ctx = LossContext(apply=lambda params, inputs: policy(inputs), frozen={"reference": reference})
   loss_sum, weight, metrics = objectives.get(cfg).loss(None, {k: jnp.asarray(v) for k, v in batch.items()}, ctx)
@@ -148,8 +147,7 @@ def test_kto_on_unpaired_records_matches_each_response_alone():
                              train=False))
   batch = batch_of(rows, pad=5)
   assert set(batch) == set(layout.of_format("unpaired").dtypes()) and "label" in batch
-  cfg = config_lib.base().objective
-  cfg.name, cfg.beta, cfg.kto_undesirable_weight = "kto", 0.5, 1.5
+  cfg = config_lib.use_head(config_lib.base(), "kto", beta=0.5, kto_undesirable_weight=1.5)
   policy, reference = fake_model(1), fake_model(2)
   ctx = LossContext(apply=lambda params, inputs: policy(inputs), frozen={"reference": reference})
   loss_sum, weight, metrics = objectives.get(cfg).loss(None, {k: jnp.asarray(v) for k, v in batch.items()}, ctx)

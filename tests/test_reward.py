@@ -75,8 +75,7 @@ def test_a_sequence_scores_the_same_packed_with_others_and_padded_alone():
 def test_reward_loss_matches_float64_bradley_terry_per_pair(margin, center):
   rs = rows("preference", pairs())
   batch = batch_of(rs + [{k: np.zeros_like(v) for k, v in rs[0].items()}], pad=8)  # + padding row and columns
-  cfg = config_lib.base().objective
-  cfg.name, cfg.reward_margin, cfg.center_rewards_coefficient = "reward", margin, center
+  cfg = config_lib.use_head(config_lib.base(), "reward", reward_margin=margin, center_rewards_coefficient=center)
   apply = fake_scores(3)
   loss_sum, weight, metrics = objectives.get(cfg).loss(None, batch, LossContext(apply=apply))
   expected, acc, chosen_all = [], [], []
@@ -101,8 +100,7 @@ def test_reward_loss_matches_float64_bradley_terry_per_pair(margin, center):
 
 def test_reward_loss_is_ln2_at_equal_scores_and_a_tie_is_no_hit():
   batch = batch_of(rows("preference", pairs(4)))
-  cfg = config_lib.base().objective
-  cfg.name = "reward"
+  cfg = config_lib.use_head(config_lib.base(), "reward")
   ctx = LossContext(apply=lambda params, inputs: jnp.zeros(inputs["tokens"].shape + (1,)))
   loss_sum, weight, metrics = objectives.get(cfg).loss(None, batch, ctx)
   np.testing.assert_allclose(float(loss_sum) / float(weight), math.log(2), rtol=1e-6)
@@ -120,8 +118,7 @@ def test_classify_loss_matches_float64_cross_entropy_and_packs():
   rs = rows("classification", classification_records(), num_labels=3)
   assert len(rs) < 9  # several records share a row
   batch = batch_of(rs, pad=4)
-  cfg = config_lib.base().objective
-  cfg.name = "classify"
+  cfg = config_lib.use_head(config_lib.base(), "classify")
   apply = fake_scores(5, k=3)
   loss_sum, weight, metrics = objectives.get(cfg).loss(None, batch, LossContext(apply=apply))
   nll, hits = [], 0
@@ -160,8 +157,7 @@ def test_embedded_topics_are_labelled_docstrings_split_by_module():
 
 def test_a_head_and_the_model_output_must_agree():
   for name, num_labels, need in (("reward", 0, "1"), ("reward", 3, "1"), ("classify", 1, ">= 2"), ("sft", 1, "0")):
-    cfg = config_lib.base().objective
-    cfg.name = name
+    cfg = config_lib.use_head(config_lib.base(), name)
     with pytest.raises(UserError, match=f"objective.name='{name}' .* model.num_labels={num_labels}; set "
                                         f"model.num_labels to {need}"):
       objectives.get(cfg).check_model(name, num_labels)

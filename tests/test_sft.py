@@ -75,8 +75,7 @@ def test_sft_head_matches_float64_reference(completion_only):
   rows = packed_rows([{"messages": m} for m in CHATS * 3], seq_len=128)
   batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   logits = 3.0 * np.random.default_rng(0).standard_normal((*batch["tokens"].shape, TOK.vocab_size)).astype(np.float32)
-  cfg = config_lib.base().objective
-  cfg.name, cfg.completion_only = "sft", completion_only
+  cfg = config_lib.use_head(config_lib.base(), "sft", completion_only=completion_only)
   ctx = LossContext(apply=lambda p, *a: jnp.asarray(logits))
   loss_sum, weight, metrics = objectives.get(cfg).loss(None, {k: jnp.asarray(v) for k, v in batch.items()}, ctx)
   mask = batch["loss_mask"] if completion_only else (batch["segment_ids"] > 0).astype(np.float64)

@@ -165,10 +165,10 @@ def test_allocator_is_preloaded_by_re_executing_the_entry_point(tmp_path, repo):
   does not re-execute again (it would loop)."""
   lib = next(p for p in glob.glob("/usr/lib/*-linux-gnu/libm.so.6") + glob.glob("/lib/*-linux-gnu/libm.so.6"))
   script = tmp_path / "tool.py"
-  script.write_text("import os, sys\nfrom fmjax import errors\n\ndef main():\n"
+  script.write_text("import os, sys\nfrom fmjax import startup\n\ndef main():\n"
                     "  maps = open('/proc/self/maps').read()\n"
                     "  print(os.environ['LD_PRELOAD'], os.path.realpath(sys.argv[1]) in maps or sys.argv[1] in maps, "
-                    "sys.argv[1:])\n\nerrors.run(main)\n")
+                    "sys.argv[1:])\n\nstartup.run(main)\n")
   env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"FMJAX_ALLOCATOR": lib, "PYTHONPATH": repo}
   proc = subprocess.run([sys.executable, str(script), lib, "--x"], env=env, capture_output=True, text=True,
                         timeout=120)

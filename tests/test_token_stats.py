@@ -41,10 +41,7 @@ def packed(batch: int, seed: int) -> dict[str, jnp.ndarray]:
 
 
 def objective(name: str, **kw):
-  cfg = config_lib.base().objective
-  cfg.name = name
-  cfg.update(kw)
-  return cfg
+  return config_lib.use_head(config_lib.base(), name, **kw)
 
 
 def head_value_and_grads(cfg: ModelConfig, head, params, batch, reference=None, mesh=None):

@@ -27,7 +27,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices come f
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fmjax import errors  # noqa: E402
+from fmjax import startup  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and variant, e.g. configs/pretrain.py:smoke.",
                                           lock_config=True)
@@ -153,4 +153,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from fmjax import errors
+from fmjax import errors, startup
 
 
 def manifest_lines(path: str, sha256: str, indent: str, depth: int = 0) -> list[str]:
@@ -73,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

@@ -16,7 +16,7 @@ import resource
 import statistics
 import time
 
-from fmjax import errors
+from fmjax import errors, startup
 
 
 def main() -> None:
@@ -101,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from fmjax import errors
+from fmjax import errors, startup
 
 
 def synthetic_checkpoint(preset: str, directory: str, shard_gb: float) -> tuple[int, int]:
@@ -94,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

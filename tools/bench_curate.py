@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from fmjax import errors
+from fmjax import errors, startup
 
 from fmjax import curation
 
@@ -143,4 +143,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from fmjax import errors
+from fmjax import errors, startup
 
 from fmjax import sample
 from fmjax.model import Transformer, init_params, resolve
@@ -54,4 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

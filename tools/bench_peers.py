@@ -20,7 +20,7 @@ import resource
 import statistics
 import time
 
-from fmjax import errors
+from fmjax import errors, startup
 
 SYSTEMS = ("fmjax", "eager", "compile")
 
@@ -189,4 +189,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from fmjax import errors
+from fmjax import errors, startup
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -93,4 +93,4 @@ def _bad(dropped: dict) -> str:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

@@ -26,7 +26,7 @@ import json
 import os
 from typing import Any
 
-from fmjax import errors
+from fmjax import errors, startup
 
 
 def main() -> None:
@@ -161,4 +161,4 @@ def table(values: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

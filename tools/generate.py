@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from fmjax import errors
+from fmjax import errors, startup
 
 
 def main() -> None:
@@ -41,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from fmjax import errors
+from fmjax import errors, startup
 
 
 def read(workdir: str) -> list[dict]:
@@ -76,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

@@ -17,7 +17,7 @@ import json
 import os
 import time
 
-from fmjax import errors
+from fmjax import errors, startup
 
 
 def main() -> None:
@@ -89,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

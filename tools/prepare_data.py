@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from fmjax import errors
+from fmjax import errors, startup
 from fmjax.curation import runner
 
 
@@ -59,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

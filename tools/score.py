@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from fmjax import errors
+from fmjax import errors, startup
 
 
 def _flatten(records: list[dict]) -> tuple[list[dict], list[tuple[int, str]]]:
@@ -72,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main)
+  startup.run(main)

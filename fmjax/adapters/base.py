@@ -37,6 +37,13 @@ class Adapter:
   # (option, predicate, what the value must be): checked at start with the run's other config values
   rules: ClassVar[tuple[tuple[str, Callable[[Any], bool], str], ...]] = ()
 
+  off: ClassVar[dict[str, Any]] = {}  # the config section's values that differ from the fields': it starts off
+
+  @classmethod
+  def section_defaults(cls) -> dict[str, Any]:
+    """The config section of this parameterisation: every field at its default, switched off."""
+    return {f.name: f.default for f in dataclasses.fields(cls)} | cls.off
+
   @classmethod
   def enabled(cls, section: Any) -> bool:
     """Whether the config section switches this parameterisation on."""
@@ -103,7 +110,9 @@ class Adapter:
     return f"{trained:,} trained: {self.title}"
 
 
-TASK_HEADS = ("score",)  # a new output head on the base (a reward model's, a classifier's) trains under any adapter
+PARTS = "parts"  # the params subtree of a loss head's own trainable modules (fmjax/objectives/base.py `Part`)
+# new output heads on the base (a reward model's or a classifier's score, a loss head's parts) train under any adapter
+TASK_HEADS = ("score", PARTS)
 
 
 def split(adapter: Adapter, params: Any) -> tuple[dict, dict]:

@@ -25,6 +25,7 @@ from flax import traverse_util
 from fmjax.adapters.base import Adapter
 from fmjax.adapters.base import combine
 from fmjax.adapters.base import split as _split
+from fmjax.checks import is_regex, option
 from fmjax.errors import UserError
 
 __all__ = ["ADAPTABLE", "DEFAULT_TARGETS", "LoraConfig", "combine", "delta", "merge", "project", "split",
@@ -35,31 +36,26 @@ SUFFIXES = ("_lora_a", "_lora_b")
 DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_kernel$"  # every attention and MLP projection
 
 
-def _regex(v: str) -> bool:
-  from fmjax.config_checks import is_regex  # imported here: config_checks reads this module's rules
-
-  return is_regex(v)
-
-
 @dataclasses.dataclass(frozen=True)
 class LoraConfig(Adapter):
   """Which kernels get adapters, and their rank, scale and dropout."""
 
-  rank: int = 8  # r: inner width of the adapters
-  alpha: float = 16.0  # scale numerator: s = alpha / rank (alpha / sqrt(rank) with rslora)
-  dropout: float = 0.0  # dropout on the adapters' input, in training only
-  targets: str = DEFAULT_TARGETS  # regex searched in parameter paths 'layers/attn/q_kernel'
-  rslora: bool = False  # rank-stabilised scale alpha / sqrt(rank)
+  rank: int = option(8, "0 = off (every parameter trains); r > 0: train rank-r adapters over a frozen base")
+  alpha: float = option(16.0, "adapter scale s = alpha / rank")
+  dropout: float = option(0.0, "dropout on the adapters' input while training")
+  targets: str = option(DEFAULT_TARGETS, "regex searched in parameter paths, e.g. 'layers/attn/q_kernel'")
+  rslora: bool = option(False, "rank-stabilised scale alpha / sqrt(rank)")
 
   title: ClassVar[str] = "LoRA"
   section: ClassVar[str] = "lora"
   merge_command: ClassVar[str] = "python tools/lora.py merge --workdir={workdir} --output=DIR"
   off_hint: ClassVar[str] = "lora.rank=0"
+  off: ClassVar[dict] = {"rank": 0}
   rules: ClassVar[tuple] = (
       ("rank", lambda v: v >= 0, ">= 0 (0 = off)"),
       ("alpha", lambda v: v > 0, "> 0 (the adapter scale is alpha / rank)"),
       ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-      ("targets", _regex, "a valid regular expression"),
+      ("targets", is_regex, "a valid regular expression"),
   )
 
   @classmethod

@@ -18,11 +18,18 @@ import numpy as np
 from flax import traverse_util
 
 from fmjax.adapters.lora import LoraConfig
+from fmjax.errors import UserError
 
 HF_MODULES = {"attn/q_kernel": "self_attn.q_proj", "attn/k_kernel": "self_attn.k_proj",
               "attn/v_kernel": "self_attn.v_proj", "attn/o_kernel": "self_attn.o_proj",
               "mlp/gate_kernel": "mlp.gate_proj", "mlp/up_kernel": "mlp.up_proj", "mlp/down_kernel": "mlp.down_proj"}
 PREFIX = "base_model.model."
+
+
+def check_exportable(adapter: Any, workdir: str) -> None:
+  """PEFT's adapter files hold LoRA adapters only."""
+  if not isinstance(adapter, LoraConfig):
+    raise UserError(f"{workdir} is a {adapter.title} run; PEFT adapter export is for LoRA runs.")
 
 
 def _matrices(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

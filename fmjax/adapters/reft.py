@@ -10,7 +10,7 @@ positions, and the model's later layers and the KV cache carry the change to eve
 R's orthonormal rows come from a QR factorisation of a free float32 matrix A [d, r] (R = Qᵀ, columns' signs fixed
 by diag of the triangular factor), so they stay orthonormal to float32 precision at every step, whatever the
 optimizer does. W starts equal to R (direft: at zero) and b at zero, so training starts from exactly the base
-model (pyreft starts W at random; an identity start is what lets DPO's reference be the base with REFT off).
+model (pyreft starts W at random; an identity start is what lets a head's frozen reference be the base with REFT off).
 
 Positions (`reft.positions`, pyreft's syntax): `f5+l5` edits the first 5 and the last 5 tokens of each example's
 prompt, each side capped at half the prompt; `f3` or `l7` one side. The prompt is the tokens up to and including
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax.adapters.base import Adapter
+from fmjax.checks import option
 from fmjax.errors import UserError
 
 METHODS = ("loreft", "noreft", "direft")
@@ -72,17 +73,18 @@ def segment_codes(n: int, first: int, last: int) -> np.ndarray:
 class ReftConfig(Adapter):
   """Interventions of rank `rank` on the residual stream after the blocks `layers`, at prompt `positions`."""
 
-  rank: int = 4
-  method: str = "loreft"
-  layers: str = "all"
-  positions: str = "f5+l5"
-  share_weights: bool = False
-  dropout: float = 0.0
+  rank: int = option(4, "0 = off; r > 0: train rank-r interventions over a frozen base")
+  method: str = option("loreft", "loreft h + Rᵀ(Wh + b − Rh), R orthonormal | noreft (R free) | direft h + Rᵀ(Wh + b)")
+  layers: str = option("all", "the blocks whose output is edited: 'all' or indices '2,4,6'")
+  positions: str = option("f5+l5", "prompt positions edited: first k / last k of each example's prompt ('f3', 'l7')")
+  share_weights: bool = option(False, "one intervention per layer for first and last positions (else one each)")
+  dropout: float = option(0.0, "dropout on the edit while training")
 
   title: ClassVar[str] = "REFT"
   section: ClassVar[str] = "reft"
   columns: ClassVar[tuple[str, ...]] = ("intervene",)
   off_hint: ClassVar[str] = "reft.rank=0"
+  off: ClassVar[dict] = {"rank": 0}
   rules: ClassVar[tuple] = (
       ("rank", lambda v: v >= 0, ">= 0 (0 = off)"),
       ("method", lambda v: v in METHODS, f"one of {METHODS}"),

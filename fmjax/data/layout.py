@@ -4,11 +4,11 @@
   pairs     two packed rows per preference pair, the same five keys prefixed `chosen_` and `rejected_`
   unpaired  one packed row per labelled response, plus `label` (+1 desirable / −1 undesirable)
   labelled  one packed row per classified sequence, plus `label` (its class id)
-  rollouts  one row per sampled completion (prompt + completion; loss_mask on the completion), plus per-token
-            `advantages` (the completion's advantage) and `old_logps` (the rollout params' log-probs); made by
-            fmjax/rl/rollout.py from prompt records, never packed
+  rollouts  one row per sampled completion (prompt + completion; loss_mask on the completion), plus the per-token
+            columns the head's rollout declares (e.g. `advantages`, the completion's advantage, and `old_logps`, the
+            sampler's log-probs); made by fmjax/train/rollout.py from prompt records, never packed
 Per-example columns (`ref_logps`, `label`) travel as per-token arrays holding the value at each example's first
-position, so they stay right under packing; a parameterisation's columns (e.g. `intervene`) are per-token.
+position, so they stay right under packing; a parameterisation's columns are per-token int32.
 """
 
 from __future__ import annotations
@@ -20,16 +20,15 @@ import numpy as np
 from fmjax.errors import UserError
 
 NAMES = ("text", "pairs", "unpaired", "labelled", "rollouts")
-_DTYPES = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32,
-           "positions": np.int32, "ref_logps": np.float32, "label": np.float32, "intervene": np.int32,
-           "advantages": np.float32, "old_logps": np.float32}
+_INT32 = ("tokens", "targets", "segment_ids", "positions")  # the other sequence key, loss_mask, is float32
 SEQUENCE = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
   name: str = "text"  # text | pairs | unpaired | labelled | rollouts
-  columns: tuple[str, ...] = ()  # per-example columns besides the five sequence keys
+  columns: tuple[str, ...] = ()  # per-example columns besides the five sequence keys: float32 unless in int_columns
+  int_columns: tuple[str, ...] = ()  # those of `columns` that are int32 (a parameterisation's)
 
   @property
   def sides(self) -> tuple[str, ...]:
@@ -43,7 +42,8 @@ class Layout:
 
   def dtypes(self) -> dict[str, np.dtype]:
     """Key -> dtype of a batch."""
-    return {side + k: np.dtype(_DTYPES[k]) for side in self.sides for k in SEQUENCE + self.columns}
+    return {side + k: np.dtype(np.int32 if k in _INT32 + self.int_columns else np.float32) for side in self.sides
+            for k in SEQUENCE + self.columns}
 
 
 def of_format(fmt: str) -> Layout:
@@ -64,9 +64,10 @@ def for_head(layouts: tuple[str, ...], columns: tuple[str, ...], data_format: st
 
 
 def with_adapter(data: Layout, adapter) -> Layout:
-  """The layout plus the per-token columns the run's parameterisation reads (e.g. `intervene`)."""
+  """The layout plus the per-token int32 columns the run's parameterisation reads."""
   extra = tuple(c for c in (adapter.columns if adapter is not None else ()) if c not in data.columns)
-  return dataclasses.replace(data, columns=data.columns + extra) if extra else data
+  return dataclasses.replace(data, columns=data.columns + extra, int_columns=data.int_columns + extra) if extra \
+      else data
 
 
 def check(data: Layout, head_name: str, layouts: tuple[str, ...], columns: tuple[str, ...]) -> None:

@@ -11,23 +11,23 @@ import numpy as np
 from fmjax.data import formats
 from fmjax.data.sources import WHERE, DataError, open_source
 from fmjax.errors import UserError
+from fmjax.objectives.base import Rollout
 
 
-def prompt_width(config: Any) -> int:
+def prompt_width(seq_len: int, spec: Rollout) -> int:
   """Longest prompt in tokens: the row length minus the completion's."""
-  width = config.train.seq_len - config.objective.max_completion_length
+  width = seq_len - spec.max_completion_length
   if width < 2:
-    raise UserError(f"train.seq_len={config.train.seq_len} leaves no room for a prompt beside "
-                    f"objective.max_completion_length={config.objective.max_completion_length}; raise train.seq_len "
-                    "or lower the completion length.")
+    raise UserError(f"train.seq_len={seq_len} leaves no room for a prompt beside the head's completions of up to "
+                    f"{spec.max_completion_length} tokens; raise train.seq_len or lower the completion length.")
   return width
 
 
-def prompts_per_step(config: Any) -> int:
-  """Prompts of one rollout: train.batch_size rows hold objective.num_generations completions of each."""
-  rows, group = config.train.batch_size, config.objective.num_generations
+def prompts_per_step(rows: int, spec: Rollout) -> int:
+  """Prompts of one rollout: train.batch_size rows hold the head's `group` completions of each."""
+  group = spec.group
   if rows % group:
-    raise UserError(f"train.batch_size={rows} must be a multiple of objective.num_generations={group} (the rows of "
+    raise UserError(f"train.batch_size={rows} must be a multiple of objective.{spec.group_key}={group} (the rows of "
                     "a rollout are G completions of each prompt).")
   return rows // group
 
@@ -53,19 +53,20 @@ class _Prompt:
     return {"prompt_ids": out, "prompt_length": np.int32(len(ids)), "index": np.int64(index)}
 
 
-def open_records(config: Any, split: str = "train") -> Any:
+def open_records(data_cfg: Any, split: str = "train") -> Any:
   """The prompt records (random access: the rollout reads each prompt's other fields for reward functions)."""
-  return open_source(config.data.source, split, config.data.holdout, config.data.tfds_data_dir)
+  return open_source(data_cfg.source, split, data_cfg.holdout, data_cfg.tfds_data_dir)
 
 
-def dataset(config: Any, tokenizer: Any, records: Any) -> grain.IterDataset:
-  """The prompts of each rollout, batched: prompts_per_step of them. Every process reads the same stream, so each
-  draws the same global rollout (and keeps its own rows of it) whatever the process count."""
-  per_step = prompts_per_step(config)
+def dataset(data_cfg: Any, rows: int, seq_len: int, spec: Rollout, tokenizer: Any,
+            records: Any) -> grain.IterDataset:
+  """The prompts of each rollout, batched: prompts_per_step of them (`rows` = train.batch_size). Every process reads
+  the same stream, so each draws the same global rollout (and keeps its own rows of it) whatever the process count."""
+  per_step = prompts_per_step(rows, spec)
   if "prompt" not in records[0]:
     raise DataError(f"{records[0].get(WHERE, 'record')}: an RL run reads prompt records ({{'prompt': str or "
                     f"messages, ...}}); this one has {sorted(k for k in records[0] if k != WHERE)}.")
-  encoder = formats.Encoder("prompt_completion", tokenizer, chat_template=config.data.chat_template)
-  ds = grain.MapDataset.range(len(records)).map(lambda i: (i, records[i])).shuffle(config.data.seed).repeat()
-  rows = ds.map(_Prompt(encoder, prompt_width(config), config.data.overlong)).to_iter_dataset()
-  return rows.filter(lambda r: r is not None).batch(per_step, drop_remainder=True)
+  encoder = formats.Encoder("prompt_completion", tokenizer, chat_template=data_cfg.chat_template)
+  ds = grain.MapDataset.range(len(records)).map(lambda i: (i, records[i])).shuffle(data_cfg.seed).repeat()
+  out = ds.map(_Prompt(encoder, prompt_width(seq_len, spec), data_cfg.overlong)).to_iter_dataset()
+  return out.filter(lambda r: r is not None).batch(per_step, drop_remainder=True)

@@ -1,8 +1,8 @@
 """An lm-evaluation-harness model (`pip install -e '.[eval]'`): any `fmjax.api.Model` on any lm_eval task.
 
-  lm = FmjaxLM(fmjax.load("/tmp/fmjax/sft"))                 # or FmjaxLM(pretrained="/tmp/fmjax/sft")
+  lm = FmjaxLM(fmjax.load("/tmp/fmjax/run"))                 # or FmjaxLM(pretrained="/tmp/fmjax/run")
   lm_eval.simple_evaluate(model=lm, tasks=["hellaswag"])
-  lm_eval.simple_evaluate(model="fmjax", model_args="pretrained=/tmp/fmjax/sft,max_length=1024", tasks=[...])
+  lm_eval.simple_evaluate(model="fmjax", model_args="pretrained=/tmp/fmjax/run,max_length=1024", tasks=[...])
 
 The name "fmjax" is registered when this module is imported. Requests are tokenized as the harness's Hugging Face
 adapter tokenizes them (context + continuation encoded whole, split at the context's length, after BOS), sorted

@@ -1,5 +1,5 @@
 """Held-out rewards of a policy: its completions of prompt records (greedy, or sampled) scored by reward functions
-and/or a reward model, exactly as an RL rollout scores them (fmjax/rl/rollout.py), so a base and its RL run compare
+and/or a reward model, exactly as an RL rollout scores them (fmjax/train/rollout.py), so a base and its RL run compare
 on prompts neither trained on."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from fmjax import sample
 from fmjax.data import formats
 from fmjax.errors import UserError
 from fmjax.rl import rewards as rewards_lib
-from fmjax.rl import rollout
+from fmjax.train import rollout
 
 
 @dataclasses.dataclass

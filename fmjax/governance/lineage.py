@@ -63,7 +63,7 @@ def sources(config: Any) -> list[tuple[str, str]]:
 
 
 def stage(config: Any) -> str:
-  """The loss head, with the parameterisation when there is one: 'lm', 'sft+lora', 'dpo', 'grpo+reft', ..."""
+  """The loss head, with the parameterisation's title (lower case) when there is one: '<head>+<parameterisation>'."""
   from fmjax import config_lib
 
   adapter = config_lib.adapter(config)

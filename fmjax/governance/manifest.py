@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
 from typing import Any
+
+from fmjax import version
+from fmjax.errors import UserError
 
 NAME = "manifest.json"
 VERSION = 1
@@ -23,11 +27,7 @@ UNKNOWN = "unknown"
 
 def tool_versions(*modules: str) -> dict[str, str]:
   """Versions of python, fmjax and the named top-level packages that are importable."""
-  import importlib.metadata
-
-  import fmjax
-
-  out = {"python": platform.python_version(), "fmjax": fmjax.__version__}
+  out = {"python": platform.python_version(), "fmjax": version.__version__}
   for name in modules:
     try:
       out[name] = importlib.metadata.version(name)
@@ -108,7 +108,6 @@ def read(path: str) -> tuple[dict, str]:
 
 def load_license_map(path: str) -> dict[str, str]:
   """{glob: license id} from a JSON file, or an error naming the file and the form."""
-  from fmjax.errors import UserError
 
   if not path:
     return {}

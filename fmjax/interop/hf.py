@@ -204,11 +204,11 @@ def _template_dir(workdir: str, hops: int = 8) -> str | None:
   return None
 
 
-def export_dir(workdir: str, hf_dir: str, step: int = -1, dtype: str | None = None, lora_mode: str = "merge",
+def export_dir(workdir: str, hf_dir: str, step: int = -1, dtype: str | None = None, adapter_mode: str = "merge",
                max_shard_bytes: int = 5 * 2**30) -> str:
   """Writes run `workdir` (checkpoint `step`) as a Hugging Face directory `hf_dir` that `from_pretrained` loads:
-  config.json, safetensors shards and the tokenizer files. A LoRA run is merged into full weights (`lora_mode`
-  'merge') or written as a PEFT adapter directory ('peft'). `dtype` defaults to the run's parameter dtype.
+  config.json, safetensors shards and the tokenizer files. A parameterised run is merged into full weights
+  (`adapter_mode` 'merge') or, where PEFT has its kind of adapter, written as a PEFT adapter directory ('peft'). `dtype` defaults to the run's parameter dtype.
   Returns a one-line summary."""
   from fmjax.adapters import peft, split
   from fmjax.train import weights
@@ -221,14 +221,13 @@ def export_dir(workdir: str, hf_dir: str, step: int = -1, dtype: str | None = No
   if template_dir:
     with open(os.path.join(template_dir, "config.json")) as f:
       template = json.load(f)
-  if lora_mode not in ("merge", "peft"):
-    raise UserError(f"lora_mode={lora_mode!r}: use 'merge' (full weights) or 'peft' (an adapter directory).")
-  if adapter is not None and lora_mode == "peft":
-    if not isinstance(adapter, peft.LoraConfig):
-      raise UserError(f"{workdir} is a {adapter.title} run; PEFT adapter export is for LoRA runs.")
+  if adapter_mode not in ("merge", "peft"):
+    raise UserError(f"adapter_mode={adapter_mode!r}: use 'merge' (full weights) or 'peft' (an adapter directory).")
+  if adapter is not None and adapter_mode == "peft":
+    peft.check_exportable(adapter, workdir)
     if cfg.num_labels:  # the adapter files would lack the trained score head (PEFT's modules_to_save)
       raise UserError(f"{workdir} is a score model (model.num_labels={cfg.num_labels}); PEFT adapter export is for "
-                      "language models, export it with lora_mode='merge'.")
+                      "language models, export it with adapter_mode='merge'.")
     run = weights.load(workdir, step)
     base = template.get("_name_or_path") if template else None
     peft.save(hf_dir, split(adapter, run.params)[0], adapter, cfg.num_layers,

@@ -57,7 +57,7 @@ class Transformer(nn.Module):
 
   With `targets_BxT` it returns the `token_stats.TokenStats` of the next-token distribution instead of logits (with
   the `extra_stats` named), the unembedding fused with the softmax `cfg.loss_chunk` positions at a time (0: all at
-  once)."""
+  once). `return_hidden` adds the final hidden states [B,T,D] (after the final norm): (logits or stats, hidden)."""
 
   cfg: ModelConfig
   adapter: Adapter | None = None
@@ -118,13 +118,15 @@ class Transformer(nn.Module):
       adapter = None if cfg.tie_embeddings else self.adapter
       if targets_BxT is not None and not (adapter and adapter.changes_projection(self, "unembed")):
         # fused with the unembedding, a chunk at a time: the [B,T,V] logits never exist
-        return token_stats.unembed_stats(h_BxTxD, unembed_DxV, targets_BxT, cfg.loss_chunk, cfg.dtype, temperature,
-                                         extra_stats)
+        stats = token_stats.unembed_stats(h_BxTxD, unembed_DxV, targets_BxT, cfg.loss_chunk, cfg.dtype, temperature,
+                                          extra_stats)
+        return (stats, h_BxTxD) if return_hidden else stats
       logits_BxTxV = project(self, adapter, "unembed", "BTD,DV->BTV", h_BxTxD, unembed_DxV.astype(cfg.dtype),
                              ("embed", "vocab"), out_dtype=jnp.float32)
       logits_BxTxV = constrain(logits_BxTxV, ("act_batch", "act_len", "act_vocab"))
     if targets_BxT is not None:
-      return token_stats.from_logits(logits_BxTxV, targets_BxT, temperature, extra_stats)
+      stats = token_stats.from_logits(logits_BxTxV, targets_BxT, temperature, extra_stats)
+      return (stats, h_BxTxD) if return_hidden else stats
     out = (logits_BxTxV, h_BxTxD) if return_hidden else logits_BxTxV
     return out if cache is None else (out, cache)
 

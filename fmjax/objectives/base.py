@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
+import flax.linen as nn
 import jax
+import numpy as np
 
+from fmjax.adapters.base import PARTS  # the trained params' subtree of the heads' parts: {name: params}
 from fmjax.errors import UserError
 from fmjax.model.token_stats import TokenStats, from_logits
 
@@ -19,7 +22,7 @@ from fmjax.model.token_stats import TokenStats, from_logits
 LossOutput = tuple[jax.Array, jax.Array, dict[str, jax.Array]]
 
 # logits_fn(inputs) -> logits [B,T,V] float32 (a score model's: [B,T,num_labels]). `inputs` maps "tokens",
-# "segment_ids", "positions" (and the per-token columns the run's parameterisation reads, e.g. "intervene") to [B,T]
+# "segment_ids", "positions" (and the per-token columns the run's parameterisation reads) to [B,T]
 # arrays: a batch, or one side of one.
 LogitsFn = Callable[[Mapping[str, jax.Array]], jax.Array]
 
@@ -49,6 +52,49 @@ class Frozen:
     return self.key or self.role
 
 
+REFERENCE = Frozen("reference")  # the starting policy (under a parameterisation: the base with it off)
+REWARD_MODEL = Frozen("reward_model", source="run")  # objective.reward_model: a reward model's run
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+  """How a head's batches come from the policy (the generic driver: fmjax/train/rollout.py). Each rollout samples
+  `group` completions of each prompt with the current params, scores every completion with the reward functions of
+  `rewards` ('name[:weight],...'; 'model' is the frozen REWARD_MODEL), and lays them out one per row (prompt +
+  completion, loss on the completion). `per_completion(rewards [N], group)` gives the head's columns, one value per
+  completion, written on its completion's tokens; `sampler_logps` names the per-token column that receives the
+  sampler's log-probs ('' = none). The next `iterations` optimizer steps train on one rollout."""
+  group: int
+  max_completion_length: int
+  rewards: str
+  per_completion: Callable[[np.ndarray, int], Mapping[str, np.ndarray]]
+  columns: tuple[str, ...]  # the names per_completion returns
+  sampler_logps: str = ""
+  iterations: int = 1
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  mask_truncated: bool = False  # no loss on completions that hit the length limit
+  group_key: str = "num_generations"  # the head's option keys behind `group` and `iterations`, for messages
+  iterations_key: str = "num_iterations"
+
+  @property
+  def batch_columns(self) -> tuple[str, ...]:
+    """Every column the rollout adds to the five sequence keys."""
+    return self.columns + ((self.sampler_logps,) if self.sampler_logps else ())
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """A trainable module a head adds over the trunk's final hidden states [B,T,D] (a value head, a second score
+  head): `make(model_cfg)` builds it; its params live under the trained params' PARTS subtree, train, checkpoint and
+  resume with the rest, and are read through `ctx.forward(..., parts=(name,))`."""
+  name: str
+  make: Callable[[Any], nn.Module]
+
+
+
+
 @dataclasses.dataclass(frozen=True)
 class Head:
   """A configured loss head: its pure loss and what it needs."""
@@ -60,9 +106,14 @@ class Head:
   # what `ctx.apply` must return: "logits" (over the vocabulary: model.num_labels = 0), "score" (a reward model's
   # one score: num_labels = 1) or "labels" (a classifier's scores: num_labels >= 2)
   output: str = "logits"
-  # it trains on rollouts (fmjax/rl/rollout.py): the data yields prompts, and each batch is sampled from them with
-  # the current params, scored and given advantages before the step
-  rollout: bool = False
+  # it trains on its own samples: the data yields prompts, and each batch is a rollout of the current params
+  rollout: Rollout | None = None
+  parts: tuple[Part, ...] = ()  # trainable modules of its own over the trunk's hidden states
+
+  def __post_init__(self):
+    if self.rollout is not None:
+      object.__setattr__(self, "layouts", ("rollouts",))
+      object.__setattr__(self, "columns", self.rollout.batch_columns)
 
   def check_model(self, name: str, num_labels: int) -> None:
     """The model's output head must be the one the loss reads."""
@@ -90,6 +141,8 @@ class LossContext:
   frozen: Mapping[str, LogitsFn] = dataclasses.field(default_factory=dict)  # role -> the frozen model's logits
   stats: Callable[..., TokenStats] | None = None  # stats(params, inputs, temperature, extra), fused
   frozen_stats_fns: Mapping[str, StatsFn] = dataclasses.field(default_factory=dict)  # role -> fused stats
+  # forward(params, inputs, temperature, extra, parts) -> (TokenStats, {part name: its output}): one pass
+  forward_fn: Callable[..., tuple[TokenStats, dict[str, Any]]] | None = None
 
   def token_stats(self, params: Any, inputs: Mapping[str, jax.Array], temperature: float = 1.0,
                   extra: tuple[str, ...] = ()) -> TokenStats:
@@ -97,6 +150,12 @@ class LossContext:
     if self.stats is not None:
       return self.stats(params, inputs, temperature, extra)
     return from_logits(self.apply(params, inputs), inputs["targets"], temperature, extra)
+
+  def forward(self, params: Any, inputs: Mapping[str, jax.Array], temperature: float = 1.0,
+              extra: tuple[str, ...] = (), parts: tuple[str, ...] = ()) -> tuple[TokenStats, dict[str, Any]]:
+    """One pass of the trained model: the statistics of `inputs["targets"]` and the output of each named part of
+    the head over the final hidden states."""
+    return self.forward_fn(params, inputs, temperature, extra, parts)
 
   def frozen_stats(self, role: str, inputs: Mapping[str, jax.Array], temperature: float = 1.0,
                    extra: tuple[str, ...] = ()) -> TokenStats:

@@ -4,18 +4,17 @@ averaged over sequences. Metric `accuracy` (argmax = label); `eval_` on held-out
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
+from fmjax.objectives import options
 from fmjax.objectives.base import Head, LossContext, LossOutput
 from fmjax.objectives.preference import segment_sums
 from fmjax.objectives.score import last_token_scores
 
 
-def make(objective_cfg: Any) -> Head:
-  del objective_cfg  # no options
+def make(o: options.Options) -> Head:
+  del o  # no options
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
     pooled_BxSxK, present_BxS = last_token_scores(ctx.apply(params, batch), batch["segment_ids"])
@@ -26,3 +25,6 @@ def make(objective_cfg: Any) -> Head:
     return jnp.sum(present_BxS * nll_BxS), jnp.sum(present_BxS), {"accuracy": jnp.sum(present_BxS * hit_BxS)}
 
   return Head(loss, layouts=("labelled",), output="labels")
+
+
+HEAD = options.HeadType(options.Options, make)

@@ -15,16 +15,34 @@ Metrics: `nll` (the hard-label CE: comparable with the `lm` head's), `divergence
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
+from fmjax import checks
+from fmjax.errors import UserError
+from fmjax.objectives import options
 from fmjax.objectives.base import Frozen, Head, LossContext, LossOutput
 from fmjax.objectives.lm import token_nll
-from fmjax.errors import UserError
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+  teacher: str = options.field("", "the teacher's run directory (frozen; same tokenizer)")
+  teacher_step: int = options.field(-1, "the teacher's checkpoint step; -1 = newest", checks.STEP)
+  teacher_bootstrap: str = options.field("", "with no teacher: pre-train this config into WORKDIR/teacher first")
+  divergence: str = options.field("forward_kl", "forward_kl | reverse_kl | jsd", checks.one_of(DIVERGENCES))
+  jsd_beta: float = options.field(0.5, "jsd: weight of the teacher in the mixture",
+                                  checks.in_range(0, 1, "()", "the teacher's weight in the mixture"))
+  temperature: float = options.field(1.0, "softmax temperature of both (the divergence is scaled by T²)",
+                                     checks.positive())
+  alpha: float = options.field(0.5, "weight of the hard-label cross-entropy; 1 − alpha on the divergence",
+                               checks.in_range(0, 1, "[]", "the weight of the hard-label loss"))
+  top_k: int = options.field(0, "the teacher's top-k tokens only; 0 = all",
+                             checks.non_negative("0 = the whole vocabulary"))
 
 
 def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -55,15 +73,8 @@ def divergence(teacher_logits: jax.Array, student_logits: jax.Array, kind: str =
 TEACHER = Frozen("teacher", source="run")  # objective.teacher / teacher_step / teacher_bootstrap
 
 
-def make(objective_cfg: Any) -> Head:
+def make(cfg: Options) -> Head:
   """The distillation loss; metrics `nll`, `divergence`. Reads the frozen teacher (another run)."""
-  cfg = objective_cfg
-  if cfg.divergence not in DIVERGENCES:
-    raise UserError(f"objective.divergence={cfg.divergence!r} is not one of {DIVERGENCES}.")
-  if not 0 <= cfg.alpha <= 1 or cfg.temperature <= 0 or not 0 < cfg.jsd_beta < 1 or cfg.top_k < 0:
-    raise UserError(f"distill: need 0 <= objective.alpha <= 1 (got {cfg.alpha}), objective.temperature > 0 "
-                    f"({cfg.temperature}), 0 < objective.jsd_beta < 1 ({cfg.jsd_beta}), objective.top_k >= 0 "
-                    f"({cfg.top_k}).")
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
     student = ctx.apply(params, batch)
@@ -76,3 +87,6 @@ def make(objective_cfg: Any) -> Head:
     return masked(per_token), jnp.sum(mask), {"nll": masked(nll), "divergence": masked(div)}
 
   return Head(loss, frozen=(TEACHER,), reports_nll=True)
+
+
+HEAD = options.HeadType(Options, make)

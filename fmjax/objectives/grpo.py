@@ -1,4 +1,4 @@
-"""`grpo`: the policy loss of on-policy RL on rollout batches (fmjax/rl/rollout.py makes them from the current
+"""`grpo`: the policy loss of on-policy RL on rollout batches (fmjax/train/rollout.py makes them from the current
 params: G sampled completions per prompt, their rewards and advantages). Per completion token t, with
 ρ = π(t) / π_old(t) at the sampling temperature and Â the completion's advantage:
 
@@ -19,18 +19,47 @@ clip_ratio/low (ρ < 1 − ε_low where Â < 0), clip_ratio/high (ρ > 1 + ε_hi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from fmjax.errors import UserError
-from fmjax.objectives.base import Frozen, Head, LossContext, LossOutput
-from fmjax.rl import rewards
+from fmjax import checks
+from fmjax.objectives import options
+from fmjax.objectives.base import REFERENCE, REWARD_MODEL, Head, LossContext, LossOutput, Rollout
+from fmjax.rl import advantages, rewards
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
-REFERENCE = Frozen("reference")  # the starting policy (under a parameterisation: the base with it off)
-REWARD_MODEL = Frozen("reward_model", source="run", key="reward_model")  # read by the rollout, not the loss
+_field = options.field
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+  rewards: str = _field("sort_digits", "'name[:weight],...': built-ins, 'model' (reward_model), 'pkg.mod:fn'")
+  reward_model: str = _field("", "with rewards 'model': a reward-model run directory (configs/reward.py)")
+  reward_model_step: int = _field(-1, "its checkpoint step; -1 = newest", checks.STEP)
+  reward_model_bootstrap: str = _field("", "with no directory: train this reward config into WORKDIR/reward_model")
+  num_generations: int = _field(4, "completions sampled per prompt (G); train.batch_size = prompts × G",
+                                checks.positive("completions sampled per prompt"))
+  num_iterations: int = _field(1, "optimizer steps on each rollout (μ); > 1 reuses it with clipping",
+                               checks.positive("optimizer steps per rollout"))
+  max_completion_length: int = _field(32, "tokens sampled per completion at most",
+                                      checks.positive("tokens per completion"))
+  temperature: float = _field(1.0, "sampling temperature (also of the log-probs trained on)", checks.positive())
+  top_k: int = _field(0, "sample among the top k; 0 = all", checks.non_negative("0 = the whole vocabulary"))
+  top_p: float = _field(1.0, "nucleus sampling", checks.in_range(0, 1, "(]", "1 = no nucleus filtering"))
+  loss_type: str = _field("dapo", "grpo (per-sequence token mean) | dr_grpo (÷ G·L_max) | dapo (token mean)",
+                          checks.one_of(LOSS_TYPES))
+  scale_rewards: str = _field("group", "advantages ÷ std of the group | batch | none, or rloo (leave-one-out)",
+                              checks.one_of(advantages.SCALES))
+  epsilon_low: float = _field(0.2, "the ratio's lower clip 1 − ε_low",
+                              checks.in_range(0, 1, "[)", "the ratio's lower clip 1 − ε_low"))
+  epsilon_high: float = _field(0.28, "the upper clip 1 + ε_high (DAPO's clip-higher; 0.2 = symmetric)",
+                               checks.non_negative("the ratio's upper clip 1 + ε_high"))
+  mask_truncated_completions: bool = _field(False, "no loss on completions that hit the length limit")
+  kl_coef: float = _field(0.0, "β of the k3 KL to the reference (TRL's beta); 0 = no reference model at all",
+                          checks.non_negative("0 = no KL term and no reference model"))
 
 
 def policy_loss(logp: jax.Array, old: jax.Array, ref: jax.Array | None, advantages: jax.Array, mask: jax.Array,
@@ -64,10 +93,7 @@ def uses_reward_model(cfg: Any) -> bool:
   return rewards.MODEL in [name for name, _ in rewards.parse(cfg.rewards)]
 
 
-def make(objective_cfg: Any) -> Head:
-  cfg = objective_cfg
-  if cfg.loss_type not in LOSS_TYPES:
-    raise UserError(f"objective.loss_type={cfg.loss_type!r} must be one of {LOSS_TYPES}.")
+def make(cfg: Options) -> Head:
   temperature, reuse = float(cfg.temperature), int(cfg.num_iterations) > 1
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
@@ -86,7 +112,14 @@ def make(objective_cfg: Any) -> Head:
     metrics = {k: jnp.sum(v * mask) / tokens * weight for k, v in {**values, "entropy": entropy}.items()}
     return loss_sum, weight, metrics
 
-  return Head(loss, layouts=("rollouts",), columns=("advantages", "old_logps"),
-              frozen=((REFERENCE,) if cfg.kl_coef else ()) + ((REWARD_MODEL,) if uses_reward_model(cfg) else ()),
-              rollout=True)
+  rollout = Rollout(
+      group=cfg.num_generations, max_completion_length=cfg.max_completion_length, rewards=cfg.rewards,
+      per_completion=lambda r, group: {"advantages": advantages.compute(r, group, cfg.scale_rewards)},
+      columns=("advantages",), sampler_logps="old_logps", iterations=cfg.num_iterations, temperature=cfg.temperature,
+      top_k=cfg.top_k, top_p=cfg.top_p, mask_truncated=cfg.mask_truncated_completions)
+  return Head(loss, frozen=((REFERENCE,) if cfg.kl_coef else ()) + ((REWARD_MODEL,) if uses_reward_model(cfg) else ()),
+              rollout=rollout)
+
+
+HEAD = options.HeadType(Options, make)
 

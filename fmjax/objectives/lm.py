@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from fmjax.model.token_stats import TokenStats, from_logits
+from fmjax import checks
+from fmjax.objectives import options
 from fmjax.objectives.base import Head, LossContext, LossOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+  z_loss: float = options.field(0.0, "weight of logsumexp(logits)² (PaLM uses 1e-4)", checks.non_negative())
 
 
 def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -27,11 +34,14 @@ def masked_nll(stats: TokenStats, mask_BxT: jax.Array, z_loss: float) -> LossOut
   return nll_sum + z_loss * z_sum, jnp.sum(mask_BxT), metrics
 
 
-def make(objective_cfg: Any) -> Head:
+def make(o: Options) -> Head:
   """Next-token cross-entropy on the loss mask; metrics `nll` (and `z_loss`)."""
-  z_loss = float(objective_cfg.z_loss)
+  z_loss = float(o.z_loss)
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
     return masked_nll(ctx.token_stats(params, batch), batch["loss_mask"].astype(jnp.float32), z_loss)
 
   return Head(loss, reports_nll=True)
+
+
+HEAD = options.HeadType(Options, make)

@@ -19,18 +19,19 @@ that is defined before training too, where rewards are all 0). Reference-free he
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from fmjax.objectives import preference_losses as L
-from fmjax.objectives.base import Frozen, Head, LossContext, LossOutput
+from fmjax import checks
 from fmjax.model.token_stats import TokenStats
-from fmjax.errors import UserError
+from fmjax.objectives import options
+from fmjax.objectives import preference_losses as L
+from fmjax.objectives.base import REFERENCE, Head, LossContext, LossOutput
 
 SIDES = ("chosen_", "rejected_")
-REFERENCE = Frozen("reference")  # the policy the run starts from (under a parameterisation: the base with it off)
 
 
 def segment_sums(values_BxT: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
@@ -62,19 +63,49 @@ def pair_logps(stats: Callable[..., TokenStats], batch: dict[str, jax.Array]) ->
   return out
 
 
-def _reference_needs(objective_cfg: Any) -> dict[str, tuple]:
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+  """The reference-free heads' (simpo, orpo)."""
+  beta: float = options.field(0.1, "inverse temperature of the implicit reward",
+                              checks.positive("the inverse temperature of the implicit reward"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceOptions(Options):
+  reference: str = options.field("model", "model (frozen, live) | precomputed (ref_*_logps in the data)",
+                                 checks.one_of(("model", "precomputed")))
+
+
+@dataclasses.dataclass(frozen=True)
+class CdpoOptions(ReferenceOptions):
+  # The conservative DPO loss of Mitchell (2023), −(1−ε)·logσ(βh) − ε·logσ(−βh). Not TRL's DPOTrainer
+  # `label_smoothing`: its "sigmoid" loss ignores it (it smooths "robust", "exo_pair" and "aot"; CPOTrainer's
+  # "sigmoid" applies it, without a reference model).
+  label_smoothing: float = options.field(0.1, "ε, the probability that a preference label is flipped",
+                                         checks.in_range(0, 0.5, "[)", "the probability a label is flipped"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SimpoOptions(Options):
+  simpo_gamma: float = options.field(0.5, "target reward margin", checks.non_negative("the target reward margin"))
+
+
+@dataclasses.dataclass(frozen=True)
+class KtoOptions(ReferenceOptions):
+  kto_desirable_weight: float = options.field(1.0, "weight of desirable (chosen) responses", checks.positive())
+  kto_undesirable_weight: float = options.field(1.0, "weight of undesirable (rejected) responses", checks.positive())
+
+
+def _reference_needs(o: ReferenceOptions) -> dict[str, tuple]:
   """The Head fields of a head with a reference: a frozen model, or precomputed log-prob columns in the data."""
-  if objective_cfg.reference not in ("model", "precomputed"):
-    raise UserError(f"objective.reference={objective_cfg.reference!r}: use 'model' (a frozen reference policy) "
-                    "or 'precomputed' (log-prob columns in the data).")
-  if objective_cfg.reference == "precomputed":
+  if o.reference == "precomputed":
     return {"columns": ("ref_logps",)}
   return {"frozen": (REFERENCE,)}
 
 
 def make_head(pair_loss: Callable[..., tuple[jax.Array, dict]], reference: bool):
-  """A registry entry: `make(objective_cfg) -> Head`. `pair_loss(p, ref, cfg)` gets the policy's and (if
-  `reference`) the reference's per-pair sums and returns (loss [B,T+1], rewards (chosen, rejected))."""
+  """`make(options) -> Head`. `pair_loss(p, ref, options)` gets the policy's and (if `reference`) the reference's
+  per-pair sums and returns (loss [B,T+1], rewards (chosen, rejected))."""
 
   def make(objective_cfg: Any) -> Head:
     def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
@@ -103,9 +134,9 @@ def _safe(n: jax.Array) -> jax.Array:
   return jnp.maximum(n, 1.0)  # padding pairs have no tokens
 
 
-def _dpo(label_smoothing_key: str | None):
+def _dpo(smoothed: bool):
   def pair_loss(p, ref, cfg):
-    eps = float(cfg[label_smoothing_key]) if label_smoothing_key else 0.0
+    eps = float(cfg.label_smoothing) if smoothed else 0.0
     losses = L.dpo(p["logp_c"], p["logp_r"], ref["logp_c"], ref["logp_r"], cfg.beta, eps)
     return losses, (cfg.beta * (p["logp_c"] - ref["logp_c"]), cfg.beta * (p["logp_r"] - ref["logp_r"]))
   return pair_loss
@@ -171,9 +202,9 @@ def _make_kto(objective_cfg: Any) -> Head:
   return Head(loss, layouts=("pairs", "unpaired"), columns=paired.columns, frozen=paired.frozen)
 
 
-HEADS = {"dpo": make_head(_dpo(None), reference=True),
-         "cdpo": make_head(_dpo("label_smoothing"), reference=True),
-         "ipo": make_head(_ipo, reference=True),
-         "simpo": make_head(_simpo, reference=False),
-         "orpo": make_head(_orpo, reference=False),
-         "kto": _make_kto}
+HEADS = {"dpo": options.HeadType(ReferenceOptions, make_head(_dpo(False), reference=True)),
+         "cdpo": options.HeadType(CdpoOptions, make_head(_dpo(True), reference=True)),
+         "ipo": options.HeadType(ReferenceOptions, make_head(_ipo, reference=True)),
+         "simpo": options.HeadType(SimpoOptions, make_head(_simpo, reference=False)),
+         "orpo": options.HeadType(Options, make_head(_orpo, reference=False)),
+         "kto": options.HeadType(KtoOptions, _make_kto)}

@@ -10,11 +10,13 @@ the pairs' scores of each micro-batch, weighted by its pairs: the spread the cen
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
+from fmjax import checks
+from fmjax.objectives import options
 from fmjax.objectives.base import Head, LossContext, LossOutput
 from fmjax.objectives.preference import stacked_sides
 from fmjax.objectives.score import last_token_scores
@@ -28,8 +30,15 @@ def pair_scores(scores_2BxTx1: jax.Array, batch: dict[str, jax.Array]) -> tuple[
   return pooled[:B, :, 0], pooled[B:, :, 0], present[:B] * present[B:]
 
 
-def make(objective_cfg: Any) -> Head:
-  margin, center = float(objective_cfg.reward_margin), float(objective_cfg.center_rewards_coefficient)
+@dataclasses.dataclass(frozen=True)
+class Options(options.Options):
+  reward_margin: float = options.field(0.0, "the score gap a chosen response must clear, −log σ(r⁺ − r⁻ − margin)")
+  center_rewards_coefficient: float = options.field(
+      0.0, "weight of (r⁺ + r⁻)², which keeps scores centred (TRL's)", checks.non_negative("0 = no centring"))
+
+
+def make(o: Options) -> Head:
+  margin, center = float(o.reward_margin), float(o.center_rewards_coefficient)
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
     chosen, rejected, valid = pair_scores(ctx.apply(params, stacked_sides(batch)), batch)
@@ -44,3 +53,6 @@ def make(objective_cfg: Any) -> Head:
     return total(losses), pairs, metrics
 
   return Head(loss, layouts=("pairs",), output="score")
+
+
+HEAD = options.HeadType(Options, make)

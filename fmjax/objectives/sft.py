@@ -7,18 +7,24 @@ With `objective.completion_only=False` every real token of an example trains (pr
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
+from fmjax.objectives import lm, options
 from fmjax.objectives.base import Head, LossContext, LossOutput
 from fmjax.objectives.lm import masked_nll
 
 
-def make(objective_cfg: Any) -> Head:
+@dataclasses.dataclass(frozen=True)
+class Options(lm.Options):
+  completion_only: bool = options.field(True, "loss on responses only (False: on every real token of an example)")
+
+
+def make(o: Options) -> Head:
   """Response cross-entropy; metrics `nll`, `accuracy` (and `z_loss`)."""
-  z_loss, completion_only = float(objective_cfg.z_loss), bool(objective_cfg.completion_only)
+  z_loss, completion_only = float(o.z_loss), bool(o.completion_only)
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
     stats = ctx.token_stats(params, batch, extra=("argmax",))
@@ -32,3 +38,6 @@ def make(objective_cfg: Any) -> Head:
     return loss_sum, weight, metrics
 
   return Head(loss, reports_nll=True)
+
+
+HEAD = options.HeadType(Options, make)

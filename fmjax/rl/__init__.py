@@ -1,2 +1,2 @@
 """On-policy reinforcement learning in the one train loop: rollouts from the current params, rewards (functions and
-a reward model), group advantages; the loss is the `grpo` head (fmjax/objectives/grpo.py)."""
+a reward model), group advantages; the loss is a head's (fmjax/objectives/)."""

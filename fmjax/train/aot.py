@@ -17,11 +17,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from fmjax import adapters, config_checks, config_lib, objectives, sharding, topology
+from fmjax import adapters, config_lib, objectives, sharding, topology
 from fmjax.data import layout
 from fmjax.data.layout import Layout
 from fmjax.model import ModelConfig, splash
-from fmjax.train import frozen, peak
+from fmjax.train import checks, frozen, peak
 from fmjax.train import step as step_lib
 
 GiB = topology.GiB
@@ -88,9 +88,9 @@ def _copy(config: ml_collections.ConfigDict, **changes: Any) -> ml_collections.C
 
 def plan(config: ml_collections.ConfigDict, devices: list, archs: dict[str, ModelConfig]) -> step_lib.Plan:
   """The run's jitted step and abstract arguments on a mesh of `devices`: nothing allocated, no data read."""
-  config_checks.validate(config)
+  checks.validate(config)
   mesh = sharding.make_mesh(config.mesh, devices)
-  config_checks.check_batch(config, mesh.shape["data"] * mesh.shape["fsdp"])
+  checks.check_batch(config, mesh.shape["data"] * mesh.shape["fsdp"])
   return step_lib.plan(config, mesh, batch_layout(config), archs)
 
 

@@ -1,143 +1,96 @@
-"""Config checks at start: every value against its range or choices (`validate`, no file read, so the AOT planner
+"""Run-level config checks at start: every value against its range or choices (`validate`, no file read, so the AOT planner
 can check a config for another machine), the run directory, and the files and directories a run reads."""
 
 from __future__ import annotations
 
 import os
-import re
-from typing import Any, Callable
 
 import ml_collections
 
+from fmjax import adapters, checks, objectives
 from fmjax import data as data_lib
-from fmjax import adapters
 from fmjax.config_lib import resolved_model
+from fmjax.data import chat, formats, sources, sp_tokenizer
 from fmjax.errors import UserError
+from fmjax.model import splash
+from fmjax.data import prompts
+from fmjax.rl import rewards
+from fmjax.train import frozen, init_from, optimizer, rollout
 
 
-def is_regex(v: str) -> bool:
-  try:
-    re.compile(v)
-    return True
-  except re.error:
-    return False
-
-
-def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
-  """(key, predicate, what the value must be) for every config value with a range or a set of choices."""
-  from fmjax import objectives
-  from fmjax.data import chat, formats, sp_tokenizer
-  from fmjax.objectives import distill, grpo
-  from fmjax.rl import advantages
-  from fmjax.train import optimizer
-
-  positive, non_negative = (lambda v: v > 0), (lambda v: v >= 0)
-  fraction = lambda v: 0 <= v < 1  # noqa: E731
-  mesh = (lambda v: v == -1 or v >= 1), "-1 (fill) or >= 1"
-
-  def one_of(choices) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v in choices), f"one of {tuple(choices)}"
-
-  def template(v: str) -> bool:
-    try:
-      chat.ChatTemplate(v)
-      return True
-    except UserError:
-      return False
-
+def _rules() -> list[tuple[str, checks.Rule]]:
+  """(key, rule) of every run-level config value with a range or a set of choices (a head's options and a
+  parameterisation's are checked by their own modules)."""
+  positive, non_negative, one_of, in_range = checks.positive, checks.non_negative, checks.one_of, checks.in_range
+  mesh = checks.Rule(lambda v: v == -1 or v >= 1, "-1 (fill) or >= 1")
+  template = checks.Rule(_template_ok, f"a preset {tuple(chat.PRESETS)} or a template with '{{role}}' before one "
+                         "'{content}'")
   min_vocab = 256 + 4 + len(sp_tokenizer.CHAT_MARKERS)  # byte fallback, PAD/UNK/BOS/EOS, the chat markers
   return [
-      ("train.steps", positive, "> 0 (total optimizer steps)"),
-      ("train.batch_size", positive, "> 0 (sequences per step)"),
-      ("train.seq_len", positive, "> 0 (tokens per sequence)"),
-      ("train.grad_accum", positive, "> 0 (micro-batches per step)"),
-      ("train.stop_after", non_negative, ">= 0 (0 = off)"),
-      ("train.spike_factor", non_negative, ">= 0 (0 = the divergence guard is off)"),
-      ("train.spike_window", positive, "> 0 (recent losses the guard's median is over)"),
-      ("train.spike_skips", non_negative, ">= 0 (consecutive spikes skipped before the run stops)"),
-      ("optimizer.name", *one_of(optimizer.OPTIMIZERS)),
-      ("optimizer.lr", positive, "> 0 (the peak learning rate)"),
-      ("optimizer.schedule", *one_of(optimizer.SCHEDULES)),
-      ("optimizer.warmup_steps", non_negative, ">= 0 (steps of linear warmup)"),
-      ("optimizer.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1] (final lr = lr * min_lr_ratio)"),
-      ("optimizer.decay_fraction", lambda v: 0 < v <= 1, "in (0, 1] (wsd: fraction of post-warmup steps decaying)"),
-      ("optimizer.decay_shape", *one_of(("linear", "sqrt"))),
-      ("optimizer.b1", fraction, "in [0, 1) (Adam's first-moment decay)"),
-      ("optimizer.b2", fraction, "in [0, 1) (Adam's second-moment decay)"),
-      ("optimizer.eps", positive, "> 0 (Adam's epsilon)"),
-      ("optimizer.weight_decay", non_negative, ">= 0"),
-      ("optimizer.no_decay_regex", is_regex, "a valid regular expression"),
-      ("optimizer.clip_norm", non_negative, ">= 0 (0 = no clipping)"),
-      ("checkpoint.every_steps", non_negative, ">= 0 (0 = only at the end)"),
-      ("checkpoint.every_minutes", non_negative, ">= 0 (0 = off)"),
-      ("checkpoint.keep", lambda v: v >= 1, ">= 1 (newest checkpoints kept)"),
-      ("checkpoint.keep_every", non_negative, ">= 0 (0 = none)"),
-      ("eval.every_steps", non_negative, ">= 0 (0 = never)"),
-      ("eval.batches", positive, "> 0"),
-      ("log.every_steps", positive, "> 0"),
-      ("log.peak_flops", non_negative, ">= 0 (0 = the device table / CPU probe)"),
-      ("data.format", *one_of(formats.FORMATS)),
-      ("data.holdout", fraction, "in [0, 1) (the fraction of records held out for eval)"),
-      ("data.workers", non_negative, ">= 0 (0 = in the training process)"),
-      ("data.packing_bins", positive, "> 0"),
-      ("data.overlong", *one_of(formats.OVERLONG)),
-      ("data.chat_template", template, f"a preset {tuple(chat.PRESETS)} or a template with '{{role}}' before one "
-       "'{content}'"),
-      ("data.tokenizer", *one_of(("sentencepiece", "hf", "bytes"))),
-      ("data.tokenizer_train_chars", positive, "> 0 (characters per source that train the tokenizer)"),
-      ("data.vocab_size", lambda v: v > min_vocab, f"> {min_vocab} (256 byte pieces, PAD/UNK/BOS/EOS and the chat "
-       "markers, plus the learned pieces)"),
-      ("data.shards", non_negative, ">= 0 (0 = one per process)"),
-      ("objective.name", *one_of(sorted(objectives.REGISTRY))),
-      ("objective.z_loss", non_negative, ">= 0"),
-      ("objective.beta", positive, "> 0 (the inverse temperature of the implicit reward)"),
-      ("objective.reference", *one_of(("model", "precomputed"))),
-      ("objective.label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5) (the probability a label is flipped)"),
-      ("objective.simpo_gamma", non_negative, ">= 0 (the target reward margin)"),
-      ("objective.kto_desirable_weight", positive, "> 0"),
-      ("objective.kto_undesirable_weight", positive, "> 0"),
-      ("objective.teacher_step", lambda v: v >= -1, ">= -1 (-1 = the newest checkpoint)"),
-      ("objective.divergence", *one_of(distill.DIVERGENCES)),
-      ("objective.jsd_beta", lambda v: 0 < v < 1, "in (0, 1) (the teacher's weight in the mixture)"),
-      ("objective.temperature", positive, "> 0"),
-      ("objective.alpha", lambda v: 0 <= v <= 1, "in [0, 1] (the weight of the hard-label loss)"),
-      ("objective.top_k", non_negative, ">= 0 (0 = the whole vocabulary)"),
-      ("objective.center_rewards_coefficient", non_negative, ">= 0 (0 = no centring)"),
-      ("objective.reward_model_step", lambda v: v >= -1, ">= -1 (-1 = the newest checkpoint)"),
-      ("objective.num_generations", positive, "> 0 (completions sampled per prompt)"),
-      ("objective.num_iterations", positive, "> 0 (optimizer steps per rollout)"),
-      ("objective.max_completion_length", positive, "> 0 (tokens per completion)"),
-      ("objective.top_p", lambda v: 0 < v <= 1, "in (0, 1] (1 = no nucleus filtering)"),
-      ("objective.loss_type", *one_of(grpo.LOSS_TYPES)),
-      ("objective.scale_rewards", *one_of(advantages.SCALES)),
-      ("objective.epsilon_low", fraction, "in [0, 1) (the ratio's lower clip 1 − ε_low)"),
-      ("objective.epsilon_high", non_negative, ">= 0 (the ratio's upper clip 1 + ε_high)"),
-      ("objective.kl_coef", non_negative, ">= 0 (0 = no KL term and no reference model)"),
-      ("init_from.step", lambda v: v >= -1, ">= -1 (-1 = the newest checkpoint)"),
-      *((f"{name}.{key}", ok, what) for name, cls in adapters.registered().items() for key, ok, what in cls.rules),
-      *((f"mesh.{axis}", *mesh) for axis in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor")),
+      ("train.steps", positive("total optimizer steps")),
+      ("train.batch_size", positive("sequences per step")),
+      ("train.seq_len", positive("tokens per sequence")),
+      ("train.grad_accum", positive("micro-batches per step")),
+      ("train.stop_after", non_negative("0 = off")),
+      ("train.spike_factor", non_negative("0 = the divergence guard is off")),
+      ("train.spike_window", positive("recent losses the guard's median is over")),
+      ("train.spike_skips", non_negative("consecutive spikes skipped before the run stops")),
+      ("optimizer.name", one_of(optimizer.OPTIMIZERS)),
+      ("optimizer.lr", positive("the peak learning rate")),
+      ("optimizer.schedule", one_of(optimizer.SCHEDULES)),
+      ("optimizer.warmup_steps", non_negative("steps of linear warmup")),
+      ("optimizer.min_lr_ratio", in_range(0, 1, "[]", "final lr = lr * min_lr_ratio")),
+      ("optimizer.decay_fraction", in_range(0, 1, "(]", "wsd: fraction of post-warmup steps decaying")),
+      ("optimizer.decay_shape", one_of(("linear", "sqrt"))),
+      ("optimizer.b1", in_range(0, 1, "[)", "Adam's first-moment decay")),
+      ("optimizer.b2", in_range(0, 1, "[)", "Adam's second-moment decay")),
+      ("optimizer.eps", positive("Adam's epsilon")),
+      ("optimizer.weight_decay", non_negative()),
+      ("optimizer.no_decay_regex", checks.REGEX),
+      ("optimizer.clip_norm", non_negative("0 = no clipping")),
+      ("checkpoint.every_steps", non_negative("0 = only at the end")),
+      ("checkpoint.every_minutes", non_negative("0 = off")),
+      ("checkpoint.keep", checks.Rule(lambda v: v >= 1, ">= 1 (newest checkpoints kept)")),
+      ("checkpoint.keep_every", non_negative("0 = none")),
+      ("eval.every_steps", non_negative("0 = never")),
+      ("eval.batches", positive()),
+      ("log.every_steps", positive()),
+      ("log.peak_flops", non_negative("0 = the device table / CPU probe")),
+      ("data.format", one_of(formats.FORMATS)),
+      ("data.holdout", in_range(0, 1, "[)", "the fraction of records held out for eval")),
+      ("data.workers", non_negative("0 = in the training process")),
+      ("data.packing_bins", positive()),
+      ("data.overlong", one_of(formats.OVERLONG)),
+      ("data.chat_template", template),
+      ("data.tokenizer", one_of(("sentencepiece", "hf", "bytes"))),
+      ("data.tokenizer_train_chars", positive("characters per source that train the tokenizer")),
+      ("data.vocab_size", checks.Rule(lambda v: v > min_vocab, f"> {min_vocab} (256 byte pieces, PAD/UNK/BOS/EOS "
+                                      "and the chat markers, plus the learned pieces)")),
+      ("data.shards", non_negative("0 = one per process")),
+      ("objective.name", one_of(sorted(objectives.REGISTRY))),
+      ("init_from.step", checks.STEP),
+      *((f"{name}.{key}", checks.Rule(ok, what)) for name, cls in adapters.registered().items()
+        for key, ok, what in cls.rules),
+      *((f"mesh.{axis}", mesh) for axis in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor")),
   ]
 
 
-def _shown(value: Any) -> str:
-  return repr(value) if isinstance(value, str) else str(value)
+def _template_ok(v: str) -> bool:
+  try:
+    chat.ChatTemplate(v)
+    return True
+  except UserError:
+    return False
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails at start, naming the key, its value and what it must be, on a value out of its range and on
   combinations that cannot run. Reads no file (tools/aot_compile.py validates configs of runs elsewhere); the files
   and directories a run reads are `check_inputs`'s."""
-  for key, ok, what in _rules():
+  for key, rule in _rules():
     section, name = key.split(".")
-    if section not in config or name not in config[section]:
-      continue
-    value = config[section][name]
-    try:
-      good = bool(ok(value))
-    except TypeError:  # e.g. a string where a number belongs (in a config file; flags are typed)
-      good = False
-    if not good:
-      raise UserError(f"{key}={_shown(value)} must be {what}.")
+    if section in config and name in config[section]:
+      rule.check(key, config[section][name])
   t, opt = config.train, config.optimizer
   if t.batch_size % t.grad_accum:
     raise UserError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}; change "
@@ -147,21 +100,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     "or train longer.")
   model = resolved_model(config)  # model.*: fmjax/model/config.py's checks
   if model.attention_impl == "splash":
-    from fmjax.model import splash
-
     splash.block_size(t.seq_len)
   adapters.get(config)  # the parameterisation's own checks
-  from fmjax import objectives
-
-  head = objectives.get(config.objective)
+  head = objectives.get(config.objective)  # the head's options: fmjax/objectives/<head>.py's checks
   head.check_model(config.objective.name, model.num_labels)
-  if head.rollout:
-    from fmjax.rl import prompts, rewards, rollout
-
-    rollout.check(config)
-    prompts.prompts_per_step(config)
-    prompts.prompt_width(config)
-    rewards.functions(config.objective.rewards)  # every reward function named can be loaded
+  if head.rollout is not None:
+    rollout.check(config.objective.name, head.rollout, config.eval.every_steps, config.checkpoint.every_steps)
+    prompts.prompts_per_step(config.train.batch_size, head.rollout)
+    prompts.prompt_width(config.train.seq_len, head.rollout)
+    rewards.functions(head.rollout.rewards)  # every reward function named can be loaded
 
 
 def check_workdir(path: str) -> None:
@@ -188,10 +135,6 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
   kind: init_from.workdir (and its checkpoint), the run directories of the head's frozen models (e.g.
   objective.teacher), the bootstrap configs, data.tokenizer_path and the file globs of data.source, data.mixture,
   data.tokenizer_source and eval.sources."""
-  from fmjax import objectives
-  from fmjax.data import sources
-  from fmjax.train import frozen, init_from
-
   bootstraps = [("init_from.bootstrap", config.init_from.bootstrap)]
   runs = [("init_from.workdir", config.init_from.workdir, config.init_from.step, "init_from", None)]
   for spec in objectives.get(config.objective).frozen:

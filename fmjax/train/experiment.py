@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fmjax import adapters, config_checks, config_lib, data, objectives, sharding
+from fmjax import adapters, config_lib, data, objectives, sharding
 from fmjax.data import layout as layout_lib
 from fmjax.data import tokenizers
 from fmjax.model import ModelConfig, Transformer
-from fmjax.rl import prompts
-from fmjax.rl import rollout as rollout_lib
+from fmjax.data import prompts
+from fmjax.train import checks
 from fmjax.train import frozen as frozen_lib
+from fmjax.train import rollout as rollout_lib
 from fmjax.train import state as train_state
 from fmjax.train import step as step_lib
 
@@ -43,7 +44,7 @@ class Experiment:
   flops_per_token: float
   eval_fn: Callable | None = None  # compiled (state, batch) -> (loss_sum, weight, metric_sums)
   eval_batches: dict = dataclasses.field(default_factory=dict)  # eval source name -> fixed global batches, on device
-  rollout: Any = None  # an RL head's rollout maker (fmjax/rl/rollout.py): it makes each batch from prompts
+  rollout: Any = None  # an RL head's rollout maker (fmjax/train/rollout.py): it makes each batch from prompts
 
   def batch(self, state: train_state.TrainState, step: int) -> tuple[dict[str, jax.Array], dict[str, float]]:
     """The batch of `step` and the metrics of making it (a rollout's; none for data batches)."""
@@ -78,17 +79,18 @@ class Experiment:
 def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
   """Mesh, tokenizer, data, the compiled step and eval step, and the state: initialised (seed), with the frozen
   models the head declares ('policy' copies of the initial params, 'run' models read from their directories)."""
-  config_checks.validate(config)
+  checks.validate(config)
   model_cfg = config_lib.resolved_model(config)
   mesh = sharding.make_mesh(config.mesh, devices)
-  config_checks.check_batch(config, mesh.shape["data"] * mesh.shape["fsdp"])
+  checks.check_batch(config, mesh.shape["data"] * mesh.shape["fsdp"])
   head = objectives.get(config.objective)
 
   tokenizer = data.make_tokenizer(config.data)
   data.check_vocab(tokenizer, model_cfg.vocab_size)
-  if head.rollout:  # the data yields prompts; the rollout makes each batch with the current params
-    records = prompts.open_records(config)
-    dataset = prompts.dataset(config, tokenizer, records)
+  if head.rollout is not None:  # the data yields prompts; the rollout makes each batch with the current params
+    records = prompts.open_records(config.data)
+    dataset = prompts.dataset(config.data, config.train.batch_size, config.train.seq_len, head.rollout, tokenizer,
+                              records)
     batch_layout = layout_lib.with_adapter(layout_lib.for_head(head.layouts, head.columns), adapters.get(config))
   else:
     dataset, batch_layout = data.train_dataset(config, tokenizer, jax.process_index(), jax.process_count())
@@ -99,7 +101,8 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
   compiled = plan.lower().compile()
   compile_seconds = time.perf_counter() - t0
   model, rules = plan.model, plan.rules
-  state, _ = train_state.create(model, plan.tx, mesh, rules, config.train.seed, config.train.spike_window)
+  state, _ = train_state.create(model, plan.tx, mesh, rules, config.train.seed, config.train.spike_window,
+                                head.parts)
   frozen = {**frozen_lib.policy_copies(plan.frozen, train_state.base_params(state)),
             **frozen_lib.load_runs(config, plan.frozen, tokenizers.tokenizer_id(tokenizer))}
   state = state.replace(frozen={**state.frozen, **frozen})
@@ -116,8 +119,9 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
   exp = Experiment(config, model_cfg, mesh, model, tokenizer, dataset, iter(dataset), head, batch_layout, plan.frozen,
                    state, plan.shardings, compiled, compile_seconds, trained,
                    flops_per_token, eval_fn, eval_batches)
-  if head.rollout:
-    exp.rollout = rollout_lib.Rollout(config, model, tokenizer, records, exp.stream, mesh, plan.frozen)
+  if head.rollout is not None:
+    exp.rollout = rollout_lib.Driver(head.rollout, config.train.seq_len, config.data.chat_template, model, tokenizer,
+                                     records, exp.stream, mesh, plan.frozen)
   base = train_state.count_params(state.frozen.get("base", {}))
   notes = ([model.adapter.describe(exp.num_params)] if model.adapter else []) + \
       [f"+ frozen {s.role}" + (" (a copy)" if s.role in state.frozen and s.source == "policy" else "")

@@ -19,6 +19,7 @@ from fmjax.errors import UserError
 from fmjax.adapters import combine
 from fmjax.model import ModelConfig, Transformer, init_params, resolve
 from fmjax.objectives import Frozen, Head, LossContext
+from fmjax.objectives.base import PARTS, Part
 from fmjax.train import checkpoint, init_from, weights
 
 
@@ -66,11 +67,12 @@ def architectures(config: ml_collections.ConfigDict, head: Head,
 
 @dataclasses.dataclass
 class Plan:
-  """The frozen models of a run on a mesh; nothing allocated."""
+  """The frozen models of a run on a mesh, and the head's trainable parts; nothing allocated."""
   specs: tuple[Frozen, ...]
   networks: dict[str, Transformer]  # role -> network, for 'run' models
   abstract: dict[str, Any]  # role -> abstract params carrying their shardings, for every tree the state holds
   shardings: dict[str, Any]
+  parts: tuple[Part, ...] = ()
 
 
 def plan(head: Head, model: Transformer, params: Any, param_shardings: Any, mesh: Mesh, rules,
@@ -88,7 +90,7 @@ def plan(head: Head, model: Transformer, params: Any, param_shardings: Any, mesh
     shardings[spec.role] = sharding.logical_shardings(boxed, mesh, rules)
     abstract[spec.role] = checkpoint.abstract(nn.unbox(boxed), shardings[spec.role])
     networks[spec.role] = Transformer(cfg)
-  return Plan(tuple(head.frozen), networks, abstract, shardings)
+  return Plan(tuple(head.frozen), networks, abstract, shardings, tuple(head.parts))
 
 
 def policy_roles(p: Plan) -> tuple[str, ...]:
@@ -135,6 +137,7 @@ def make_context(model: Transformer, p: Plan) -> Callable[..., LossContext]:
   dropout is on), and `frozen[role](inputs)` each declared frozen model. `inputs`: tokens, segment_ids, positions."""
   plain = type(model)(model.cfg)  # the same network with no parameterisation
   columns = () if model.adapter is None else model.adapter.columns
+  parts = {part.name: part.make(model.cfg) for part in p.parts}
 
   def context(frozen: Any, rng: jax.Array | None = None) -> LossContext:
     def apply(params, inputs, **kw):
@@ -146,6 +149,11 @@ def make_context(model: Transformer, p: Plan) -> Callable[..., LossContext]:
     def stats(params, inputs, temperature=1.0, extra=()):
       return apply(params, inputs, targets_BxT=inputs["targets"], temperature=temperature, extra_stats=extra)
 
+    def forward(params, inputs, temperature=1.0, extra=(), names=()):
+      out, hidden_BxTxD = apply(params, inputs, targets_BxT=inputs["targets"], temperature=temperature,
+                                extra_stats=extra, return_hidden=True)
+      return out, {n: parts[n].apply({"params": params[PARTS][n]}, hidden_BxTxD) for n in names}
+
     fns, stats_fns = {}, {}
     for spec in p.specs:
       if spec.source == "run":
@@ -155,7 +163,7 @@ def make_context(model: Transformer, p: Plan) -> Callable[..., LossContext]:
       fns[spec.role] = lambda inputs, net=net, w=w: net.apply({"params": w}, *model_inputs(inputs))
       stats_fns[spec.role] = lambda inputs, t=1.0, extra=(), net=net, w=w: net.apply(
           {"params": w}, *model_inputs(inputs), targets_BxT=inputs["targets"], temperature=t, extra_stats=extra)
-    return LossContext(apply=apply, frozen=fns, stats=stats, frozen_stats_fns=stats_fns)
+    return LossContext(apply=apply, frozen=fns, stats=stats, frozen_stats_fns=stats_fns, forward_fn=forward)
 
   return context
 

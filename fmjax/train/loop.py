@@ -12,11 +12,11 @@ import time
 import jax
 import ml_collections
 
-from fmjax import config_checks, config_lib, distributed, objectives
+from fmjax import config_lib, distributed, objectives
 from fmjax.data import tokenizers
 from fmjax.errors import UserError
 from fmjax.governance import lineage
-from fmjax.train import checkpoint, frozen, init_from, peak, preemption
+from fmjax.train import checkpoint, checks, frozen, init_from, peak, preemption
 from fmjax.train import metrics as metrics_lib
 from fmjax.train import state as train_state
 from fmjax.train.experiment import Experiment, build
@@ -224,7 +224,7 @@ def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Report
 def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one; returns the experiment (its
   `state` holds the final params). SIGTERM saves a checkpoint at the next step boundary and returns early."""
-  config_checks.check_run(config, workdir)  # bad values, the run directory and the inputs: before any work
+  checks.check_run(config, workdir)  # bad values, the run directory and the inputs: before any work
   for key, spec in frozen.bootstrap_specs(config, objectives.get(config.objective)):
     config.objective[key] = _bootstrap(spec, workdir, key)
   exp = build(config)

@@ -1,7 +1,8 @@
-"""The rollout phase of on-policy RL, run by the train loop before a step of a head with `rollout=True` (`grpo`):
-sample G completions of each prompt with the CURRENT params (KV-cache decoding, one compiled step: fmjax/sample.py),
-score them (reward functions on the host, the reward model on the device), compute advantages, and lay the
-completions out as one `rollouts` batch (fmjax/data/layout.py) that the next objective.num_iterations steps train on.
+"""The one rollout driver of on-policy RL, run by the train loop before a step of a head that declares a rollout
+(`objectives.Rollout`): sample G completions of each prompt with the CURRENT params (KV-cache decoding, one compiled
+step: fmjax/sample.py), score them (reward functions on the host, the reward model on the device), give each its
+head's per-completion columns (e.g. group advantages), and lay the completions out as one `rollouts` batch
+(fmjax/data/layout.py) that the next `iterations` steps train on.
 
 Every process draws the same global rollout (every process reads the same prompt stream; the sampling key is the
 train state's, folded with the step), then keeps its own rows; so a run stopped at a rollout boundary and resumed repeats
@@ -21,7 +22,7 @@ from fmjax import sample, sharding
 from fmjax.adapters import combine
 from fmjax.data.chat import ChatTemplate
 from fmjax.errors import UserError
-from fmjax.objectives.grpo import REWARD_MODEL
+from fmjax.objectives.base import REWARD_MODEL, Rollout
 from fmjax.objectives.score import last_token_scores
 from fmjax.rl import advantages, rewards
 from fmjax.train import frozen as frozen_lib
@@ -37,21 +38,26 @@ def stop_ids(tokenizer: Any, chat_template: str) -> list[int]:
   return stops
 
 
-def rows(prompts: list[np.ndarray], completions: list[np.ndarray], logps: list[np.ndarray], adv: np.ndarray,
-         trained: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+def rows(prompts: list[np.ndarray], completions: list[np.ndarray], trained: np.ndarray, seq_len: int,
+         per_completion: dict[str, np.ndarray] | None = None,
+         per_token: dict[str, list[np.ndarray]] | None = None) -> dict[str, np.ndarray]:
   """The `rollouts` rows [N, seq_len]: prompt + completion as one sequence per row, loss on the completion's tokens
-  (where `trained`), each holding its completion's advantage and the sampler's log-probs."""
+  (where `trained`); each column of `per_completion` ([N] values) holds its completion's value on the completion's
+  tokens, and each of `per_token` (a [len(completion)] array per row, e.g. the sampler's log-probs) its values."""
   n = len(prompts)
+  per_completion, per_token = per_completion or {}, per_token or {}
   out = {k: np.zeros((n, seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
-  out.update({k: np.zeros((n, seq_len), np.float32) for k in ("loss_mask", "advantages", "old_logps")})
-  for i, (p, c, lp) in enumerate(zip(prompts, completions, logps)):
+  out.update({k: np.zeros((n, seq_len), np.float32) for k in ("loss_mask", *per_completion, *per_token)})
+  for i, (p, c) in enumerate(zip(prompts, completions)):
     seq = np.concatenate([p, c])
     length, start = len(seq) - 1, len(p) - 1  # the targets from `start` on are the completion's tokens
     out["tokens"][i, :length], out["targets"][i, :length] = seq[:-1], seq[1:]
     out["segment_ids"][i, :length], out["positions"][i, :length] = 1, np.arange(length)
     out["loss_mask"][i, start:length] = float(trained[i])
-    out["advantages"][i, start:length] = adv[i]
-    out["old_logps"][i, start:length] = lp
+    for k, values in per_completion.items():
+      out[k][i, start:length] = values[i]
+    for k, values in per_token.items():
+      out[k][i, start:length] = values[i]
   return out
 
 
@@ -60,29 +66,27 @@ def _score(net, weights, tokens, segment_ids, positions):
   return last_token_scores(net.apply({"params": weights}, tokens, segment_ids, positions), segment_ids)[0][:, 1, 0]
 
 
-def check(config: Any) -> None:
+def check(head_name: str, spec: Rollout, eval_every: int, checkpoint_every: int) -> None:
   """What an RL run cannot do, as one-line errors before any work."""
-  o, every = config.objective, config.checkpoint.every_steps
-  if config.eval.every_steps:
-    raise UserError(f"objective.name={o.name!r} trains on rollouts, which have no held-out loss: set "
+  if eval_every:
+    raise UserError(f"objective.name={head_name!r} trains on rollouts, which have no held-out loss: set "
                     "eval.every_steps=0, and compare held-out rewards with tools/evaluate.py rewards.")
-  if every % o.num_iterations:
-    raise UserError(f"checkpoint.every_steps={every} must be a multiple of objective.num_iterations="
-                    f"{o.num_iterations}: checkpoints are taken where a rollout's optimizer steps end.")
+  if checkpoint_every % spec.iterations:
+    raise UserError(f"checkpoint.every_steps={checkpoint_every} must be a multiple of objective.{spec.iterations_key}="
+                    f"{spec.iterations}: checkpoints are taken where a rollout's optimizer steps end.")
 
 
-class Rollout:
+class Driver:
   """Makes each rollout batch of a run (see the module docstring)."""
 
-  def __init__(self, config: Any, model: Any, tokenizer: Any, records: Any, stream: Any, mesh: Any,
-               frozen_plan: frozen_lib.Plan):
-    o = config.objective
-    self.config, self.model, self.tokenizer, self.records, self.stream, self.mesh = (
-        config, model, tokenizer, records, stream, mesh)
-    self.group, self.iterations = int(o.num_generations), int(o.num_iterations)
-    self.functions = rewards.functions(o.rewards)
+  def __init__(self, spec: Rollout, seq_len: int, chat_template: str, model: Any, tokenizer: Any, records: Any,
+               stream: Any, mesh: Any, frozen_plan: frozen_lib.Plan):
+    self.spec, self.seq_len, self.model, self.tokenizer, self.records, self.stream, self.mesh = (
+        spec, seq_len, model, tokenizer, records, stream, mesh)
+    self.group, self.iterations = int(spec.group), int(spec.iterations)
+    self.functions = rewards.functions(spec.rewards)
     self.reward_net = frozen_plan.networks.get(REWARD_MODEL.role)
-    self.stops = stop_ids(tokenizer, config.data.chat_template)
+    self.stops = stop_ids(tokenizer, chat_template)
     self.cached: tuple[dict, dict] | None = None
 
   def boundary(self, step: int) -> bool:
@@ -99,16 +103,19 @@ class Rollout:
     prompts = [ids[:n] for ids, n in zip(drawn["prompt_ids"], drawn["prompt_length"])]
     records = [self.records[int(i)] for i in drawn["index"]]
     repeated = [p for p in prompts for _ in range(self.group)]
-    o = self.config.objective
+    spec = self.spec
     params = combine(state.frozen["base"], state.params) if "base" in state.frozen else state.params
-    ids, logps = sample.generate(self.model.cfg, self.model.adapter, params, repeated, int(o.max_completion_length),
-                                 temperature=float(o.temperature), top_k=int(o.top_k), top_p=float(o.top_p),
+    ids, logps = sample.generate(self.model.cfg, self.model.adapter, params, repeated, int(spec.max_completion_length),
+                                 temperature=float(spec.temperature), top_k=int(spec.top_k), top_p=float(spec.top_p),
                                  stop_ids=self.stops, rng=jax.random.fold_in(state.rng, step), with_logps=True)
     terminated = np.asarray([len(c) > 0 and int(c[-1]) in self.stops for c in ids])
     total, metrics = self._rewards(state, records, repeated, ids)
-    trained = terminated | (not o.mask_truncated_completions)
-    out = rows(repeated, ids, logps, advantages.compute(total, self.group, o.scale_rewards), trained,
-               self.config.train.seq_len)
+    trained = terminated | (not spec.mask_truncated)
+    columns = {k: np.asarray(v) for k, v in spec.per_completion(total, self.group).items()}
+    if sorted(columns) != sorted(spec.columns):
+      raise UserError(f"the head's rollout declares the columns {list(spec.columns)} but its per_completion gave "
+                      f"{sorted(columns)}; make them the same.")
+    out = rows(repeated, ids, trained, self.seq_len, columns, {spec.sampler_logps: logps} if spec.sampler_logps else {})
     adapter = self.model.adapter
     for k in adapter.columns if adapter is not None else ():
       out[k] = np.stack([adapter.batch_columns({q: v[i] for q, v in out.items()})[k] for i in range(len(ids))])
@@ -149,7 +156,7 @@ class Rollout:
     if self.reward_net is None:
       raise UserError("objective.rewards names 'model' but no reward model was built; set objective.reward_model.")
     return score_completions(self.reward_net, state.frozen[REWARD_MODEL.role], prompts, ids,
-                             int(self.tokenizer.eos_id), self.config.train.seq_len)
+                             int(self.tokenizer.eos_id), self.seq_len)
 
 
 def score_completions(net: Any, weights: Any, prompts: list[np.ndarray], ids: list[np.ndarray], eos_id: int,

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from fmjax import adapters, sharding
 from fmjax.model import init_params
+from fmjax.objectives.base import PARTS, Part
 
 
 @flax.struct.dataclass
@@ -25,13 +26,24 @@ class TrainState:
   frozen: Any = flax.struct.field(default_factory=dict)  # frozen trees: an adapter's base, the heads' frozen models
 
 
+def init_trained(model: nn.Module, parts: tuple[Part, ...], rng: jax.Array, boxed: bool = False) -> Any:
+  """The model's params (with its parameterisation's) and, under PARTS, each head part's, from its own key."""
+  params = init_params(model.cfg, rng, boxed=boxed, adapter=model.adapter)
+  if not parts:
+    return params
+  hidden = jnp.zeros((1, 1, model.cfg.d_model), jnp.dtype(model.cfg.dtype))
+  made = {p.name: p.make(model.cfg).init(jax.random.fold_in(rng, 2 + i), hidden)["params"]
+          for i, p in enumerate(parts)}
+  return {**params, PARTS: made if boxed else nn.unbox(made)}
+
+
 def _plan(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int,
-          window: int) -> tuple[Callable, jax.Array, TrainState]:
+          window: int, parts: tuple[Part, ...] = ()) -> tuple[Callable, jax.Array, TrainState]:
   """(init fn: rng -> state, its rng, state shardings) of `create` and `abstract`; nothing is allocated."""
   rng = jax.random.PRNGKey(seed)
   init_rng, state_rng = jax.random.split(rng)
   adapter = model.adapter
-  boxed = jax.eval_shape(lambda r: init_params(model.cfg, r, boxed=True, adapter=adapter), init_rng)
+  boxed = jax.eval_shape(lambda r: init_trained(model, parts, r, boxed=True), init_rng)
   param_sh = sharding.logical_shardings(boxed, mesh, rules)
   split = (lambda tree: (tree, {})) if adapter is None else (lambda tree: _split(adapter, tree))
   if adapter is not None:
@@ -44,7 +56,7 @@ def _plan(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
                          frozen=frozen_sh)
 
   def init(r):
-    params, frozen = split(init_params(model.cfg, r, adapter=adapter))
+    params, frozen = split(init_trained(model, parts, r))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
                       recent_losses=jnp.full((max(window, 1),), jnp.nan, jnp.float32), frozen=frozen)
 
@@ -52,19 +64,20 @@ def _plan(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
 
 
 def create(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int,
-           window: int = 1) -> tuple[TrainState, TrainState]:
+           window: int = 1, parts: tuple[Part, ...] = ()) -> tuple[TrainState, TrainState]:
   """(state, state shardings): params and optimizer state are initialised directly into their shards. Under a
   parameterisation (`model.adapter`), `params` holds only its trainable tree and `frozen['base']` the base weights,
-  once; the optimizer state covers the trainable tree alone. `window`: the divergence guard's loss history."""
-  init, init_rng, shardings = _plan(model, tx, mesh, rules, seed, window)
+  once; the optimizer state covers the trainable tree alone. `window`: the divergence guard's loss history; `parts`:
+  the head's own trainable modules (under PARTS)."""
+  init, init_rng, shardings = _plan(model, tx, mesh, rules, seed, window, parts)
   return jax.jit(init, out_shardings=shardings)(init_rng), shardings
 
 
 def abstract(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int,
-             window: int = 1) -> tuple[TrainState, TrainState]:
+             window: int = 1, parts: tuple[Part, ...] = ()) -> tuple[TrainState, TrainState]:
   """(state, state shardings) as `create` makes them, but the state's leaves are `jax.ShapeDtypeStruct`s carrying
   their shardings: enough to lower and compile the train step for any mesh (e.g. a TPU topology) with no arrays."""
-  init, init_rng, shardings = _plan(model, tx, mesh, rules, seed, window)
+  init, init_rng, shardings = _plan(model, tx, mesh, rules, seed, window, parts)
   shapes = jax.eval_shape(init, init_rng)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings), shardings
 

@@ -134,7 +134,8 @@ def plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, layout: Lay
   model = Transformer(config_lib.resolved_model(config), config_lib.adapter(config))
   schedule = optim.make_schedule(config.optimizer, config.train.steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
-  state, shardings = train_state.abstract(model, tx, mesh, rules, config.train.seed, config.train.spike_window)
+  state, shardings = train_state.abstract(model, tx, mesh, rules, config.train.seed, config.train.spike_window,
+                                          head.parts)
   start, start_sh = train_state.base_params(state), train_state.base_params(shardings)
   archs = frozen_lib.architectures(config, head) if archs is None else archs
   fp = frozen_lib.plan(head, model, start, start_sh, mesh, rules, archs)

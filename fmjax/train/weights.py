@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fmjax import config_lib, data
+from fmjax import config_lib, data, objectives
 from fmjax import adapters
 from fmjax.model import ModelConfig, init_params
 from fmjax.train import init_from
@@ -35,13 +35,19 @@ class RunWeights:
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's resolved config; keys added to fmjax since the run was made take their defaults."""
+  """The run's resolved config; keys added to fmjax since the run was made take their defaults, and the objective
+  section holds the options its head reads (a run from before heads owned their options saved every head's)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist; --workdir must be an fmjax run directory.")
   config = config_lib.base()
   with open(path) as f:
-    config.update(json.load(f))
+    saved = json.load(f)
+  objective = saved.pop("objective", {})
+  config.update(saved)
+  if objective.get("name") in objectives.REGISTRY:
+    section = config_lib.use_head(config, objective["name"])
+    section.update({k: v for k, v in objective.items() if k in section})
   return config
 
 
