@@ -4,6 +4,7 @@ model. Checks of a config at start are fmjax/config_checks.py's."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from typing import Any
@@ -11,11 +12,10 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from fmjax import adapters, objectives, spec
 from fmjax import data as data_lib
-from fmjax import sharding
-from fmjax.model import config as model_config
-from fmjax import adapters, objectives
 from fmjax.errors import UserError
+from fmjax.model import config as model_config
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -48,93 +48,20 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def base() -> ml_collections.ConfigDict:
-  """Every section and key a stage may set. Stages change values; keys not listed here are errors."""
+  """Every section and key a stage may set, each at its default: `model` (a preset plus ModelConfig overrides), the
+  run-level sections of fmjax/spec.py, `objective` (the head's options) and each parameterisation's section. Keys
+  and their one-line docs: docs/config-keys.md. Stages change values; keys not listed here are errors."""
   c = ml_collections.ConfigDict()
-
   c.model = ml_collections.ConfigDict()
   c.model.name = "small"  # preset (fmjax/model/config.py); the fields below override it when set
   for f in dataclasses.fields(model_config.ModelConfig):
     c.model[f.name] = config_dict.placeholder(type(f.default))
-
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "embedded:prose"  # embedded:NAME | tfds:NAME[/CONFIG][:SPLIT] | prepared:DIR | a file glob
-  c.data.format = "auto"  # auto (by the first record's keys) | text | prompt_completion | chat | preference | unpaired
-  c.data.field = "text"  # the text field of `text` records (.jsonl / .parquet / tfds / .array_record)
-  c.data.mixture = ml_collections.ConfigDict()  # name -> {source, weight[, format, field]}; replaces data.source
-  c.data.holdout = 0.1  # fraction of records held out for eval (embedded corpora: their fixed 10% split)
-  c.data.tfds_data_dir = ""  # where tfds datasets are prepared; empty = tfds's default
-  c.data.workers = 0  # tokenizing processes per source; 0 = in the training process
-  c.data.packing_bins = 16  # first-fit bins open at once when packing whole examples (non-text formats)
-  c.data.overlong = "error"  # an example longer than train.seq_len (non-text formats): error | truncate | drop
-  c.data.chat_template = "fmjax"  # messages → text: fmjax | chatml | llama3 | plain, or a '{role}…{content}…' string
-  c.data.tokenizer = "sentencepiece"  # sentencepiece | bytes (UTF-8 bytes, 259 ids)
-  c.data.tokenizer_path = ""  # a sentencepiece .model; empty = train one on the training sources and cache it
-  c.data.tokenizer_source = ""  # what an auto-trained tokenizer learns from; empty = the training sources
-  c.data.tokenizer_train_chars = 50_000_000  # at most this much text per source trains the tokenizer
-  c.data.vocab_size = 8192  # pieces of an auto-trained sentencepiece model
-  c.data.seed = 0  # shuffle order
-  c.data.shards = 0  # record streams split among the processes; 0 = one each; fixed: same batches on any host count
-
-  # the loss head (fmjax/objectives) and its options: `use_head` builds the section of any registered head
-  c.objective = ml_collections.ConfigDict(objectives.section("lm"))
-
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adamw"  # adamw | sgd
-  c.optimizer.lr = 3e-4  # peak learning rate
-  c.optimizer.schedule = "cosine"  # cosine | wsd | constant, after a linear warmup
-  c.optimizer.warmup_steps = 100
-  c.optimizer.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio
-  c.optimizer.decay_fraction = 0.2  # wsd: fraction of post-warmup steps spent decaying
-  c.optimizer.decay_shape = "sqrt"  # wsd: linear | sqrt (1 - sqrt)
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.95
-  c.optimizer.eps = 1e-8
-  c.optimizer.weight_decay = 0.1
-  c.optimizer.no_decay_regex = r"(norm|bias)"  # parameter paths without weight decay
-  c.optimizer.clip_norm = 1.0  # global-norm clipping; 0 = off
-
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 2000  # total optimizer steps
-  c.train.batch_size = 8  # global batch (sequences per step, over all devices and micro-batches)
-  c.train.seq_len = 256  # tokens per sequence
-  c.train.grad_accum = 1  # micro-batches per step
-  c.train.seed = 0  # parameter init and step rng
-  c.train.stop_after = 0  # checkpoint and stop after this many steps of this invocation (job time slots); 0 = off
-  c.train.skip_nonfinite = False  # True: skip a step whose loss/grad is NaN/inf; False: stop with an error
-  c.train.spike_factor = 2.0  # divergence guard: a loss > median + factor·max(median, 1) skips its update; 0 = off
-  c.train.spike_window = 100  # the guard's median is over this many recent accepted losses
-  c.train.spike_skips = 3  # consecutive spikes skipped before the run stops with a message; 0 = stop at the first
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # within-slice sizes; -1 = fill
-  c.mesh.dcn_data, c.mesh.dcn_fsdp, c.mesh.dcn_tensor = -1, 1, 1  # across-slice sizes
-  c.mesh.rules = sharding.DEFAULT_RULES  # logical axis -> mesh axes; first match wins
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 500  # save period in steps (and always at the last step); 0 = only at the end
-  c.checkpoint.every_minutes = 0.0  # also save when this long has passed since the last save; 0 = off
-  c.checkpoint.keep = 3  # newest checkpoints kept
-  c.checkpoint.keep_every = 0  # also keep every step that is a multiple of this, forever; 0 = none
-  c.checkpoint.async_save = True  # write in the background while training goes on
-
-  c.init_from = ml_collections.ConfigDict()
-  c.init_from.workdir = ""  # start from the params (not the optimizer) of another run's checkpoint
-  c.init_from.step = -1  # that run's step; -1 = its newest checkpoint
-  c.init_from.bootstrap = ""  # with workdir empty: pre-train this config into WORKDIR/base first, start from it
-
+  for name, cls in spec.SECTIONS.items():
+    c[name] = ml_collections.ConfigDict(spec.section_defaults(cls))
+    if name == "data":  # the loss head (fmjax/objectives) and its options: `use_head` builds any head's
+      c.objective = ml_collections.ConfigDict(objectives.section("lm"))
   for name, cls in adapters.registered().items():  # parameterisations (fmjax/adapters), each switched off
     c[name] = ml_collections.ConfigDict(cls.section_defaults())
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 200  # held-out loss period in steps (and at the last step); 0 = never
-  c.eval.batches = 4  # fixed held-out batches of train.batch_size × train.seq_len, per eval source
-  c.eval.at_start = False  # also evaluate the starting params (step 0), e.g. the base of a fine-tuning run
-  c.eval.sources = ml_collections.ConfigDict()  # name -> source spec (read whole); empty = held-out training data
-
-  c.log = ml_collections.ConfigDict()
-  c.log.every_steps = 10  # metrics.jsonl / TensorBoard / console period
-  c.log.peak_flops = 0.0  # peak FLOP/s per device (on CPU: of the host) for MFU; 0 = device table / CPU probe
-  c.log.batch_digests = False  # debug: each process records a hash of every batch row it holds, per step
   return c
 
 
@@ -203,20 +130,9 @@ def adapter(config: ml_collections.ConfigDict) -> adapters.Adapter | None:
   return adapters.get(config)
 
 
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy with the model section filled in from its preset (what `config.json` records)."""
-  out = ml_collections.ConfigDict(config.to_dict())
-  for k, v in dataclasses.asdict(resolved_model(config)).items():
-    out.model[k] = v
-  return out
-
-
-def load(spec: str) -> ml_collections.ConfigDict:
+def load(file_spec: str) -> ml_collections.ConfigDict:
   """Loads `path/to/config.py[:variant]` the way `--config` does, for tools and tests."""
-  import importlib.util
-  import os
-
-  path, _, arg = spec.partition(":")
+  path, _, arg = file_spec.partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path!r} does not exist (expected e.g. configs/pretrain.py).")
   module_spec = importlib.util.spec_from_file_location(f"fmjax_config_{abs(hash(path))}", path)

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import checks, objectives
-from fmjax.objectives import options
-from fmjax.objectives.base import Head, Part, Rollout
+from fmjax.objectives import Head, Part, Rollout, options
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from fmjax import config_lib, topology
+from fmjax import config_lib, spec, topology
 from fmjax.train import aot
 
 GiB = 2**30
@@ -30,7 +30,7 @@ def test_cloud_tpu_names_map_to_chip_grids():
 
 
 def test_search_ladder_keeps_the_global_batch():
-  c = config_lib.load("configs/pretrain.py:smoke")  # batch 8, remat none
+  c = spec.resolve(config_lib.load("configs/pretrain.py:smoke"))  # batch 8, remat none
   rungs = [(cfg.model.remat, cfg.train.grad_accum) for _, cfg in aot.ladder(c, batch_shards=4)]
   assert rungs == [("none", 1), ("dots", 1), ("full", 1), ("none", 2), ("dots", 2), ("full", 2)]
   assert all(cfg.train.batch_size == 8 for _, cfg in aot.ladder(c, batch_shards=4))
@@ -58,7 +58,7 @@ def test_smoke_fits_on_v5p_8_with_memory_by_category_and_a_projected_mfu(v5p_8):
   for figure in ("arguments", "temporaries", "generated code"):
     assert m.compiled[figure] > 0, figure
   # The state is sharded: a chip holds a quarter of the params (fsdp=4; vectors too short to split stay whole).
-  step = aot.plan(config_lib.load("configs/pretrain.py:smoke"), devices, None)
+  step = aot.plan(spec.resolve(config_lib.load("configs/pretrain.py:smoke")), devices, None)
   params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(step.state.params))
   assert params / 4 <= m.arguments["params (trained)"] < params / 2
   assert m.arguments["optimizer state"] >= 2 * m.arguments["params (trained)"]  # AdamW: two moments
@@ -110,7 +110,7 @@ def test_projected_step_adds_the_splash_kernels_at_roofline(v5p_8):
     for key, value in model.items():
       c.model[key] = value
     cost = aot.Cost(1.0, 459e12, chips)
-    aot.add_kernel_costs(cost, c, {}, kind)
+    aot.add_kernel_costs(cost, spec.resolve(c), {}, kind)
     return cost
 
   none, full, xla = kernels(remat="none"), kernels(remat="full"), kernels(attention_impl="xla")
@@ -123,7 +123,7 @@ def test_projected_step_adds_the_splash_kernels_at_roofline(v5p_8):
   # DPO: the chosen and rejected rows both train, and the frozen reference runs its forward on both
   dpo = config_lib.load("configs/dpo.py:smoke")
   cost = aot.Cost(1.0, 459e12, chips)
-  aot.add_kernel_costs(cost, dpo, {}, kind)
+  aot.add_kernel_costs(cost, spec.resolve(dpo), {}, kind)
   d = config_lib.resolved_model(dpo)
   work = splash.kernel_cost(dpo.train.seq_len, d.head_dim, 4)
   remat = 1 if d.remat != "none" else 0

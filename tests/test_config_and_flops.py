@@ -6,6 +6,7 @@ import os
 import jax
 import pytest
 
+from fmjax import spec as spec_lib
 from fmjax import config_lib
 from fmjax.train import checks
 from fmjax.model import PRESETS, flops, init_params, resolve
@@ -21,7 +22,7 @@ def test_every_config_file_and_smoke_variant_loads(repo):
   for path in config_files(repo):
     for variant in ("", ":smoke"):
       c = config_lib.load(path + variant)
-      checks.validate(c)
+      checks.check_spec(spec_lib.resolve(c))
       assert config_lib.resolved_model(c).num_layers > 0
       assert c.train.steps > 0 and c.checkpoint.every_steps > 0
 
@@ -52,11 +53,11 @@ def test_variant_and_model_errors_name_the_key(repo):
   c = config_lib.load(f"{repo}/configs/pretrain.py:smoke")
   c.train.grad_accum = 3
   with pytest.raises(ValueError, match="grad_accum=3"):
-    checks.validate(c)
+    checks.check_spec(spec_lib.resolve(c))
   c = config_lib.load(f"{repo}/configs/pretrain.py:smoke")
   c.data.holdout = 1.5
   with pytest.raises(ValueError, match=r"data.holdout=1.5 must be in \[0, 1\)"):
-    checks.validate(c)
+    checks.check_spec(spec_lib.resolve(c))
 
 
 def test_model_overrides_apply_on_top_of_the_preset(repo):
@@ -64,7 +65,7 @@ def test_model_overrides_apply_on_top_of_the_preset(repo):
   c.model.num_layers = 3
   m = config_lib.resolved_model(c)
   assert (m.num_layers, m.d_model) == (3, 768)
-  assert config_lib.resolve(c).model.d_model == 768  # config.json records the resolved shape
+  assert spec_lib.resolve(c).record["model"]["d_model"] == 768  # config.json records the resolved shape
 
 
 def test_flops_match_a_hand_count():

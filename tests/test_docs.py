@@ -8,10 +8,13 @@ from __future__ import annotations
 import glob
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
 from fmjax import config_lib
+from fmjax import spec as spec_lib
 from fmjax.train import checks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +91,7 @@ def test_named_config_loads_and_validates(spec, monkeypatch):
   monkeypatch.chdir(REPO)  # as `--config=configs/...` is written: relative to the repository root
   try:
     config = config_lib.load(spec)
-    checks.validate(config)
+    checks.check_spec(spec_lib.resolve(config))
     config_lib.resolved_model(config)  # the preset it names exists and its fields are consistent
   except Exception as e:  # noqa: BLE001 - any failure is a doc that names a config that does not work
     pytest.fail(f"{spec} (named in {', '.join(SPECS[spec])}) does not load: {type(e).__name__}: {e}")
@@ -154,3 +157,14 @@ def test_local_links_resolve(doc):
 def test_named_tools_exist(doc):
   for tool in sorted(set(re.findall(r"\btools/(\w+\.py)", _read(os.path.join(REPO, doc))))):
     assert os.path.isfile(os.path.join(REPO, "tools", tool)), f"{doc} names tools/{tool}, which does not exist"
+
+
+def test_the_config_keys_page_is_current():
+  """docs/config-keys.md is what tools/config_keys.py prints from the declarations (a new key, a changed default or
+  doc, a new head: run `python tools/config_keys.py > docs/config-keys.md`)."""
+  proc = subprocess.run([sys.executable, "tools/config_keys.py"], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(os.path.join(REPO, "docs", "config-keys.md"), encoding="utf-8") as f:
+    assert f.read() == proc.stdout, "docs/config-keys.md is stale: run python tools/config_keys.py > docs/config-keys.md"
+  assert "### `grpo`" in proc.stdout and "| `kl_coef` |" in proc.stdout and "### `lora`" in proc.stdout

@@ -48,7 +48,7 @@ def main_row(id_: str, names: str, fix: str, *args: str, config: str = PRETRAIN,
 # Through the command line, as a user types it (each row is a subprocess: keep this table to what only a process
 # shows; VALUES and INPUTS below check the rest of the validation in-process).
 ROWS = [
-    # config values (train.checks.validate): refused before any work, an existing run left as it is
+    # config values (fmjax/spec.py resolve): refused before any work, an existing run left as it is
     main_row("lr_negative_on_a_run", "optimizer.lr=-1.0", "peak learning rate", "--config.optimizer.lr=-1",
              workdir="run"),
     main_row("b2_above_1", "optimizer.b2=1.5", "in [0, 1)", "--config.optimizer.b2=1.5"),
@@ -204,7 +204,8 @@ def test_debug_shows_the_traceback(row: Row, inputs: Inputs, prefetched):
 
 
 # In-process: every config value with a range or a set of choices, with a value outside it -> (key=value named, a
-# word of what it must be). `test_every_rule_has_a_row` keeps this table and the rules (train/checks.py, each head's options) in step.
+# word of what it must be). `test_every_rule_has_a_row` keeps this table and the rules (fmjax/spec.py's sections, each
+# head's options, each parameterisation's) in step.
 VALUES = [
     ("train.steps", 0, "> 0"), ("train.batch_size", 0, "> 0"), ("train.seq_len", 0, "> 0"),
     ("train.grad_accum", 0, "> 0"), ("train.stop_after", -1, ">= 0"),
@@ -268,11 +269,14 @@ def load(spec: str = "configs/pretrain.py:smoke", **overrides):
 def test_every_rule_has_a_row():
   import dataclasses
 
-  from fmjax import config_lib, objectives
-  from fmjax.train import checks
+  from fmjax import adapters, config_lib, objectives, spec
 
   base, rows = config_lib.base(), {key for key, _, _ in VALUES}
-  for key, _ in checks._rules():
+  ruled = [f"{section}.{f.name}" for section, cls in spec.SECTIONS.items() for f in dataclasses.fields(cls)
+           if f.metadata.get("rule") is not None]
+  ruled += [f"{section}.{key}" for section, cls in adapters.registered().items() for key, _, _ in cls.rules]
+  ruled += ["objective.name"]
+  for key in ruled:
     section, name = key.split(".")
     assert name in base[section], f"rule for {key}, which base() does not have"
     assert key in rows, f"no row of VALUES checks {key}"
@@ -286,11 +290,12 @@ def test_every_rule_has_a_row():
 
 @pytest.mark.parametrize("key,value,fix", VALUES, ids=[v[0] for v in VALUES])
 def test_a_value_out_of_range_names_the_key_the_value_and_the_range(key, value, fix):
+  from fmjax import spec
   from fmjax.errors import UserError
   from fmjax.train import checks
 
   with pytest.raises(UserError) as e:
-    checks.validate(load(**{key: value}))
+    checks.check_spec(spec.resolve(load(**{key: value})))
   assert f"{key}={shown(value)} must be" in str(e.value) and fix in str(e.value), str(e.value)
 
 
@@ -355,14 +360,15 @@ INPUTS = [
 
 @pytest.mark.parametrize("row", INPUTS, ids=[i[0] for i in INPUTS])
 def test_check_run_refuses_with_the_key_and_the_fix(row, inputs: Inputs, tmp_path):
-  from fmjax.train import checks
+  from fmjax import spec
   from fmjax.errors import UserError
+  from fmjax.train import checks
 
-  _, spec, overrides, workdir, names, fix = row
+  _, config_file, overrides, workdir, names, fix = row
   fill = lambda v: v.format(files=inputs.files, run=inputs.run) if isinstance(v, str) else v  # noqa: E731
-  config = load(fill(spec), **{k: fill(v) for k, v in overrides.items()})
+  config = load(fill(config_file), **{k: fill(v) for k, v in overrides.items()})
   with pytest.raises(UserError) as e:
-    checks.check_run(config, str(tmp_path / "run") if workdir == "new" else fill(workdir))
+    checks.check_run(spec.resolve(config), str(tmp_path / "run") if workdir == "new" else fill(workdir))
   message = str(e.value)
   assert fill(names) in message and fill(fix) in message, message
   assert "\n" not in message

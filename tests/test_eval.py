@@ -9,6 +9,7 @@ from fmjax.data import embedded
 from fmjax.model import Transformer
 from fmjax.objectives.lm import token_nll
 from fmjax.train import experiment
+import from_config
 
 
 def test_validation_split_is_disjoint_from_train_and_covers_the_corpus():
@@ -23,11 +24,11 @@ def test_sharded_eval_equals_unsharded_recomputation(repo):
   c = config_lib.load(f"{repo}/configs/pretrain.py:smoke")
   c.train.seq_len, c.eval.batches = 32, 3
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
-  exp = experiment.build(c)
+  exp = from_config.build(c)
   got = jax.device_get(exp.evaluate(exp.state))
   params = jax.device_get(exp.state.params)
   nll_sum = weight = 0.0
-  for b in data.eval_batches(c, exp.tokenizer)["default"]:
+  for b in from_config.eval_batches(c, exp.tokenizer)["default"]:
     logits = Transformer(exp.model_cfg).apply({"params": params}, b["tokens"], b["segment_ids"], b["positions"])
     nll, _ = token_nll(logits, jnp.asarray(b["targets"]))
     nll_sum += float(np.sum(np.asarray(nll, np.float64) * b["loss_mask"]))
@@ -45,7 +46,7 @@ def test_each_named_eval_source_is_logged_and_the_total_is_their_token_mean(repo
   notes = tmp_path / "notes.jsonl"
   notes.write_text("".join(f'{{"text": "note {i}: the same short line"}}\n' for i in range(300)))
   c.data.mixture = {"prose": {"source": "embedded:prose", "weight": "0.7"}, "notes": {"source": str(notes)}}
-  exp = experiment.build(c)
+  exp = from_config.build(c)
   got = jax.device_get(exp.evaluate(exp.state))
   assert {"eval_loss", "eval_loss/prose", "eval_loss/notes", "eval_perplexity/notes"} <= set(got)
   weights = {name: sum(float(np.sum(b["loss_mask"])) for b in batches) for name, batches in exp.eval_batches.items()}

@@ -80,8 +80,8 @@ def test_divergence_guard_skips_spikes_then_stops_the_run_naming_the_step(anchor
   anchored.train.steps, anchored.checkpoint.every_steps = 30, 10
   real_build = experiment.build
 
-  def build(config, devices=None):
-    exp = real_build(config, devices)
+  def build(spec, devices=None):
+    exp = real_build(spec, devices)
     compiled = exp.step
 
     def planted(state, batch):

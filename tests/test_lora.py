@@ -11,6 +11,7 @@ from fmjax import config_lib
 from fmjax.adapters import lora, peft
 from fmjax.model import Transformer, init_params, resolve
 from fmjax.train import experiment, memory
+import from_config
 
 ALL = r"(q|k|v|o|gate|up|down)_kernel$|unembed"
 
@@ -103,7 +104,7 @@ def lora_run_config(repo, mesh=(1, 1, 1)):
 
 
 def train_steps(config, devices, n=3):
-  exp = experiment.build(config, devices=devices)
+  exp = from_config.build(config, devices=devices)
   base_before = jax.device_get(exp.state.frozen["base"])
   state, losses = exp.state, []
   for _ in range(n):

@@ -8,6 +8,7 @@ import pytest
 from fmjax import config_lib
 from fmjax.data import ByteTokenizer, formats, layout, mixture, pipeline
 from fmjax.data.sources import WHERE
+import from_config
 
 TOK = ByteTokenizer()
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
@@ -112,7 +113,7 @@ def test_data_shards_give_the_same_global_batches_on_any_process_count(tmp_path)
                         "weight": w} for k, seed, w in (("a", 1, "0.7"), ("b", 2, "0.3"))}
 
   def global_batches(processes, n=5):
-    its = [iter(pipeline.train_dataset(c, TOK, p, processes)[0]) for p in range(processes)]
+    its = [iter(from_config.train_dataset(c, TOK, p, processes)[0]) for p in range(processes)]
     return [np.concatenate([next(it)["tokens"] for it in its]) for _ in range(n)], its
 
   one, (it,) = global_batches(1)
@@ -121,12 +122,12 @@ def test_data_shards_give_the_same_global_batches_on_any_process_count(tmp_path)
     np.testing.assert_array_equal(a, b)
   state = json.loads(json.dumps(it.get_state()))  # one process reading both shards resumes exactly too
   want = [next(it)["tokens"] for _ in range(3)]
-  again = iter(pipeline.train_dataset(c, TOK)[0])
+  again = iter(from_config.train_dataset(c, TOK)[0])
   again.set_state(state)
   for w in want:
     np.testing.assert_array_equal(next(again)["tokens"], w)
   with pytest.raises(ValueError, match="data.shards=2 must be a multiple of the process count 3"):
-    pipeline.train_dataset(c, TOK, 0, 3)
+    from_config.train_dataset(c, TOK, 0, 3)
 
 
 def test_mixture_hits_its_weights_and_follows_the_step_schedule():
@@ -165,13 +166,13 @@ def test_iterator_state_resumes_exactly(tmp_path):
                           "weight": "0.7"},
                     "b": {"source": write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in corpus(30, 2)]),
                           "weight": "0.3"}}
-  ds, _ = pipeline.train_dataset(c, TOK)
+  ds, _ = from_config.train_dataset(c, TOK)
   it = iter(ds)
   for _ in range(7):
     next(it)
   state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
   expected = [next(it) for _ in range(5)]
-  again = iter(pipeline.train_dataset(c, TOK)[0])
+  again = iter(from_config.train_dataset(c, TOK)[0])
   again.set_state(state)
   for e in expected:
     np.testing.assert_array_equal(next(again)["tokens"], e["tokens"])
@@ -244,9 +245,9 @@ def test_overlong_examples_error_truncate_or_drop():
 def test_eval_batches_are_fixed_padded_and_split_between_processes(tmp_path):
   path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in corpus(200)])
   c = config(path, seq_len=32, batch=4, holdout=0.1)
-  full = pipeline.eval_batches(c, TOK)["default"]
+  full = from_config.eval_batches(c, TOK)["default"]
   assert len(full) == 2 and full[0]["tokens"].shape == (4, 32)
-  halves = [pipeline.eval_batches(c, TOK, p, 2)["default"] for p in range(2)]
+  halves = [from_config.eval_batches(c, TOK, p, 2)["default"] for p in range(2)]
   for k, batch in enumerate(full):
     np.testing.assert_array_equal(np.concatenate([h[k]["tokens"] for h in halves]), batch["tokens"])
   train = {TOK.decode(r["tokens"]) for _, r in zip(range(40), pipeline._rows(*pipeline._open(
@@ -259,7 +260,7 @@ def test_tokenizing_in_worker_processes_gives_the_same_batches(tmp_path):
   batches = []
   for workers in (0, 2):
     c.data.workers = workers
-    it = iter(pipeline.train_dataset(c, TOK)[0])
+    it = iter(from_config.train_dataset(c, TOK)[0])
     batches.append([next(it)["tokens"] for _ in range(20)])
     if hasattr(it, "close"):
       it.close()
@@ -269,11 +270,11 @@ def test_tokenizing_in_worker_processes_gives_the_same_batches(tmp_path):
 def test_named_eval_sources_replace_the_held_out_training_data(tmp_path):
   path = write_jsonl(tmp_path / "h.jsonl", [{"text": t} for t in corpus(30)])
   c = config("embedded:prose", seq_len=32, batch=4)
-  assert [(s.name, split) for s, split in pipeline.eval_specs(c)] == [("default", "validation")]
+  assert [(s.name, split) for s, split in from_config.eval_specs(c)] == [("default", "validation")]
   c.eval.sources = {"prose": "embedded:prose", "mine": path}
-  assert {s.name: split for s, split in pipeline.eval_specs(c)} == {"prose": "validation", "mine": "all"}
+  assert {s.name: split for s, split in from_config.eval_specs(c)} == {"prose": "validation", "mine": "all"}
   c.eval.batches = 100  # more than there are: every held-out token once, the last batch padded
-  got = pipeline.eval_batches(c, TOK)
+  got = from_config.eval_batches(c, TOK)
   assert np.sum(got["mine"][-1]["segment_ids"][-1]) == 0
   assert documents_seen(r for b in got["mine"] for r in _rows_of(b)) == [f"doc{i}" for i in range(30)]
 
@@ -287,14 +288,14 @@ def test_orbax_saves_and_restores_the_iterator_position(tmp_path):
   import orbax.checkpoint as ocp
 
   c = config(write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in corpus(30)]), seq_len=16, batch=4)
-  it = iter(pipeline.train_dataset(c, TOK)[0])
+  it = iter(from_config.train_dataset(c, TOK)[0])
   for _ in range(3):
     next(it)
   with ocp.CheckpointManager(tmp_path / "ckpt", item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as m:
     m.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
     m.wait_until_finished()
   expected = next(it)["tokens"]
-  fresh = iter(pipeline.train_dataset(c, TOK)[0])
+  fresh = iter(from_config.train_dataset(c, TOK)[0])
   with ocp.CheckpointManager(tmp_path / "ckpt", item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as m:
     m.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
   np.testing.assert_array_equal(next(fresh)["tokens"], expected)

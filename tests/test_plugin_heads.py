@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import plugin_heads
-from fmjax import config_lib, objectives, topology
+from fmjax import config_lib, objectives, spec, topology
 from fmjax.errors import UserError
 from fmjax.model.token_stats import TokenStats
 from fmjax.objectives import LossContext
@@ -125,5 +125,5 @@ def test_outside_heads_compile_for_v5p_8(repo, head):
                        cost=False)
   assert report.verdict == "fits"
   if head == "reinforce_value":
-    step = aot.plan(config_lib.load(os.path.join(repo, f"{CONFIG}:head={head}")), devices, {})
+    step = aot.plan(spec.resolve(config_lib.load(os.path.join(repo, f"{CONFIG}:head={head}"))), devices, {})
     assert set(step.state.params["parts"]) == {plugin_heads.VALUE.name}

@@ -18,6 +18,7 @@ from fmjax import adapters, config_lib, sample
 from fmjax.adapters import reft
 from fmjax.model import Transformer, init_params, resolve
 from fmjax.train import experiment, loop
+import from_config
 
 SMOKE = resolve("smoke")
 NO_RNG = types.SimpleNamespace(has_rng=lambda name: False)
@@ -88,7 +89,7 @@ def test_two_parameterisations_at_once_are_refused_naming_both_switches(repo):
   c.reft.rank, c.reft.layers = 4, "0,9"
   c.lora.rank = 0
   with pytest.raises(ValueError, match="reft.layers='0,9' names block 9, but the model has 2"):
-    experiment.build(c, devices=jax.devices()[:1])
+    from_config.build(c, devices=jax.devices()[:1])
 
 
 def test_positions_follow_pyreft_and_each_packed_prompt():
@@ -175,7 +176,7 @@ def reft_run_config(repo, **reft_options):
 
 @pytest.fixture(scope="module")
 def trained(repo):
-  exp = experiment.build(reft_run_config(repo), devices=jax.devices()[:1])
+  exp = from_config.build(reft_run_config(repo), devices=jax.devices()[:1])
   base_before, start = jax.device_get(exp.state.frozen["base"]), jax.device_get(exp.state.params)
   state, losses, batch = exp.state, [], exp.next_batch()
   for _ in range(4):  # one batch: its loss must fall
@@ -204,7 +205,7 @@ def test_reft_step_on_8_devices_matches_1(repo, trained):
   _, _, _, state1, losses1 = trained
   c = reft_run_config(repo)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
-  exp = experiment.build(c, devices=jax.devices())
+  exp = from_config.build(c, devices=jax.devices())
   assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(exp.state.params))
   state, losses, batch = exp.state, [], exp.next_batch()
   for _ in range(4):
@@ -216,7 +217,7 @@ def test_reft_step_on_8_devices_matches_1(repo, trained):
 
 
 def test_a_layer_subset_trains_only_those_layers(repo):
-  exp = experiment.build(reft_run_config(repo, layers="1", share_weights=True), devices=jax.devices()[:1])
+  exp = from_config.build(reft_run_config(repo, layers="1", share_weights=True), devices=jax.devices()[:1])
   assert exp.num_params == 2 * exp.model_cfg.d_model * 4 + 4  # one intervention
   state, metrics = exp.step(exp.state, exp.next_batch())
   assert math.isfinite(float(metrics["loss"]))
@@ -245,7 +246,7 @@ def test_dpo_with_reft_starts_at_ln2_with_the_base_as_reference(repo):
   c.train.seq_len, c.train.batch_size = 128, 4
   c.lora.rank, c.optimizer.lr, c.optimizer.warmup_steps = 0, 1e-2, 0
   c.reft.rank, c.reft.positions = 4, "f3+l3"
-  exp = experiment.build(c, devices=jax.devices()[:1])
+  exp = from_config.build(c, devices=jax.devices()[:1])
   assert "reference" not in exp.state.frozen and "base" in exp.state.frozen  # the base serves as the reference
   state, metrics = exp.step(exp.state, exp.next_batch())
   assert abs(float(metrics["loss"]) - math.log(2)) < 1e-5
@@ -283,7 +284,7 @@ def test_a_parameterisation_defined_in_a_test_trains_through_the_registry(repo):
     c = reft_run_config(repo)
     c.reft.rank = 0
     c.gain = ml_collections.ConfigDict({"on": True})
-    exp = experiment.build(c, devices=jax.devices()[:1])
+    exp = from_config.build(c, devices=jax.devices()[:1])
     assert jax.tree.structure(exp.state.params) == jax.tree.structure({"gain_scale": 0})
     base = jax.device_get(exp.state.frozen["base"])
     state, _ = exp.step(exp.state, exp.next_batch())

@@ -11,6 +11,7 @@ import pytest
 from fmjax import config_lib
 from fmjax.model.token_stats import from_logits
 from fmjax.rl import rewards
+import from_config
 
 
 def checksum(prompts, completions, **fields):
@@ -38,7 +39,7 @@ def tiny(repo, **overrides):
 def test_the_samplers_log_probs_are_the_training_forwards(repo):
   from fmjax.train import experiment
 
-  exp = experiment.build(tiny(repo, **{"objective.temperature": 0.7}), devices=jax.devices()[:1])
+  exp = from_config.build(tiny(repo, **{"objective.temperature": 0.7}), devices=jax.devices()[:1])
   batch, made = exp.batch(exp.state, 1)
   assert made["completions/mean_length"] > 0 and "rewards/checksum/mean" in made
   logits = exp.model.apply({"params": exp.state.params}, batch["tokens"], batch["segment_ids"], batch["positions"])
@@ -62,7 +63,7 @@ def test_gradient_accumulation_equals_the_full_batch(repo, loss_type):
     c = tiny(repo, **{"train.grad_accum": accum, "objective.loss_type": loss_type, "optimizer.name": "sgd",
                       "optimizer.schedule": "constant", "optimizer.lr": 1.0, "optimizer.clip_norm": 0.0,
                       "optimizer.weight_decay": 0.0, "optimizer.warmup_steps": 0})
-    exp = experiment.build(c, devices=jax.devices()[:2])
+    exp = from_config.build(c, devices=jax.devices()[:2])
     if batch is None:
       batch = jax.device_get(exp.batch(exp.state, 1)[0])
     state, _ = exp.step(exp.state, sharding.global_batch(batch, exp.mesh))
@@ -165,7 +166,7 @@ def test_held_out_rewards_score_greedy_completions_like_a_rollout():
 def test_a_lora_policy_rolls_out_over_its_base_and_its_reference_is_the_base(repo):
   from fmjax.train import experiment
 
-  exp = experiment.build(tiny(repo, **{"lora.rank": 4, "objective.kl_coef": 0.05}), devices=jax.devices()[:1])
+  exp = from_config.build(tiny(repo, **{"lora.rank": 4, "objective.kl_coef": 0.05}), devices=jax.devices()[:1])
   assert "reference" not in exp.state.frozen and "base" in exp.state.frozen  # no second copy of the weights
   state, metrics = exp.step(exp.state, exp.batch(exp.state, 1)[0])
   assert float(metrics["kl"]) < 1e-7  # LoRA's B starts at 0: the policy is the base

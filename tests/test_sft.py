@@ -10,6 +10,7 @@ from fmjax.data import ByteTokenizer, chat, formats, pipeline
 from fmjax.data.sources import WHERE, open_source
 from fmjax.model import Transformer, init_params, resolve
 from fmjax.objectives import LossContext
+import from_config
 
 TOK = ByteTokenizer()
 CHATS = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
@@ -131,7 +132,7 @@ def test_multi_task_mixture_draws_rows_by_weight_and_never_mixes_tasks_in_a_row(
   c.data.mixture = {"explain": {"source": "embedded:instruct/explain", "weight": "0.75"},
                     "name": {"source": "embedded:instruct/name", "weight": "0.25"}}
   c.train.seq_len, c.train.batch_size = 512, 8
-  dataset, batch_layout = pipeline.train_dataset(c, TOK)
+  dataset, batch_layout = from_config.train_dataset(c, TOK)
   assert set(batch_layout.dtypes()) == {"tokens", "targets", "loss_mask", "segment_ids", "positions"}
   task = lambda text: "explain" if text.startswith("<|user|>What does `") else \
       "name" if text.startswith("<|user|>Which function of") else text  # noqa: E731

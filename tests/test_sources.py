@@ -10,6 +10,7 @@ import pytest
 from fmjax import data
 from fmjax.data import ByteTokenizer, formats, pipeline, prepared
 from fmjax.data.sources import WHERE, open_source
+import from_config
 
 TEXTS = [f"record {i}: " + "words " * (i % 5 + 1) for i in range(30)]
 
@@ -140,7 +141,7 @@ def test_prepared_data_gives_the_batches_of_the_raw_source(tmp_path, repo):
   batches = {}
   for spec in (str(path), f"prepared:{tmp_path / 'prep2'}"):
     c.data.source = spec
-    it = iter(pipeline.train_dataset(c, tok)[0])
+    it = iter(from_config.train_dataset(c, tok)[0])
     batches[spec] = [next(it) for _ in range(6)]
   for a, b in zip(*batches.values()):
     for k in a:
@@ -151,7 +152,7 @@ def test_prepared_data_gives_the_batches_of_the_raw_source(tmp_path, repo):
   meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "tokenizer": "sentencepiece:0123"}))
   c.data.source = f"prepared:{tmp_path / 'prep1'}"
   with pytest.raises(ValueError, match="was tokenized with sentencepiece:0123 .* set data.tokenizer_path"):
-    pipeline.train_dataset(c, tok)
+    from_config.train_dataset(c, tok)
 
 
 def test_prepare_data_tool_writes_a_source_the_trainer_reads(repo, tmp_path):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import config_lib
+from fmjax import config_lib, spec
 from fmjax.train import loop
 
 DEVICE_SECONDS, EVAL_SECONDS, PEAK, FLOPS_PER_TOKEN = 0.3, 1.0, 1e12, 1e6
@@ -47,8 +47,9 @@ def fake_evaluate(state):
 def rows(repo, tmp_path_factory):
   config = config_lib.load(f"{repo}/configs/pretrain.py:smoke")
   config.train.steps, config.log.every_steps, config.eval.every_steps = 5, 1, 2
+  config.optimizer.warmup_steps = 1
   config.log.peak_flops = PEAK  # configured: no CPU probe
-  exp = types.SimpleNamespace(config=config, flops_per_token=FLOPS_PER_TOKEN, step=fake_step,
+  exp = types.SimpleNamespace(spec=spec.resolve(config), flops_per_token=FLOPS_PER_TOKEN, step=fake_step,
                               evaluate=fake_evaluate, batch=lambda state, step: (jnp.ones((4,)), {}),
                               boundary=lambda step: True, rollout=None, stream=None,
                               layout=types.SimpleNamespace(rows_per_example=1), state=State(jnp.zeros((4,)), {}))

@@ -7,6 +7,7 @@ import pytest
 
 from fmjax import config_lib
 from fmjax.train import experiment
+import from_config
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
 
@@ -22,7 +23,7 @@ def make_config(repo, mesh=(1, 1, 1), grad_accum=1, optimizer="sgd"):
 
 
 def one_step(config, devices):
-  exp = experiment.build(config, devices=devices)
+  exp = from_config.build(config, devices=devices)
   before = jax.device_get(exp.state.params)
   state, metrics = exp.step(exp.state, exp.next_batch())
   return before, jax.device_get(state.params), jax.device_get(metrics), state

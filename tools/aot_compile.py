@@ -17,7 +17,6 @@ Needs libtpu: pip install -e '.[tpu]'.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import textwrap
@@ -55,10 +54,8 @@ def _seconds(s: float) -> str:
 
 def render(report, spec: str) -> str:
   """The report as the console shows it."""
-  from fmjax import config_lib
-
-  c, topo, m = report.config, report.topology, report.memory
-  cfg = config_lib.resolved_model(c)
+  c, topo, m = report.spec, report.topology, report.memory
+  cfg = c.model
   slices = f" x {topo.num_slices} slices" if topo.num_slices > 1 else ""
   lines = [f"{spec} on {topo.name}{slices}: {topo.chips} chips ({report.device_kind}, libtpu {topo.libtpu_name})",
            "mesh " + " ".join(f"{k}={v}" for k, v in report.mesh.items())
@@ -114,14 +111,12 @@ def render(report, spec: str) -> str:
 
 
 def as_json(report) -> dict:
-  from fmjax import config_lib
-
   m, cost = report.memory, report.cost
-  c = report.config
+  c = report.spec
   return {"topology": report.topology.name, "num_slices": report.topology.num_slices, "chips": report.topology.chips,
           "device_kind": report.device_kind, "mesh": report.mesh, "verdict": report.verdict,
           "global_batch": c.train.batch_size, "seq_len": c.train.seq_len, "grad_accum": c.train.grad_accum,
-          "model": {"name": c.model.name, **dataclasses.asdict(config_lib.resolved_model(c))},
+          "model": c.record["model"],
           "hbm_per_chip": {"by_category": m.arguments, **m.compiled, "peak": m.total, "usable": m.capacity},
           "message": m.message, "compile_seconds": m.seconds, "suggestions": report.suggestions,
           "tried": [[label, mem.fits, mem.total] for label, mem in report.tried],

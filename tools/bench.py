@@ -37,7 +37,7 @@ def main() -> None:
 
   import jax
 
-  from fmjax import config_lib, data
+  from fmjax import config_lib, data, spec
   from fmjax.train import experiment, peak
 
   config = config_lib.load(args.config)
@@ -51,7 +51,8 @@ def main() -> None:
       node[leaf] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       node[leaf] = value  # a bare string
-  exp = experiment.build(config)
+  s = spec.resolve(config)
+  exp = experiment.build(s)
   batch = exp.next_batch()
   state = exp.state
   for _ in range(args.warmup):
@@ -66,7 +67,7 @@ def main() -> None:
 
   step = statistics.median(times)
   tokens = config.train.batch_size * config.train.seq_len
-  it = iter(data.train_dataset(config, exp.tokenizer)[0])
+  it = iter(data.train_dataset(s.data, s.train, exp.tokenizer, adapter=s.adapter, num_labels=s.model.num_labels)[0])
   t0 = time.perf_counter()
   for _ in range(args.pipeline_batches):
     next(it)

@@ -31,7 +31,7 @@ def _fmjax_system(preset: str, batch: int, seq: int, tokens, targets):
   import jax
   import numpy as np
 
-  from fmjax import config_lib, sharding
+  from fmjax import config_lib, sharding, spec
   from fmjax.data.layout import Layout
   from fmjax.train import state as train_state
   from fmjax.train import step as step_lib
@@ -39,8 +39,9 @@ def _fmjax_system(preset: str, batch: int, seq: int, tokens, targets):
   config = config_lib.base()
   config.model.name, config.train.batch_size, config.train.seq_len = preset, batch, seq
   config.optimizer.schedule, config.optimizer.warmup_steps = "constant", 0
-  mesh = sharding.make_mesh(config.mesh)
-  plan = step_lib.plan(config, mesh, Layout("text"))
+  run = spec.resolve(config)
+  mesh = sharding.make_mesh(run.mesh)
+  plan = step_lib.plan(run, mesh, Layout("text"))
   compiled = plan.lower().compile()
   state, _ = train_state.create(plan.model, plan.tx, mesh, plan.rules, config.train.seed, config.train.spike_window)
   host = {"tokens": tokens, "targets": targets, "loss_mask": np.ones(tokens.shape, np.float32),
@@ -53,7 +54,7 @@ def _fmjax_system(preset: str, batch: int, seq: int, tokens, targets):
     box[0], metrics = compiled(box[0], batch_arrays)
     jax.block_until_ready(metrics)
 
-  return step, config_lib.resolved_model(config), config.optimizer, train_state.count_params(state.params)
+  return step, run.model, run.optimizer, train_state.count_params(state.params)
 
 
 def _torch_system(model_cfg, opt, tokens, targets, compiled: bool):

@@ -36,14 +36,15 @@ def registered() -> dict[str, type[Adapter]]:
   return dict(_LOADED)
 
 
-def get(config: Any) -> Adapter | None:
-  """The parameterisation `config` switches on (validated), or None when every parameter trains."""
-  on = [(name, cls) for name, cls in registered().items() if name in config and cls.enabled(config[name])]
+def get(sections: Any) -> Adapter | None:
+  """The parameterisation the config `sections` (name -> section) switch on (validated), or None when every parameter
+  trains."""
+  on = [(name, cls) for name, cls in registered().items() if name in sections and cls.enabled(sections[name])]
   if len(on) > 1:
     names = [n for n, _ in on]
     raise UserError(f"{' and '.join(names)} are both on; a run adapts its base one way: switch one off "
                     f"({'; '.join(registered()[n].off_hint for n in names)}).")
-  return on[0][1].from_config(config[on[0][0]]) if on else None
+  return on[0][1].from_config(sections[on[0][0]]) if on else None
 
 
 def train_flops_per_token(cfg: Any, seq_len: int, adapter: Adapter | None, trained: int | None = None) -> float:

@@ -27,7 +27,6 @@ from absl import flags
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset, ZipIterDataset
 
-from fmjax import adapters
 from fmjax.data import formats, layout, mixture
 from fmjax.data.layout import Layout
 from fmjax.data.sources import DataError, PreparedSource, open_source
@@ -60,13 +59,13 @@ def train_specs(data_cfg: Any) -> list[SourceSpec]:
   return specs
 
 
-def eval_specs(config: Any) -> list[tuple[SourceSpec, str]]:
+def eval_specs(eval_cfg: Any, data_cfg: Any) -> list[tuple[SourceSpec, str]]:
   """(spec, split) per eval source: `eval.sources` (name → source, read whole; an embedded corpus → its held-out
   split), else each training source's held-out split."""
-  if config.eval.sources:
-    return [(SourceSpec(name, spec, config.data.format, config.data.field),
-             "validation" if spec.startswith("embedded:") else "all") for name, spec in config.eval.sources.items()]
-  return [(s, "validation") for s in train_specs(config.data)]
+  if eval_cfg.sources:
+    return [(SourceSpec(name, spec, data_cfg.format, data_cfg.field),
+             "validation" if spec.startswith("embedded:") else "all") for name, spec in eval_cfg.sources.items()]
+  return [(s, "validation") for s in train_specs(data_cfg)]
 
 
 def _open(spec: SourceSpec, data_cfg: Any, split: str, tokenizer: Any, seq_len: int, num_labels: int = 0):
@@ -174,7 +173,7 @@ def _rows(records, encode, fmt: str, data_cfg: Any, seq_len: int, seed: int, sha
   return _pack(examples, fmt, seq_len, data_cfg.packing_bins, seed, columns)
 
 
-def _columns(adapter: adapters.Adapter | None):
+def _columns(adapter: Any):
   """The row -> per-token columns function of the run's parameterisation, or None when it reads none."""
   return adapter.batch_columns if adapter is not None and adapter.columns else None
 
@@ -191,25 +190,25 @@ def shard_range(data_cfg: Any, batch: int, process_index: int, process_count: in
   return range(process_index * per_process, (process_index + 1) * per_process)
 
 
-def train_dataset(config: Any, tokenizer: Any, process_index: int = 0,
-                  process_count: int = 1) -> tuple[grain.IterDataset, Layout]:
+def train_dataset(data_cfg: Any, train_cfg: Any, tokenizer: Any, process_index: int = 0, process_count: int = 1,
+                  adapter: Any = None, num_labels: int = 0) -> tuple[grain.IterDataset, Layout]:
   """This process's rows of every training batch, batched (train.batch_size / process_count rows each: those of its
-  data shards), and the batches' layout."""
-  data_cfg, seq_len, batch = config.data, config.train.seq_len, config.train.batch_size
+  data shards), and the batches' layout. `adapter`: the run's parameterisation, whose per-token columns the rows get;
+  `num_labels`: the model's classes (classification labels)."""
+  seq_len, batch = train_cfg.seq_len, train_cfg.batch_size
   mine = shard_range(data_cfg, batch, process_index, process_count)
   shards = data_cfg.shards or process_count
   per_shard = batch // shards
   specs = train_specs(data_cfg)
   opened, layouts = [], set()
   for spec in specs:
-    records, encode, fmt = _open(spec, data_cfg, "train", tokenizer, seq_len, config.model.get("num_labels") or 0)
+    records, encode, fmt = _open(spec, data_cfg, "train", tokenizer, seq_len, num_labels)
     layouts.add(layout.of_format(fmt))
     opened.append((records, encode, fmt))
   if len(layouts) > 1:
     kinds = sorted(f"{x.name}{'+' if x.columns else ''}{'+'.join(x.columns)}" for x in layouts)
     raise UserError(f"data.mixture mixes sources whose batches have different keys ({kinds}: preference or not, "
                     f"with or without precomputed ref_*_logps) in {[s.name for s in specs]}. Mix sources of one kind.")
-  adapter = adapters.get(config)
   columns = _columns(adapter)
   batched = []
   for shard in mine:
@@ -230,17 +229,18 @@ def _concat(parts: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def eval_batches(config: Any, tokenizer: Any, process_index: int = 0,
-                 process_count: int = 1) -> dict[str, list[dict[str, np.ndarray]]]:
+def eval_batches(eval_cfg: Any, data_cfg: Any, train_cfg: Any, tokenizer: Any, process_index: int = 0,
+                 process_count: int = 1, adapter: Any = None,
+                 num_labels: int = 0) -> dict[str, list[dict[str, np.ndarray]]]:
   """Name → this process's rows of each fixed held-out global batch of that eval source."""
-  data_cfg, seq_len, batch = config.data, config.train.seq_len, config.train.batch_size
+  seq_len, batch = train_cfg.seq_len, train_cfg.batch_size
   local = batch // process_count
-  columns = _columns(adapters.get(config))
+  columns = _columns(adapter)
   out = {}
-  for spec, split in eval_specs(config):
-    records, encode, fmt = _open(spec, data_cfg, split, tokenizer, seq_len, config.model.get("num_labels") or 0)
+  for spec, split in eval_specs(eval_cfg, data_cfg):
+    records, encode, fmt = _open(spec, data_cfg, split, tokenizer, seq_len, num_labels)
     rows = _take(iter(_rows(records, encode, fmt, data_cfg, seq_len, 0, 0, 1, train=False, columns=columns)),
-                 config.eval.batches * batch)
+                 eval_cfg.batches * batch)
     if not rows:
       raise DataError(f"eval source {spec.name!r} ({spec.source}, {split}) holds no examples; raise data.holdout or "
                       "name eval.sources explicitly.")

@@ -51,44 +51,15 @@ def source_record(spec: str, use: str) -> dict[str, Any]:
   return {"source": spec, "use": use, "manifests": records, "licenses": licenses or [manifest.UNKNOWN]}
 
 
-def sources(config: Any) -> list[tuple[str, str]]:
-  """(spec, use) of every source a run reads: training data (or each mixture part) and named eval sources."""
-  out = []
-  if config.data.mixture:
-    out += [(part.source, f"train:{name}") for name, part in sorted(config.data.mixture.items())]
-  else:
-    out.append((config.data.source, "train"))
-  out += [(spec, f"eval:{name}") for name, spec in sorted(config.eval.sources.items())]
-  return out
-
-
-def stage(config: Any) -> str:
-  """The loss head, with the parameterisation's title (lower case) when there is one: '<head>+<parameterisation>'."""
-  from fmjax import config_lib
-
-  adapter = config_lib.adapter(config)
-  return config.objective.name + (f"+{adapter.title.lower()}" if adapter is not None else "")
-
-
-def record(config: Any, workdir: str, head: Any, tokens_per_step: int) -> dict[str, Any]:
-  """The lineage of a run that has its starting state (a bootstrapped base, WORKDIR/base, exists by then; its
-  frozen runs are resolved directories)."""
-  from fmjax.train import frozen, init_from
-
-  parent = None
-  source = config.init_from.workdir or (os.path.join(workdir, "base") if config.init_from.bootstrap else "")
-  if source:
-    step = int(os.path.basename(init_from.checkpoint_dir(source, config.init_from.step)))
-    parent = {"workdir": os.path.abspath(source), "step": step}
-  runs = []
-  for spec in head.frozen:
-    if spec.source == "run":
-      workdir, step, _ = frozen.run_keys(config, spec)
-      runs.append({"role": spec.role, "workdir": os.path.abspath(workdir), "step": step})
-  return {"version": 1, "stage": stage(config), "created": manifest.now(),
+def record(stage: str, sources: list[tuple[str, str]], parent: dict | None, frozen: list[dict],
+           tokens_per_step: int) -> dict[str, Any]:
+  """The lineage of a run: its stage ('<head>' or '<head>+<parameterisation>'), the (source spec, use) of every
+  source it reads ('train', 'train:<mixture part>', 'eval:<name>'), the run it starts from ({workdir, step}), the
+  frozen runs a head reads ({role, workdir, step}) and the tokens per step."""
+  return {"version": 1, "stage": stage, "created": manifest.now(),
           "versions": manifest.tool_versions("jax", "flax", "optax"),
-          "data": [source_record(spec, use) for spec, use in sources(config)],
-          "init_from": parent, "frozen": runs, "tokens_per_step": tokens_per_step}
+          "data": [source_record(spec, use) for spec, use in sources],
+          "init_from": parent, "frozen": frozen, "tokens_per_step": tokens_per_step}
 
 
 def write(workdir: str, lineage: dict[str, Any]) -> None:
@@ -113,13 +84,9 @@ def _metrics(workdir: str) -> list[dict]:
 
 
 def last_step(workdir: str) -> int:
-  """The newest checkpoint's step of a run (0 if it has none)."""
-  from fmjax.train import init_from
-
-  try:
-    return int(os.path.basename(init_from.checkpoint_dir(workdir, -1)))
-  except FileNotFoundError:  # no checkpoint: a run that never saved
-    return 0
+  """The newest checkpoint's step of a run (0 if it has none: a run that never saved)."""
+  root = os.path.join(workdir, "checkpoints")
+  return max((int(d) for d in os.listdir(root) if d.isdigit()), default=0) if os.path.isdir(root) else 0
 
 
 def chain(workdir: str, step: int = -1) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 
 from fmjax.errors import UserError
 from fmjax.objectives import classify, distill, grpo, lm, preference, reward, sft
-from fmjax.objectives.base import Frozen, Head, LossContext, LossOutput
+from fmjax.objectives.base import Frozen, Head, LossContext, LossOutput, Part, Rollout
 from fmjax.objectives.options import HeadType, Options
 
 REGISTRY: dict[str, HeadType] = {
@@ -24,7 +24,7 @@ def register(name: str, make: Callable[[Any], Head], options: type[Options] = Op
 
 def head_type(name: str) -> HeadType:
   if name not in REGISTRY:
-    raise UserError(f"objective.name={name!r} is not a registered head; choose one of {sorted(REGISTRY)}.")
+    raise UserError(f"objective.name={name!r} must be one of the registered heads {sorted(REGISTRY)}.")
   return REGISTRY[name]
 
 
@@ -45,5 +45,5 @@ def get(objective: Mapping[str, Any]) -> Head:
   return head_type(objective["name"]).make(resolve(objective))
 
 
-__all__ = ["Frozen", "Head", "HeadType", "LossContext", "LossOutput", "Options", "REGISTRY", "get", "head_type",
-           "register", "resolve", "section"]
+__all__ = ["Frozen", "Head", "HeadType", "LossContext", "LossOutput", "Options", "Part", "REGISTRY", "Rollout", "get",
+           "head_type", "register", "resolve", "section"]

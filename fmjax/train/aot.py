@@ -17,28 +17,22 @@ import ml_collections
 import numpy as np
 import optax
 
-from fmjax import adapters, config_lib, objectives, sharding, topology
+from fmjax import adapters, sharding, topology
+from fmjax import spec as spec_lib
 from fmjax.data import layout
 from fmjax.data.layout import Layout
 from fmjax.model import ModelConfig, splash
+from fmjax.spec import Spec
 from fmjax.train import checks, frozen, peak
 from fmjax.train import step as step_lib
 
 GiB = topology.GiB
 
 
-def batch_layout(config: ml_collections.ConfigDict) -> Layout:
+def batch_layout(spec: Spec) -> Layout:
   """The batch layout the run's data would yield, from the head's declaration (the data itself is not opened)."""
-  head = objectives.get(config.objective)
-  return layout.with_adapter(layout.for_head(head.layouts, head.columns, config.data.format),
-                             config_lib.adapter(config))
-
-
-def frozen_architectures(config: ml_collections.ConfigDict, presets: dict[str, str] | None = None
-                         ) -> dict[str, ModelConfig]:
-  """Role -> network of each frozen 'run' model the head reads (e.g. the distillation teacher): `presets[role]`,
-  else that run's config.json, else the config its bootstrap would pre-train."""
-  return frozen.architectures(config, objectives.get(config.objective), presets)
+  head = spec.head
+  return layout.with_adapter(layout.for_head(head.layouts, head.columns, spec.data.format), spec.adapter)
 
 
 @dataclasses.dataclass
@@ -77,21 +71,12 @@ class Cost:
     return None if not self.seconds else self.model_flops / (self.seconds * self.chips * self.peak_flops)
 
 
-def _copy(config: ml_collections.ConfigDict, **changes: Any) -> ml_collections.ConfigDict:
-  """A copy with `changes` as 'section.key': value."""
-  c = config.copy_and_resolve_references()
-  for key, value in changes.items():
-    section, name = key.split(".")
-    c[section][name] = value
-  return c
-
-
-def plan(config: ml_collections.ConfigDict, devices: list, archs: dict[str, ModelConfig]) -> step_lib.Plan:
+def plan(spec: Spec, devices: list, archs: dict[str, ModelConfig] | None) -> step_lib.Plan:
   """The run's jitted step and abstract arguments on a mesh of `devices`: nothing allocated, no data read."""
-  checks.validate(config)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  checks.check_batch(config, mesh.shape["data"] * mesh.shape["fsdp"])
-  return step_lib.plan(config, mesh, batch_layout(config), archs)
+  checks.check_spec(spec)
+  mesh = sharding.make_mesh(spec.mesh, devices)
+  checks.check_batch(spec.train, mesh.shape["data"] * mesh.shape["fsdp"])
+  return step_lib.plan(spec, mesh, batch_layout(spec), archs)
 
 
 def compile_for_tpu(lowered: jax.stages.Lowered) -> Any:
@@ -121,10 +106,10 @@ def argument_bytes(step: step_lib.Plan) -> dict[str, int]:
   return out
 
 
-def compile_memory(config: ml_collections.ConfigDict, devices: list, archs: dict[str, ModelConfig],
+def compile_memory(spec: Spec, devices: list, archs: dict[str, ModelConfig],
                    capacity: int | None = None) -> tuple[Memory, step_lib.Plan, Any]:
   """(per-chip HBM of the step, the step, the compiled step: None when the compiler refuses it for lack of HBM)."""
-  step = plan(config, devices, archs)
+  step = plan(spec, devices, archs)
   args = argument_bytes(step)
   t0 = time.perf_counter()
   try:
@@ -152,18 +137,17 @@ def _costs(compiled: Any) -> dict[str, float]:
           "bytes": float(ca.get("bytes accessed", 0.0))}
 
 
-def add_kernel_costs(cost: Cost, config: ml_collections.ConfigDict, archs: dict[str, ModelConfig],
-                     device_kind: str) -> None:
+def add_kernel_costs(cost: Cost, spec: Spec, archs: dict[str, ModelConfig], device_kind: str) -> None:
   """Adds the splash kernels' analytic work (fmjax.model.splash.kernel_cost) of one step to `cost`, per chip, at
   roofline: the trained model's forward, its recomputed forward under remat, its backward; the forward of each
   frozen model the head reads (a reference copy, or another run's network from `archs`). The batch and heads split
   evenly over the chips (data, fsdp and tensor axes all divide one or the other)."""
   bandwidth = peak.hbm_bandwidth(device_kind)
-  seq = config.train.seq_len
-  sequences = config.train.batch_size * batch_layout(config).rows_per_example
-  trained = config_lib.resolved_model(config)
+  seq = spec.train.seq_len
+  sequences = spec.train.batch_size * batch_layout(spec).rows_per_example
+  trained = spec.model
   models = [(trained, ("forward", "backward") + (("forward",) if trained.remat != "none" else ()))]
-  models += [(archs.get(f.role, trained), ("forward",)) for f in objectives.get(config.objective).frozen]
+  models += [(archs.get(f.role, trained), ("forward",)) for f in spec.head.frozen]
   for cfg, passes in models:
     if not splash.applies(cfg.attention_impl, seq, cfg.num_kv_heads, "tpu"):
       continue
@@ -176,27 +160,27 @@ def add_kernel_costs(cost: Cost, config: ml_collections.ConfigDict, archs: dict[
       cost.kernel_seconds += calls * max(flops / cost.peak_flops, moved / bandwidth if bandwidth else 0.0)
 
 
-def model_flops(config: ml_collections.ConfigDict) -> float:
+def model_flops(spec: Spec) -> float:
   """Model FLOPs of one step (fmjax.model.flops, the convention of every MFU fmjax prints) x tokens per step."""
-  cfg = config_lib.resolved_model(config)
-  rows = batch_layout(config).rows_per_example  # a preference pair's chosen and rejected rows both train
-  per_token = adapters.train_flops_per_token(cfg, config.train.seq_len, config_lib.adapter(config))
-  return per_token * config.train.batch_size * config.train.seq_len * rows
+  t = spec.train
+  rows = batch_layout(spec).rows_per_example  # a preference pair's chosen and rejected rows both train
+  per_token = adapters.train_flops_per_token(spec.model, t.seq_len, spec.adapter)
+  return per_token * t.batch_size * t.seq_len * rows
 
 
-def estimate_cost(config: ml_collections.ConfigDict, devices: list, archs: dict[str, ModelConfig],
+def estimate_cost(spec: Spec, devices: list, archs: dict[str, ModelConfig],
                   step: step_lib.Plan | None = None) -> Cost:
   """The cost model's FLOPs and step time. XLA's cost analysis counts a loop body once, so a step whose layers are
   scanned is measured on 1- and 2-layer copies compiled unrolled (one micro-batch) and extrapolated linearly to the
   full depth (and each frozen 'run' model, e.g. a teacher, to its depth); with gradient accumulation, k micro-batches
   and one optimizer update (compiled apart) make the step."""
-  cost = Cost(model_flops(config), peak.total_peak_flops(devices[:1])[0], len(devices))
-  k = config.train.grad_accum
-  layers = config_lib.resolved_model(config).num_layers
+  cost = Cost(model_flops(spec), peak.total_peak_flops(devices[:1])[0], len(devices))
+  k = spec.train.grad_accum
+  layers = spec.model.num_layers
 
   def probe(n: int, deeper_role: str = "") -> dict[str, float]:
-    c = _copy(config, **{"model.scan_layers": False, "model.num_layers": n, "train.grad_accum": 1,
-                         "train.batch_size": config.train.batch_size // k})
+    c = spec_lib.replace(spec, **{"model.scan_layers": False, "model.num_layers": n, "train.grad_accum": 1,
+                                  "train.batch_size": spec.train.batch_size // k})
     shallow = {r: dataclasses.replace(a, scan_layers=False, num_layers=2 if r == deeper_role else 1)
                for r, a in archs.items()}
     return _costs(compile_for_tpu(plan(c, devices, shallow).lower()))
@@ -205,7 +189,7 @@ def estimate_cost(config: ml_collections.ConfigDict, devices: list, archs: dict[
     runs = {"base": probe(1), "deeper": probe(2)}
     runs.update({f"frozen {r}": probe(1, r) for r in archs})
     if k > 1:
-      runs["update"] = _update_costs(step or plan(config, devices, archs))
+      runs["update"] = _update_costs(step or plan(spec, devices, archs))
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -229,7 +213,7 @@ def estimate_cost(config: ml_collections.ConfigDict, devices: list, archs: dict[
     return cost
   cost.compiler_seconds = extrapolate("seconds")
   cost.bytes_per_layer = runs["deeper"]["bytes"] - runs["base"]["bytes"] or None
-  add_kernel_costs(cost, config, archs, devices[0].device_kind)
+  add_kernel_costs(cost, spec, archs, devices[0].device_kind)
   cost.note = ("libtpu's cost model, 'optimal_seconds': per op about the slower of its compute and its HBM traffic; "
                "collectives count as HBM traffic, not ICI/DCN time, and overlap is perfect, so the projected MFU is "
                "an upper bound. Scanned layers extrapolated from 1- and 2-layer unrolled compiles"
@@ -255,10 +239,9 @@ def _update_costs(step: step_lib.Plan) -> dict[str, float]:
 _REMAT_STRENGTH = {"none": 0, "dots": 1, "projections": 1, "dots_no_batch": 2, "qkv_proj": 2, "full": 3}
 
 
-def suggestions(config: ml_collections.ConfigDict, memory: Memory, topo: topology.Topology,
-                mesh_shape: dict) -> list[str]:
+def suggestions(spec: Spec, memory: Memory, topo: topology.Topology, mesh_shape: dict) -> list[str]:
   """Concrete changes that lower the per-chip HBM of this run, the state's first, then the activations'."""
-  out, cfg, t = [], config_lib.resolved_model(config), config.train
+  out, cfg, t = [], spec.model, spec.train
   state = sum(v for k, v in memory.arguments.items() if k not in ("batch", "step, rng"))
   if mesh_shape["data"] > 1:
     out.append(f"shard the state over all chips: --config.mesh.data=1 --config.mesh.fsdp=-1 (with data="
@@ -289,22 +272,22 @@ def suggestions(config: ml_collections.ConfigDict, memory: Memory, topo: topolog
   return out
 
 
-def ladder(config: ml_collections.ConfigDict, batch_shards: int):
-  """(label, config) settings to try, cheapest first: as given, stronger remat, then each with micro-batches halved
+def ladder(spec: Spec, batch_shards: int):
+  """(label, spec) settings to try, cheapest first: as given, stronger remat, then each with micro-batches halved
   (gradient accumulation doubled: the global batch is kept) while they still split over the batch shards."""
-  remat = config_lib.resolved_model(config).remat
+  remat = spec.model.remat
   remats = [remat] + [r for r in ("dots", "full") if _REMAT_STRENGTH[r] > _REMAT_STRENGTH[remat]]
-  batch, k = config.train.batch_size, config.train.grad_accum
+  batch, k = spec.train.batch_size, spec.train.grad_accum
   while batch % k == 0 and (batch // k) % batch_shards == 0:
     for r in remats:
       yield (f"remat={r}, grad_accum={k} (micro-batch {batch // k})",
-             _copy(config, **{"model.remat": r, "train.grad_accum": k}))
+             spec_lib.replace(spec, **{"model.remat": r, "train.grad_accum": k}))
     k *= 2
 
 
 @dataclasses.dataclass
 class Report:
-  config: ml_collections.ConfigDict  # the settings compiled (with --search: the first that fits)
+  spec: Spec  # the settings compiled (with --search: the first that fits)
   topology: topology.Topology
   device_kind: str
   mesh: dict[str, int]
@@ -323,20 +306,21 @@ def analyse(config: ml_collections.ConfigDict, topo: topology.Topology, frozen_p
   """Compiles the run's step for `topo` and reports HBM per chip, the verdict, suggestions and (if `cost` and it
   fits) the cost model's step time and projected MFU. With `search`, tries `ladder`'s settings until one fits.
   `frozen_presets`: role -> preset for frozen 'run' models (e.g. {'teacher': 'llama3_70b'})."""
+  spec = spec_lib.resolve(config)
   devices = devices or topology.devices(topo)
-  archs = frozen_architectures(config, frozen_presets)
+  archs = frozen.architectures(spec, frozen_presets)
   capacity = topology.usable_hbm(devices[0])
-  memory, step, _ = compile_memory(config, devices, archs, capacity)
+  memory, step, _ = compile_memory(spec, devices, archs, capacity)
   tried = [("as given", memory)]
   if search and not memory.fits:
     shards = step.mesh.shape["data"] * step.mesh.shape["fsdp"]
-    for label, config in list(ladder(config, shards))[1:]:  # if none fits, the report is of the last one tried
-      memory, step, _ = compile_memory(config, devices, archs, capacity)
+    for label, spec in list(ladder(spec, shards))[1:]:  # if none fits, the report is of the last one tried
+      memory, step, _ = compile_memory(spec, devices, archs, capacity)
       tried.append((label, memory))
       if memory.fits:
         break
   mesh = dict(step.mesh.shape)
   tight = memory.capacity and memory.total > 0.9 * memory.capacity
-  advice = suggestions(config, memory, topo, mesh) if not memory.fits or tight else []
-  estimate = estimate_cost(config, devices, archs, step) if cost and memory.fits else None
-  return Report(config, topo, devices[0].device_kind, mesh, memory, estimate, advice, tried)
+  advice = suggestions(spec, memory, topo, mesh) if not memory.fits or tight else []
+  estimate = estimate_cost(spec, devices, archs, step) if cost and memory.fits else None
+  return Report(spec, topo, devices[0].device_kind, mesh, memory, estimate, advice, tried)

@@ -51,10 +51,10 @@ class Checkpointer:
       due = late
     return due
 
-  def save(self, step: int, state: Any, data_iter: Any, config: dict) -> None:
+  def save(self, step: int, state: Any, data_iter: Any, record: dict) -> None:
     self.manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(config)))
+        config=ocp.args.JsonSave(record)))
     self.last_save = time.monotonic()
 
   def restore_latest(self, target: Any, data_iter: Any, fresh: Any = None) -> tuple[Any, int] | None:

@@ -1,4 +1,4 @@
-"""Everything a run needs, built once from a config: mesh, model, data, sharded state, compiled step."""
+"""Everything a run needs, built once from a run spec: mesh, model, data, sharded state, compiled step."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
-
-from fmjax import adapters, config_lib, data, objectives, sharding
+from fmjax import adapters, data, objectives, sharding
 from fmjax.data import layout as layout_lib
 from fmjax.data import tokenizers
 from fmjax.model import ModelConfig, Transformer
+from fmjax.spec import Spec
 from fmjax.data import prompts
 from fmjax.train import checks
 from fmjax.train import frozen as frozen_lib
@@ -26,7 +25,7 @@ from fmjax.train import step as step_lib
 
 @dataclasses.dataclass
 class Experiment:
-  config: ml_collections.ConfigDict
+  spec: Spec
   model_cfg: ModelConfig
   mesh: jax.sharding.Mesh
   model: Transformer
@@ -76,57 +75,55 @@ class Experiment:
     return result
 
 
-def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
+def build(spec: Spec, devices: list | None = None) -> Experiment:
   """Mesh, tokenizer, data, the compiled step and eval step, and the state: initialised (seed), with the frozen
   models the head declares ('policy' copies of the initial params, 'run' models read from their directories)."""
-  checks.validate(config)
-  model_cfg = config_lib.resolved_model(config)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  checks.check_batch(config, mesh.shape["data"] * mesh.shape["fsdp"])
-  head = objectives.get(config.objective)
+  model_cfg, head, t = spec.model, spec.head, spec.train
+  mesh = sharding.make_mesh(spec.mesh, devices)
+  checks.check_batch(t, mesh.shape["data"] * mesh.shape["fsdp"])
 
-  tokenizer = data.make_tokenizer(config.data)
+  tokenizer = data.make_tokenizer(spec.data)
   data.check_vocab(tokenizer, model_cfg.vocab_size)
   if head.rollout is not None:  # the data yields prompts; the rollout makes each batch with the current params
-    records = prompts.open_records(config.data)
-    dataset = prompts.dataset(config.data, config.train.batch_size, config.train.seq_len, head.rollout, tokenizer,
-                              records)
-    batch_layout = layout_lib.with_adapter(layout_lib.for_head(head.layouts, head.columns), adapters.get(config))
+    records = prompts.open_records(spec.data)
+    dataset = prompts.dataset(spec.data, t.batch_size, t.seq_len, head.rollout, tokenizer, records)
+    batch_layout = layout_lib.with_adapter(layout_lib.for_head(head.layouts, head.columns), spec.adapter)
   else:
-    dataset, batch_layout = data.train_dataset(config, tokenizer, jax.process_index(), jax.process_count())
-  layout_lib.check(batch_layout, config.objective.name, head.layouts, head.columns)
+    dataset, batch_layout = data.train_dataset(spec.data, t, tokenizer, jax.process_index(), jax.process_count(),
+                                               spec.adapter, model_cfg.num_labels)
+  layout_lib.check(batch_layout, spec.head_name, head.layouts, head.columns)
 
-  plan = step_lib.plan(config, mesh, batch_layout)
+  plan = step_lib.plan(spec, mesh, batch_layout)
   t0 = time.perf_counter()
   compiled = plan.lower().compile()
   compile_seconds = time.perf_counter() - t0
   model, rules = plan.model, plan.rules
-  state, _ = train_state.create(model, plan.tx, mesh, rules, config.train.seed, config.train.spike_window,
-                                head.parts)
+  state, _ = train_state.create(model, plan.tx, mesh, rules, t.seed, t.spike_window, head.parts)
   frozen = {**frozen_lib.policy_copies(plan.frozen, train_state.base_params(state)),
-            **frozen_lib.load_runs(config, plan.frozen, tokenizers.tokenizer_id(tokenizer))}
+            **frozen_lib.load_runs(spec.frozen_runs, plan.frozen, tokenizers.tokenizer_id(tokenizer))}
   state = state.replace(frozen={**state.frozen, **frozen})
   eval_fn, eval_batches = None, {}
-  if config.eval.every_steps:
+  if spec.eval.every_steps:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      local = data.eval_batches(config, tokenizer, jax.process_index(), jax.process_count())
+      local = data.eval_batches(spec.eval, spec.data, t, tokenizer, jax.process_index(), jax.process_count(),
+                                spec.adapter, model_cfg.num_labels)
       eval_batches = {name: [sharding.global_batch(b, mesh) for b in batches] for name, batches in local.items()}
       eval_step = lambda st, b: head.loss(st.params, b, plan.context(st.frozen))  # noqa: E731
       eval_fn = jax.jit(eval_step, in_shardings=(plan.shardings, sharding.batch_sharding(mesh)),
                         out_shardings=sharding.replicated(mesh)).lower(plan.state, plan.batch).compile()
   trained = train_state.count_params(state.params)
-  flops_per_token = adapters.train_flops_per_token(model_cfg, config.train.seq_len, model.adapter, trained)
-  exp = Experiment(config, model_cfg, mesh, model, tokenizer, dataset, iter(dataset), head, batch_layout, plan.frozen,
+  flops_per_token = adapters.train_flops_per_token(model_cfg, t.seq_len, model.adapter, trained)
+  exp = Experiment(spec, model_cfg, mesh, model, tokenizer, dataset, iter(dataset), head, batch_layout, plan.frozen,
                    state, plan.shardings, compiled, compile_seconds, trained,
                    flops_per_token, eval_fn, eval_batches)
   if head.rollout is not None:
-    exp.rollout = rollout_lib.Driver(head.rollout, config.train.seq_len, config.data.chat_template, model, tokenizer,
-                                     records, exp.stream, mesh, plan.frozen)
+    exp.rollout = rollout_lib.Driver(head.rollout, t.seq_len, spec.data.chat_template, model, tokenizer, records,
+                                     exp.stream, mesh, plan.frozen)
   base = train_state.count_params(state.frozen.get("base", {}))
   notes = ([model.adapter.describe(exp.num_params)] if model.adapter else []) + \
       [f"+ frozen {s.role}" + (" (a copy)" if s.role in state.frozen and s.source == "policy" else "")
        for s in head.frozen]
   logging.info("model %s: %s parameters%s, %.1f MFLOP/token (training); mesh %s; step compiled in %.1fs",
-               config.model.name, f"{exp.num_params + base:,}", f" ({'; '.join(notes)})" if notes else "",
+               spec.record["model"]["name"], f"{exp.num_params + base:,}", f" ({'; '.join(notes)})" if notes else "",
                exp.flops_per_token / 1e6, dict(mesh.shape), exp.compile_seconds)
   return exp

@@ -11,7 +11,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 from jax.sharding import Mesh
 
 from fmjax import config_lib, sharding
@@ -20,49 +19,37 @@ from fmjax.adapters import combine
 from fmjax.model import ModelConfig, Transformer, init_params, resolve
 from fmjax.objectives import Frozen, Head, LossContext
 from fmjax.objectives.base import PARTS, Part
+from fmjax.spec import FrozenRun, Spec
 from fmjax.train import checkpoint, init_from, weights
 
 
-def run_keys(config: ml_collections.ConfigDict, spec: Frozen) -> tuple[str, int, str]:
-  """(run directory, step, bootstrap config) of a 'run' model, from objective.<key>, <key>_step, <key>_bootstrap."""
-  key, o = spec.config_key, config.objective
-  if key not in o:
-    raise UserError(f"the head {o.name!r} reads its frozen {spec.role!r} from objective.{key}, which this config "
-                    f"lacks; add c.objective.{key} = '' (a run directory) in the config file.")
-  return o[key], o.get(f"{key}_step", -1), o.get(f"{key}_bootstrap", "")
-
-
-def architecture(config: ml_collections.ConfigDict, spec: Frozen, preset: str = "") -> ModelConfig | None:
-  """The network of a frozen model: None for 'policy' (the run's own); for 'run', `preset` (the AOT planner's
-  override), else the run directory's config.json, else the config its bootstrap would pre-train."""
-  if spec.source == "policy":
-    return None
-  workdir, _, bootstrap = run_keys(config, spec)
-  key = f"objective.{spec.config_key}"
+def architecture(run: FrozenRun, head_name: str, vocab: int, preset: str = "") -> ModelConfig:
+  """The network of a frozen 'run' model: `preset` (the AOT planner's override), else the run directory's
+  config.json, else the config its bootstrap would pre-train. It must have this run's vocabulary (`vocab`)."""
+  key = f"objective.{run.key}"
   if preset:
     cfg = resolve(preset)
-  elif workdir:
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
-      raise UserError(f"{key}={workdir!r} is not an fmjax run directory (no config.json); point it at a trained run "
-                      "(any size, with this run's tokenizer).")
-    cfg = config_lib.resolved_model(weights.run_config(workdir))
-  elif bootstrap:
-    cfg = config_lib.resolved_model(config_lib.load(bootstrap))
+  elif run.workdir:
+    if not os.path.isfile(os.path.join(run.workdir, "config.json")):
+      raise UserError(f"{key}={run.workdir!r} is not an fmjax run directory (no config.json); point it at a trained "
+                      "run (any size, with this run's tokenizer).")
+    cfg = config_lib.resolved_model(weights.run_config(run.workdir))
+  elif run.bootstrap:
+    cfg = config_lib.resolved_model(config_lib.load(run.bootstrap))
   else:
-    raise UserError(f"objective.name={config.objective.name!r} needs {key}=WORKDIR: a trained run (of any size, with "
-                    f"this run's tokenizer) as its frozen {spec.role}.")
-  vocab = config_lib.resolved_model(config).vocab_size
+    raise UserError(f"objective.name={head_name!r} needs {key}=WORKDIR: a trained run (of any size, with this run's "
+                    f"tokenizer) as its frozen {run.role}.")
   if cfg.vocab_size != vocab:
-    raise UserError(f"{key}: the frozen {spec.role} has vocab_size {cfg.vocab_size} but this run {vocab}; they share "
+    raise UserError(f"{key}: the frozen {run.role} has vocab_size {cfg.vocab_size} but this run {vocab}; they share "
                     "one tokenizer: use a run (or preset) of the same vocabulary, or set model.vocab_size.")
   return cfg
 
 
-def architectures(config: ml_collections.ConfigDict, head: Head,
-                  presets: dict[str, str] | None = None) -> dict[str, ModelConfig]:
+def architectures(spec: Spec, presets: dict[str, str] | None = None) -> dict[str, ModelConfig]:
   """Role -> network of each 'run' model the head reads."""
   presets = presets or {}
-  return {s.role: architecture(config, s, presets.get(s.role, "")) for s in head.frozen if s.source == "run"}
+  return {r.role: architecture(r, spec.head_name, spec.model.vocab_size, presets.get(r.role, ""))
+          for r in spec.frozen_runs}
 
 
 @dataclasses.dataclass
@@ -104,30 +91,16 @@ def policy_copies(p: Plan, start: Any) -> dict[str, Any]:
   return {role: jax.tree.map(jnp.copy, start) for role in policy_roles(p)}
 
 
-def load_runs(config: ml_collections.ConfigDict, p: Plan, tokenizer_id: str) -> dict[str, Any]:
+def load_runs(runs: tuple[FrozenRun, ...], p: Plan, tokenizer_id: str) -> dict[str, Any]:
   """Role -> weights of each 'run' model, read into its shardings (read at every start: not checkpointed)."""
   out = {}
-  for spec in p.specs:
-    if spec.source != "run":
-      continue
-    workdir, step, _ = run_keys(config, spec)
-    key = f"objective.{spec.config_key}"
-    init_from.check_tokenizer(workdir, {"id": tokenizer_id}, key=key)
-    out[spec.role] = init_from.read(workdir, step, p.abstract[spec.role], key=key)
-    cfg = p.networks[spec.role].cfg
-    logging.info("frozen %s: %s (%s parameters, d_model %d, %d layers)", spec.role, workdir,
-                 f"{sum(x.size for x in jax.tree.leaves(out[spec.role])):,}", cfg.d_model, cfg.num_layers)
-  return out
-
-
-def bootstrap_specs(config: ml_collections.ConfigDict, head: Head) -> list[tuple[str, str]]:
-  """(objective key, bootstrap config) of each 'run' model to pre-train first: no directory, a bootstrap set."""
-  out = []
-  for spec in head.frozen:
-    if spec.source == "run":
-      workdir, _, bootstrap = run_keys(config, spec)
-      if bootstrap and not workdir:
-        out.append((spec.config_key, bootstrap))
+  for run in runs:
+    key = f"objective.{run.key}"
+    init_from.check_tokenizer(run.workdir, {"id": tokenizer_id}, key=key)
+    out[run.role] = init_from.read(run.workdir, run.step, p.abstract[run.role], key=key)
+    cfg = p.networks[run.role].cfg
+    logging.info("frozen %s: %s (%s parameters, d_model %d, %d layers)", run.role, run.workdir,
+                 f"{sum(x.size for x in jax.tree.leaves(out[run.role])):,}", cfg.d_model, cfg.num_layers)
   return out
 
 

@@ -12,7 +12,9 @@ import time
 import jax
 import ml_collections
 
-from fmjax import config_lib, distributed, objectives
+from fmjax import config_lib, distributed
+from fmjax import spec as spec_lib
+from fmjax.spec import Spec
 from fmjax.data import tokenizers
 from fmjax.errors import UserError
 from fmjax.governance import lineage
@@ -30,15 +32,15 @@ class DivergenceError(UserError):
   """Loss spikes went on past train.spike_skips consecutive steps."""
 
 
-def _bootstrap(spec: str, workdir: str, into: str) -> str:
-  """Pre-trains config `spec` (`path.py[:variant]`; config files write it beside themselves, config_lib.sibling)
+def _bootstrap(config_file: str, workdir: str, into: str) -> str:
+  """Pre-trains `config_file` (`path.py[:variant]`; config files write it beside themselves, config_lib.sibling)
   into WORKDIR/`into`, or finds it there already; returns that directory."""
-  path, _, variant = spec.partition(":")
+  path, _, variant = config_file.partition(":")
   if not os.path.isfile(path):
-    raise UserError(f"bootstrap config {spec!r}: {path!r} does not exist; name an existing config file (a relative "
+    raise UserError(f"bootstrap config {config_file!r}: {path!r} does not exist; name an existing config file (a relative "
                     "path is read from the working directory).")
   target = os.path.join(workdir, into)
-  logging.info("pre-training %s into %s first", spec, target)
+  logging.info("pre-training %s into %s first", config_file, target)
   train(config_lib.load(f"{path}:{variant}" if variant else path), target)
   return target
 
@@ -46,7 +48,7 @@ def _bootstrap(spec: str, workdir: str, into: str) -> str:
 def _write_run_files(exp: Experiment, workdir: str) -> dict:
   """config.json (the resolved config and the tokenizer's id) and the tokenizer, on process 0; returns the config.
   Hosts that disagree (another config file, an edited flag, a differently trained tokenizer) would train garbage."""
-  resolved = json.loads(config_lib.resolve(exp.config).to_json_best_effort())
+  resolved = json.loads(json.dumps(exp.spec.record))
   resolved["tokenizer"] = {"id": tokenizers.tokenizer_id(exp.tokenizer), "vocab_size": exp.tokenizer.vocab_size}
   distributed.check_same("resolved config or tokenizer", json.dumps(resolved, sort_keys=True))
   if jax.process_index() == 0:
@@ -66,7 +68,7 @@ def _unfrozen(tree: train_state.TrainState) -> train_state.TrainState:
 def _starting_state(exp: Experiment, ckpt: checkpoint.Checkpointer, workdir: str, tokenizer: dict) -> int:
   """Sets `exp.state`: resumed from the newest checkpoint if any, the starting weights from `init_from` (on a
   resume only the frozen trees: a parameterisation's base and 'policy' copies), and returns the step it starts at."""
-  config = exp.config
+  init = exp.spec.init_from
   restored = ckpt.restore_latest(checkpoint.abstract(_unfrozen(exp.state), _unfrozen(exp.state_shardings)),
                                  exp.stream, fresh=_unfrozen(exp.state))
   if restored is not None:
@@ -76,19 +78,37 @@ def _starting_state(exp: Experiment, ckpt: checkpoint.Checkpointer, workdir: str
                  f"; dropped {dropped} metrics rows logged after it" if dropped else "")
   copies = frozen.policy_roles(exp.frozen_plan)
   from_start = restored is None or "base" in exp.state.frozen or copies  # what a resume still reads from init_from
-  if (config.init_from.workdir or config.init_from.bootstrap) and from_start:
-    source = config.init_from.workdir or _bootstrap(config.init_from.bootstrap, workdir, "base")
+  if (init.workdir or init.bootstrap) and from_start:
+    source = init.workdir or _bootstrap(init.bootstrap, workdir, "base")
     init_from.check_tokenizer(source, tokenizer)
-    exp.state, start = init_from.load(exp.state, exp.state_shardings, source, config.init_from.step,
+    exp.state, start = init_from.load(exp.state, exp.state_shardings, source, init.step,
                                       frozen_only=restored is not None, copies=copies,
                                       base_name=exp.model.adapter.title if exp.model.adapter else "")
     exp.state = exp.state.replace(frozen={**exp.state.frozen, **frozen.policy_copies(exp.frozen_plan, start)})
   return int(jax.device_get(exp.state.step))
 
 
-def _evaluates(config: ml_collections.ConfigDict, step: int) -> bool:
-  every = config.eval.every_steps
-  return bool(every) and (step % every == 0 or step == config.train.steps)
+def _lineage(spec: Spec, workdir: str, rows_per_example: int) -> dict:
+  """The run's lineage.json: by then a bootstrapped base (WORKDIR/base) exists and the frozen runs are directories."""
+  init = spec.init_from
+  source = init.workdir or (os.path.join(workdir, "base") if init.bootstrap else "")
+  parent = None
+  if source:
+    parent = {"workdir": os.path.abspath(source),
+              "step": int(os.path.basename(init_from.checkpoint_dir(source, init.step)))}
+  runs = [{"role": r.role, "workdir": os.path.abspath(r.workdir), "step": r.step} for r in spec.frozen_runs]
+  stage = spec.head_name + (f"+{spec.adapter.title.lower()}" if spec.adapter is not None else "")
+  d = spec.data
+  sources = [(part["source"], f"train:{name}") for name, part in sorted(d.mixture.items())] if d.mixture else \
+      [(d.source, "train")]
+  sources += [(source, f"eval:{name}") for name, source in sorted(spec.eval.sources.items())]
+  t = spec.train
+  return lineage.record(stage, sources, parent, runs, t.batch_size * t.seq_len * rows_per_example)
+
+
+def _evaluates(spec: Spec, step: int) -> bool:
+  every = spec.eval.every_steps
+  return bool(every) and (step % every == 0 or step == spec.train.steps)
 
 
 class _Reporter:
@@ -96,11 +116,11 @@ class _Reporter:
   applies the run's stop rules (non-finite losses, loss spikes)."""
 
   def __init__(self, exp: Experiment, workdir: str, ckpt: checkpoint.Checkpointer):
-    self.config, self.exp, self.ckpt = exp.config, exp, ckpt
+    self.spec, self.exp, self.ckpt = exp.spec, exp, ckpt
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    self.peak_flops, source = peak.total_peak_flops(jax.devices(), self.config.log.peak_flops)
+    self.peak_flops, source = peak.total_peak_flops(jax.devices(), self.spec.log.peak_flops)
     logging.info("peak %.1f TFLOP/s over %d device(s) (%s)", self.peak_flops / 1e12, jax.device_count(), source)
-    t = self.config.train
+    t = self.spec.train
     self.tokens_per_step = t.batch_size * t.seq_len * exp.layout.rows_per_example
     self.skipped = self.spikes = 0
     self.window_start, self.window_steps, self.window_end = time.perf_counter(), 0, (0, 0.0)
@@ -108,7 +128,7 @@ class _Reporter:
 
   def logs(self, step: int) -> bool:
     """Whether `step` writes a row with the throughput (a spike writes one too, found only when it is read)."""
-    return step % self.config.log.every_steps == 0 or step == self.config.train.steps or _evaluates(self.config, step)
+    return step % self.spec.log.every_steps == 0 or step == self.spec.train.steps or _evaluates(self.spec, step)
 
   def close_window(self, step: int, metrics: dict) -> None:
     """Called before the next step is dispatched: on a logged step, waits for its device work and ends the window
@@ -139,7 +159,7 @@ class _Reporter:
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     self.window_steps += 1
     self.window_rollout += m.get("rollout_seconds", 0.0)
-    total = self.config.train.steps
+    total = self.spec.train.steps
     if not self.logs(step) and not m.get("spike"):
       return self._check(step, m)
     step_seconds = (now - self.window_start) / self.window_steps
@@ -155,7 +175,7 @@ class _Reporter:
     self._check(step, m)
 
   def _check(self, step: int, m: dict) -> None:
-    t = self.config.train
+    t = self.spec.train
     if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
       if not t.skip_nonfinite:
         raise NonFiniteLossError(
@@ -186,16 +206,16 @@ def _save_due(exp: Experiment, ckpt: checkpoint.Checkpointer, stop: preemption.W
               start: int) -> tuple[bool, bool]:
   """(preempted or told to stop after this step, due a checkpoint)."""
   boundary = exp.boundary(step)  # an RL run checkpoints and stops only where a rollout's steps end
-  preempted = boundary and (stop.requested(step) or step - start >= exp.config.train.stop_after > 0)
-  return preempted, preempted or step == exp.config.train.steps or (boundary and ckpt.due(step))
+  preempted = boundary and (stop.requested(step) or step - start >= exp.spec.train.stop_after > 0)
+  return preempted, preempted or step == exp.spec.train.steps or (boundary and ckpt.due(step))
 
 
 def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Reporter, stop: preemption.Watcher,
                start: int, resolved: dict, digests) -> int:
   """Steps start+1 .. train.steps (or until preempted); returns the last step taken."""
-  config, state, pending, step = exp.config, exp.state, None, start
+  spec, state, pending, step = exp.spec, exp.state, None, start
   try:
-    for step in range(start + 1, config.train.steps + 1):
+    for step in range(start + 1, spec.train.steps + 1):
       batch, made = exp.batch(state, step)
       if digests is not None:
         digests.write(step, batch)
@@ -203,7 +223,7 @@ def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Report
       metrics = {**metrics, **made}
       if pending is not None:
         reporter.finish(*pending)
-      if _evaluates(config, step):
+      if _evaluates(spec, step):
         with reporter.untimed(metrics):
           metrics = {**metrics, **jax.device_get(exp.evaluate(state))}
       pending = (step, metrics)
@@ -224,23 +244,23 @@ def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Report
 def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one; returns the experiment (its
   `state` holds the final params). SIGTERM saves a checkpoint at the next step boundary and returns early."""
-  checks.check_run(config, workdir)  # bad values, the run directory and the inputs: before any work
-  for key, spec in frozen.bootstrap_specs(config, objectives.get(config.objective)):
-    config.objective[key] = _bootstrap(spec, workdir, key)
-  exp = build(config)
+  spec = spec_lib.resolve(config)  # every value checked, once
+  checks.check_run(spec, workdir)  # the run directory and the inputs: before any work
+  for run in spec.frozen_runs:
+    if run.bootstrap and not run.workdir:
+      spec = spec.with_frozen_workdir(run.role, _bootstrap(run.bootstrap, workdir, run.key))
+  exp = build(spec)
   resolved = _write_run_files(exp, workdir)
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+  ckpt = checkpoint.Checkpointer(workdir, spec.checkpoint)
   start = _starting_state(exp, ckpt, workdir, resolved["tokenizer"])
   if jax.process_index() == 0:  # after _starting_state: a bootstrapped base exists by then
-    t = config.train
-    lineage.write(workdir, lineage.record(config, workdir, objectives.get(config.objective),
-                                          t.batch_size * t.seq_len * exp.layout.rows_per_example))
+    lineage.write(workdir, _lineage(spec, workdir, exp.layout.rows_per_example))
   reporter = _Reporter(exp, workdir, ckpt)
-  digests = metrics_lib.BatchDigests(workdir) if config.log.batch_digests else None
+  digests = metrics_lib.BatchDigests(workdir) if spec.log.batch_digests else None
   stop = preemption.Watcher()
   step = start
   try:
-    if config.eval.at_start and config.eval.every_steps and start == 0:  # the starting point, e.g. a CPT base
+    if spec.eval.at_start and spec.eval.every_steps and start == 0:  # the starting point, e.g. a CPT base
       reporter.evaluate_start(exp.state)
     step = _run_steps(exp, ckpt, reporter, stop, start, resolved, digests)
   finally:
@@ -252,9 +272,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
       digests.close()
     if hasattr(exp.stream, "close"):
       exp.stream.close()  # stops grain's worker processes, if any
-  if step < config.train.steps:
+  if step < spec.train.steps:
     logging.info("stopped (%s): saved step %d to %s; run the same command again to resume",
                  stop.reason if stop.signalled else "train.stop_after", step, ckpt.directory)
   else:
-    logging.info("done: %d steps in %s", config.train.steps - start, workdir)
+    logging.info("done: %d steps in %s", spec.train.steps - start, workdir)
   return exp

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from fmjax.errors import UserError
+from fmjax.spec import OPTIMIZERS, SCHEDULES
 
-SCHEDULES = ("cosine", "wsd", "constant")
 
 
 def make_schedule(opt: Any, total_steps: int) -> optax.Schedule:
@@ -54,7 +54,6 @@ def decay_mask(params: Any, no_decay_regex: str) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: not (pattern and pattern.search(path_str(p))), params)
 
 
-OPTIMIZERS = ("adamw", "sgd")
 
 
 def make_optimizer(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:

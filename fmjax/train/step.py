@@ -1,5 +1,5 @@
 """The one train step every stage shares, `(state, batch) -> (state, metrics)`: `make` builds the pure function,
-`plan` jits it for a config on a mesh over an abstract state (nothing allocated), which both `experiment.build`
+`plan` jits it for a run spec on a mesh over an abstract state (nothing allocated), which both `experiment.build`
 and the AOT planner (fmjax/train/aot.py) compile."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fmjax import config_lib, objectives, sharding
+from fmjax import objectives, sharding
 from fmjax.data.layout import Layout
 from fmjax.model import ModelConfig, Transformer
 from fmjax.objectives import LossContext, LossOutput
 from fmjax.sharding import BATCH_AXES
+from fmjax.spec import Spec
 from fmjax.train import frozen as frozen_lib
 from fmjax.train import optimizer as optim
 from fmjax.train import state as train_state
@@ -103,7 +103,7 @@ def make(loss_fn: Callable[..., LossOutput], context: Callable[..., LossContext]
 
 @dataclasses.dataclass
 class Plan:
-  """The train step of a config on a mesh, jitted with its shardings, and the abstract arguments it compiles for.
+  """The train step of a run spec on a mesh, jitted with its shardings, and the abstract arguments it compiles for.
   Nothing is allocated: `experiment.build` compiles it and then creates the state; the AOT planner compiles it for
   a TPU topology that is not attached."""
   mesh: jax.sharding.Mesh
@@ -124,29 +124,27 @@ class Plan:
       return self.jitted.lower(self.state, self.batch)
 
 
-def plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, layout: Layout,
-         archs: dict[str, ModelConfig] | None = None) -> Plan:
-  """The jitted step of `config` on `mesh` for batches of `layout`, over an abstract state: the trained params and
-  optimizer state plus the frozen trees (a parameterisation's base; the frozen models the head declares, 'run' ones with the
-  networks `archs` gives, default: `frozen.architectures`)."""
-  rules = tuple(tuple(r) for r in config.mesh.rules)
-  head = objectives.get(config.objective)
-  model = Transformer(config_lib.resolved_model(config), config_lib.adapter(config))
-  schedule = optim.make_schedule(config.optimizer, config.train.steps)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  state, shardings = train_state.abstract(model, tx, mesh, rules, config.train.seed, config.train.spike_window,
-                                          head.parts)
+def plan(spec: Spec, mesh: jax.sharding.Mesh, layout: Layout, archs: dict[str, ModelConfig] | None = None) -> Plan:
+  """The jitted step of `spec` on `mesh` for batches of `layout`, over an abstract state: the trained params and
+  optimizer state plus the frozen trees (a parameterisation's base; the frozen models the head declares, 'run' ones
+  with the networks `archs` gives, default: `frozen.architectures`)."""
+  rules = tuple(tuple(r) for r in spec.mesh.rules)
+  head, t = spec.head, spec.train
+  model = Transformer(spec.model, spec.adapter)
+  schedule = optim.make_schedule(spec.optimizer, t.steps)
+  tx = optim.make_optimizer(spec.optimizer, schedule)
+  state, shardings = train_state.abstract(model, tx, mesh, rules, t.seed, t.spike_window, head.parts)
   start, start_sh = train_state.base_params(state), train_state.base_params(shardings)
-  archs = frozen_lib.architectures(config, head) if archs is None else archs
+  archs = frozen_lib.architectures(spec) if archs is None else archs
   fp = frozen_lib.plan(head, model, start, start_sh, mesh, rules, archs)
   state = state.replace(frozen={**state.frozen, **fp.abstract})
   shardings = shardings.replace(frozen={**shardings.frozen, **fp.shardings})
   context = frozen_lib.make_context(model, fp)
-  pure = make(head.loss, context, tx, schedule, grad_accum=config.train.grad_accum,
-              skip_nonfinite=config.train.skip_nonfinite, spike_factor=config.train.spike_factor, mesh=mesh)
+  pure = make(head.loss, context, tx, schedule, grad_accum=t.grad_accum, skip_nonfinite=t.skip_nonfinite,
+              spike_factor=t.spike_factor, mesh=mesh)
   batch_sh = sharding.batch_sharding(mesh)
   jitted = jax.jit(pure, in_shardings=(shardings, batch_sh), out_shardings=(shardings, sharding.replicated(mesh)),
                    donate_argnums=0)
-  batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), dtype, sharding=batch_sh)
+  batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), dtype, sharding=batch_sh)
            for k, dtype in layout.dtypes().items()}
   return Plan(mesh, rules, model, head, layout, fp, tx, context, state, shardings, batch, jitted)

@@ -97,7 +97,8 @@ def load(workdir: str, step: int = -1) -> RunWeights:
   return RunWeights(config, model_cfg, adapter, params, step, data.run_tokenizer_file(workdir))
 
 
-def write_run(output: str, params: dict, config: ml_collections.ConfigDict, step: int, tokenizer_path: str) -> str:
+def write_run(output: str, params: dict, run_config: ml_collections.ConfigDict, step: int,
+              tokenizer_path: str) -> str:
   """Writes `params` as checkpoint `step` of a new run directory `output` (with config.json and the tokenizer), so
   `init_from.workdir=output` starts from them. Refuses to overwrite an existing checkpoint."""
   target = os.path.join(os.path.abspath(output), "checkpoints", str(step), "state")
@@ -112,7 +113,7 @@ def write_run(output: str, params: dict, config: ml_collections.ConfigDict, step
   handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=1)
   ocp.Checkpointer(handler).save(target, args=ocp.args.PyTreeSave({"params": jax.tree.map(np.asarray, params)}))
   with open(os.path.join(output, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+    f.write(run_config.to_json_best_effort(indent=2))
   if tokenizer_path:
     data.tokenizer_from_file(tokenizer_path).save(output)
   return target
