@@ -1,5 +1,7 @@
-"""Config helpers: variant parsing (`configs/x.py:k=v,flag`), the base config every stage extends, resolving the
-model. Checks of a config at start are fmjax/config_checks.py's."""
+"""Config helpers for config files and tools: variant parsing (`configs/x.py:k=v,flag`), the base config every stage
+extends (built from the declarations: fmjax/spec.py's sections, the heads' options, the parameterisations'), the
+head's section (`use_head`), the fine-tuning base, loading a config file. Resolving and checking a config is
+fmjax/spec.py's."""
 
 from __future__ import annotations
 

@@ -25,15 +25,15 @@ def test_sharded_eval_equals_unsharded_recomputation(repo):
   c.train.seq_len, c.eval.batches = 32, 3
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
   exp = from_config.build(c)
-  got = jax.device_get(exp.evaluate(exp.state))
+  got = jax.device_get(exp.run.evaluate(exp.state))
   params = jax.device_get(exp.state.params)
   nll_sum = weight = 0.0
-  for b in from_config.eval_batches(c, exp.tokenizer)["default"]:
-    logits = Transformer(exp.model_cfg).apply({"params": params}, b["tokens"], b["segment_ids"], b["positions"])
+  for b in from_config.eval_batches(c, exp.run.tokenizer)["default"]:
+    logits = Transformer(exp.run.model_cfg).apply({"params": params}, b["tokens"], b["segment_ids"], b["positions"])
     nll, _ = token_nll(logits, jnp.asarray(b["targets"]))
     nll_sum += float(np.sum(np.asarray(nll, np.float64) * b["loss_mask"]))
     weight += float(b["loss_mask"].sum())
-  assert len(exp.eval_batches["default"]) == 3
+  assert len(exp.run.eval_batches["default"]) == 3
   np.testing.assert_allclose(got["eval_loss"], nll_sum / weight, rtol=1e-5)
   np.testing.assert_allclose(got["eval_perplexity"], np.exp(nll_sum / weight), rtol=1e-5)
 
@@ -47,9 +47,9 @@ def test_each_named_eval_source_is_logged_and_the_total_is_their_token_mean(repo
   notes.write_text("".join(f'{{"text": "note {i}: the same short line"}}\n' for i in range(300)))
   c.data.mixture = {"prose": {"source": "embedded:prose", "weight": "0.7"}, "notes": {"source": str(notes)}}
   exp = from_config.build(c)
-  got = jax.device_get(exp.evaluate(exp.state))
+  got = jax.device_get(exp.run.evaluate(exp.state))
   assert {"eval_loss", "eval_loss/prose", "eval_loss/notes", "eval_perplexity/notes"} <= set(got)
-  weights = {name: sum(float(np.sum(b["loss_mask"])) for b in batches) for name, batches in exp.eval_batches.items()}
+  weights = {name: sum(float(np.sum(b["loss_mask"])) for b in batches) for name, batches in exp.run.eval_batches.items()}
   total = sum(got[f"eval_loss/{n}"] * w for n, w in weights.items()) / sum(weights.values())
   np.testing.assert_allclose(got["eval_loss"], total, rtol=1e-5)
   assert abs(got["eval_loss/prose"] - got["eval_loss/notes"]) > 1e-3  # two different held-out sets

@@ -1,6 +1,7 @@
 """A loss head defined here, outside the package, that needs a frozen model: registered with one call, it trains
 through the loop and compiles ahead of time for a TPU slice, with no edit to fmjax/."""
 
+import dataclasses
 import json
 import os
 
@@ -82,7 +83,7 @@ def test_divergence_guard_skips_spikes_then_stops_the_run_naming_the_step(anchor
 
   def build(spec, devices=None):
     exp = real_build(spec, devices)
-    compiled = exp.step
+    compiled = exp.run.step
 
     def planted(state, batch):
       if int(state.step) >= 12:
@@ -90,7 +91,7 @@ def test_divergence_guard_skips_spikes_then_stops_the_run_naming_the_step(anchor
         return state, {**metrics, "loss": metrics["loss"] * 1000, "spike": jnp.int32(1)}
       return compiled(state, batch)
 
-    exp.step = planted
+    exp.run = dataclasses.replace(exp.run, step=planted)
     return exp
 
   monkeypatch.setattr(loop, "build", build)

@@ -163,18 +163,15 @@ PARAMETERISATIONS = ("lora", "reft")  # fmjax/adapters/ REGISTRY's names
 
 
 def _words(path: str) -> set[str]:
-  """The lower-cased words of a module's code: its identifiers and the words of its string literals, docstrings and
-  comments left out (they may cite a method by name; code must not depend on one)."""
+  """The lower-cased words of a module: its identifiers and the words of its strings, docstrings included (comments
+  are not in the syntax tree)."""
   import re
 
   with open(path, encoding="utf-8") as f:
     tree = ast.parse(f.read(), path)
-  docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
-                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
   words: set[str] = set()
   for node in ast.walk(tree):
-    if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
       words |= {w.lower() for w in re.findall(r"[A-Za-z]+", node.value)}
     for attr in ("id", "attr", "name", "arg", "asname", "module"):
       value = getattr(node, attr, None)

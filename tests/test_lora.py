@@ -105,10 +105,10 @@ def lora_run_config(repo, mesh=(1, 1, 1)):
 
 def train_steps(config, devices, n=3):
   exp = from_config.build(config, devices=devices)
-  base_before = jax.device_get(exp.state.frozen["base"])
+  base_before = jax.device_get(exp.state.base)
   state, losses = exp.state, []
   for _ in range(n):
-    state, metrics = exp.step(state, exp.next_batch())
+    state, metrics = exp.run.step(state, exp.next_batch())
     losses.append(float(metrics["loss"]))
   return base_before, jax.device_get(state), losses
 
@@ -120,7 +120,7 @@ def lora_one_device(repo):
 
 def test_lora_training_keeps_the_base_bit_identical_and_optimizes_only_adapters(lora_one_device):
   base_before, state, losses = lora_one_device
-  jax.tree.map(np.testing.assert_array_equal, state.frozen["base"], base_before)
+  jax.tree.map(np.testing.assert_array_equal, state.base, base_before)
   paths = ["/".join(p) for p in traverse_util.flatten_dict(state.params)]
   assert paths and all(p.endswith(("_lora_a", "_lora_b")) for p in paths)
   assert all(np.abs(v).max() > 0 for p, v in traverse_util.flatten_dict(state.params).items()

@@ -177,22 +177,22 @@ def reft_run_config(repo, **reft_options):
 @pytest.fixture(scope="module")
 def trained(repo):
   exp = from_config.build(reft_run_config(repo), devices=jax.devices()[:1])
-  base_before, start = jax.device_get(exp.state.frozen["base"]), jax.device_get(exp.state.params)
+  base_before, start = jax.device_get(exp.state.base), jax.device_get(exp.state.params)
   state, losses, batch = exp.state, [], exp.next_batch()
   for _ in range(4):  # one batch: its loss must fall
-    state, metrics = exp.step(state, batch)
+    state, metrics = exp.run.step(state, batch)
     losses.append(float(metrics["loss"]))
   return exp, base_before, start, jax.device_get(state), losses
 
 
 def test_training_keeps_the_base_and_r_orthonormal_and_counts_2dr_plus_r(trained):
   exp, base_before, start, state, losses = trained
-  jax.tree.map(np.testing.assert_array_equal, state.frozen["base"], base_before)
+  jax.tree.map(np.testing.assert_array_equal, state.base, base_before)
   flat = traverse_util.flatten_dict(state.params)
   assert sorted(p[-1] for p in flat) == ["reft_bias", "reft_rotation", "reft_weight"]
-  d, r, cfg = exp.model_cfg.d_model, 4, exp.model.adapter
-  interventions = cfg.groups * exp.model_cfg.num_layers
-  assert exp.num_params == (2 * d * r + r) * interventions == 2 * 516 * 2
+  d, r, cfg = exp.run.model_cfg.d_model, 4, exp.run.model.adapter
+  interventions = cfg.groups * exp.run.model_cfg.num_layers
+  assert exp.run.num_params == (2 * d * r + r) * interventions == 2 * 516 * 2
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), state.params, start)
   assert min(jax.tree.leaves(moved)) > 1e-3  # R, W and b all trained
   rows = np.asarray(cfg._rows(jnp.asarray(state.params["reft_rotation"])), np.float64)  # [layers, groups, r, d]
@@ -209,7 +209,7 @@ def test_reft_step_on_8_devices_matches_1(repo, trained):
   assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(exp.state.params))
   state, losses, batch = exp.state, [], exp.next_batch()
   for _ in range(4):
-    state, metrics = exp.step(state, batch)
+    state, metrics = exp.run.step(state, batch)
     losses.append(float(metrics["loss"]))
   np.testing.assert_allclose(losses, losses1, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-6), state.params,
@@ -218,8 +218,8 @@ def test_reft_step_on_8_devices_matches_1(repo, trained):
 
 def test_a_layer_subset_trains_only_those_layers(repo):
   exp = from_config.build(reft_run_config(repo, layers="1", share_weights=True), devices=jax.devices()[:1])
-  assert exp.num_params == 2 * exp.model_cfg.d_model * 4 + 4  # one intervention
-  state, metrics = exp.step(exp.state, exp.next_batch())
+  assert exp.run.num_params == 2 * exp.run.model_cfg.d_model * 4 + 4  # one intervention
+  state, metrics = exp.run.step(exp.state, exp.next_batch())
   assert math.isfinite(float(metrics["loss"]))
 
 
@@ -228,15 +228,15 @@ def test_save_then_load_gives_the_run_logits(repo, tmp_path):
   c.train.steps, c.eval.every_steps, c.checkpoint.every_steps = 3, 0, 3
   exp = loop.train(c, str(tmp_path))
   model = fmjax.load(str(tmp_path))
-  assert isinstance(model.adapter, reft.ReftConfig) and model.adapter == exp.model.adapter
-  tokens = np.random.default_rng(0).integers(0, exp.model_cfg.vocab_size, (2, 12)).astype(np.int32)
+  assert isinstance(model.adapter, reft.ReftConfig) and model.adapter == exp.run.model.adapter
+  tokens = np.random.default_rng(0).integers(0, exp.run.model_cfg.vocab_size, (2, 12)).astype(np.int32)
   codes = model.adapter.prompt_columns(np.array([12, 12]), 12)["intervene"]
-  full = adapters.combine(exp.state.frozen["base"], exp.state.params)
+  full = adapters.combine(exp.state.base, exp.state.params)
   pos = np.broadcast_to(np.arange(12, dtype=np.int32), tokens.shape)
-  expected = Transformer(exp.model_cfg, exp.model.adapter).apply({"params": full}, tokens, np.ones_like(tokens), pos,
+  expected = Transformer(exp.run.model_cfg, exp.run.model.adapter).apply({"params": full}, tokens, np.ones_like(tokens), pos,
                                                                  adapter_inputs={"intervene": codes})
   np.testing.assert_allclose(model.logits(tokens), np.asarray(expected), atol=1e-5)
-  base = Transformer(exp.model_cfg).apply({"params": exp.state.frozen["base"]}, tokens, np.ones_like(tokens), pos)
+  base = Transformer(exp.run.model_cfg).apply({"params": exp.state.base}, tokens, np.ones_like(tokens), pos)
   assert np.abs(model.logits(tokens) - np.asarray(base)).max() > 1e-4  # the loaded interventions do act
 
 
@@ -247,10 +247,10 @@ def test_dpo_with_reft_starts_at_ln2_with_the_base_as_reference(repo):
   c.lora.rank, c.optimizer.lr, c.optimizer.warmup_steps = 0, 1e-2, 0
   c.reft.rank, c.reft.positions = 4, "f3+l3"
   exp = from_config.build(c, devices=jax.devices()[:1])
-  assert "reference" not in exp.state.frozen and "base" in exp.state.frozen  # the base serves as the reference
-  state, metrics = exp.step(exp.state, exp.next_batch())
+  assert "reference" not in exp.state.frozen and exp.state.base is not None  # the base serves as the reference
+  state, metrics = exp.run.step(exp.state, exp.next_batch())
   assert abs(float(metrics["loss"]) - math.log(2)) < 1e-5
-  _, metrics = exp.step(state, exp.next_batch())
+  _, metrics = exp.run.step(state, exp.next_batch())
   assert abs(float(metrics["loss"]) - math.log(2)) > 1e-6  # and moves once REFT has trained a step
 
 
@@ -286,12 +286,12 @@ def test_a_parameterisation_defined_in_a_test_trains_through_the_registry(repo):
     c.gain = ml_collections.ConfigDict({"on": True})
     exp = from_config.build(c, devices=jax.devices()[:1])
     assert jax.tree.structure(exp.state.params) == jax.tree.structure({"gain_scale": 0})
-    base = jax.device_get(exp.state.frozen["base"])
-    state, _ = exp.step(exp.state, exp.next_batch())
-    state, _ = exp.step(state, exp.next_batch())
+    base = jax.device_get(exp.state.base)
+    state, _ = exp.run.step(exp.state, exp.next_batch())
+    state, _ = exp.run.step(state, exp.next_batch())
     scale = np.asarray(state.params["gain_scale"])
-    assert scale.shape == (exp.model_cfg.num_layers,) and np.abs(scale - 1).max() > 1e-4
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen["base"]), base)
+    assert scale.shape == (exp.run.model_cfg.num_layers,) and np.abs(scale - 1).max() > 1e-4
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.base), base)
   finally:
     adapters._LOADED.pop("gain", None)
 

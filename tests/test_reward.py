@@ -192,7 +192,7 @@ def test_reward_run_starts_from_a_language_model_trunk_and_scores_like_training(
   record = {"prompt": [{"role": "user", "content": "What does `len` do?"}],
             "chosen": [{"role": "assistant", "content": "Return the length."}],
             "rejected": [{"role": "assistant", "content": "Sort a list."}]}
-  enc = formats.Encoder("preference", exp.tokenizer, chat_template=c.data.chat_template)
+  enc = formats.Encoder("preference", exp.run.tokenizer, chat_template=c.data.chat_template)
   ex = enc(dict(record))
   batch, width = {}, max(len(ex["chosen_tokens"]), len(ex["rejected_tokens"]))
   for side in ("chosen_", "rejected_"):

@@ -42,7 +42,7 @@ def test_the_samplers_log_probs_are_the_training_forwards(repo):
   exp = from_config.build(tiny(repo, **{"objective.temperature": 0.7}), devices=jax.devices()[:1])
   batch, made = exp.batch(exp.state, 1)
   assert made["completions/mean_length"] > 0 and "rewards/checksum/mean" in made
-  logits = exp.model.apply({"params": exp.state.params}, batch["tokens"], batch["segment_ids"], batch["positions"])
+  logits = exp.run.model.apply({"params": exp.state.params}, batch["tokens"], batch["segment_ids"], batch["positions"])
   logp = from_logits(logits, batch["targets"], 0.7).logp
   mask = np.asarray(batch["loss_mask"]) > 0
   assert mask.sum() >= 8
@@ -66,7 +66,7 @@ def test_gradient_accumulation_equals_the_full_batch(repo, loss_type):
     exp = from_config.build(c, devices=jax.devices()[:2])
     if batch is None:
       batch = jax.device_get(exp.batch(exp.state, 1)[0])
-    state, _ = exp.step(exp.state, sharding.global_batch(batch, exp.mesh))
+    state, _ = exp.run.step(exp.state, sharding.global_batch(batch, exp.run.mesh))
     params[accum] = jax.device_get(state.params)
   flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
   a, b = flat(params[1]), flat(params[4])
@@ -167,11 +167,11 @@ def test_a_lora_policy_rolls_out_over_its_base_and_its_reference_is_the_base(rep
   from fmjax.train import experiment
 
   exp = from_config.build(tiny(repo, **{"lora.rank": 4, "objective.kl_coef": 0.05}), devices=jax.devices()[:1])
-  assert "reference" not in exp.state.frozen and "base" in exp.state.frozen  # no second copy of the weights
-  state, metrics = exp.step(exp.state, exp.batch(exp.state, 1)[0])
+  assert "reference" not in exp.state.frozen and exp.state.base is not None  # no second copy of the weights
+  state, metrics = exp.run.step(exp.state, exp.batch(exp.state, 1)[0])
   assert float(metrics["kl"]) < 1e-7  # LoRA's B starts at 0: the policy is the base
   for step in (2, 3):
-    state, metrics = exp.step(state, exp.batch(state, step)[0])
+    state, metrics = exp.run.step(state, exp.batch(state, step)[0])
   assert float(metrics["kl"]) > 1e-6 and jax.tree.leaves(state.params)  # the adapters moved off the base
 
 

@@ -25,6 +25,7 @@ DEVICE_SECONDS, EVAL_SECONDS, PEAK, FLOPS_PER_TOKEN = 0.3, 1.0, 1e12, 1e6
 class State:
   x: jax.Array
   frozen: dict
+  base: None = None
 
 
 def _slow(x):
@@ -49,10 +50,10 @@ def rows(repo, tmp_path_factory):
   config.train.steps, config.log.every_steps, config.eval.every_steps = 5, 1, 2
   config.optimizer.warmup_steps = 1
   config.log.peak_flops = PEAK  # configured: no CPU probe
-  exp = types.SimpleNamespace(spec=spec.resolve(config), flops_per_token=FLOPS_PER_TOKEN, step=fake_step,
-                              evaluate=fake_evaluate, batch=lambda state, step: (jnp.ones((4,)), {}),
-                              boundary=lambda step: True, rollout=None, stream=None,
-                              layout=types.SimpleNamespace(rows_per_example=1), state=State(jnp.zeros((4,)), {}))
+  run = types.SimpleNamespace(spec=spec.resolve(config), flops_per_token=FLOPS_PER_TOKEN, step=fake_step,
+                              evaluate=fake_evaluate, layout=types.SimpleNamespace(rows_per_example=1))
+  exp = types.SimpleNamespace(run=run, batch=lambda state, step: (jnp.ones((4,)), {}), boundary=lambda step: True,
+                              rollout=None, stream=None, state=State(jnp.zeros((4,)), {}))
   ckpt = types.SimpleNamespace(due=lambda step: step == 3, save=lambda *args: time.sleep(EVAL_SECONDS))
   stop = types.SimpleNamespace(requested=lambda step: False)
   workdir = str(tmp_path_factory.mktemp("window"))

@@ -52,7 +52,7 @@ def head_value_and_grads(cfg: ModelConfig, head, params, batch, reference=None, 
   frozen = {s.role: reference for s in specs}
 
   def f(p):
-    s, w, m = head.loss(p, batch, frozen_lib.make_context(model, plan)(frozen))
+    s, w, m = head.loss(p, batch, frozen_lib.make_context(model, plan)(None, frozen))
     return s / w, {k: v / w for k, v in m.items()}
 
   g = jax.jit(jax.value_and_grad(f, has_aux=True))
@@ -181,7 +181,7 @@ def test_a_lora_on_the_unembedding_still_trains_under_loss_chunk(params):
   trained = {"unembed_lora_a": full_params["unembed_lora_a"], "unembed_lora_b": full_params["unembed_lora_b"]}
   base = {k: v for k, v in full_params.items() if k not in trained}
   model = Transformer(dataclasses.replace(CFG, loss_chunk=16), lora)
-  ctx = frozen_lib.make_context(model, frozen_lib.Plan((), {}, {}, {}))({"base": base})
+  ctx = frozen_lib.make_context(model, frozen_lib.Plan((), {}, {}, {}))(base, {})
   batch = packed(2, 9)
   stats = ctx.token_stats(trained, batch)
   want = token_stats.from_logits(ctx.apply(trained, batch), batch["targets"])
@@ -205,7 +205,7 @@ def test_chunked_loss_never_holds_the_full_logits():
 
   def temp_bytes(chunk: int) -> int:
     model = Transformer(dataclasses.replace(cfg, loss_chunk=chunk))
-    ctx = frozen_lib.make_context(model, frozen_lib.Plan((), {}, {}, {}))({})
+    ctx = frozen_lib.make_context(model, frozen_lib.Plan((), {}, {}, {}))(None, {})
     grad = jax.jit(jax.grad(lambda p, b: head.loss(p, b, ctx)[0]))
     return grad.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
 

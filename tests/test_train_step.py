@@ -25,7 +25,7 @@ def make_config(repo, mesh=(1, 1, 1), grad_accum=1, optimizer="sgd"):
 def one_step(config, devices):
   exp = from_config.build(config, devices=devices)
   before = jax.device_get(exp.state.params)
-  state, metrics = exp.step(exp.state, exp.next_batch())
+  state, metrics = exp.run.step(exp.state, exp.next_batch())
   return before, jax.device_get(state.params), jax.device_get(metrics), state
 
 
@@ -77,7 +77,7 @@ def toy_state(tx, window=1):
                     recent_losses=jnp.full((window,), jnp.nan, jnp.float32))
 
 
-def no_context(frozen, rng=None):
+def no_context(base, frozen, rng=None):
   return None  # the toy losses ignore their context
 
 

@@ -56,30 +56,30 @@ def main() -> None:
   batch = exp.next_batch()
   state = exp.state
   for _ in range(args.warmup):
-    state, metrics = exp.step(state, batch)
+    state, metrics = exp.run.step(state, batch)
   jax.block_until_ready(metrics)
   times = []
   for _ in range(args.steps):
     t0 = time.perf_counter()
-    state, metrics = exp.step(state, batch)
+    state, metrics = exp.run.step(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
 
   step = statistics.median(times)
   tokens = config.train.batch_size * config.train.seq_len
-  it = iter(data.train_dataset(s.data, s.train, exp.tokenizer, adapter=s.adapter, num_labels=s.model.num_labels)[0])
+  it = iter(data.train_dataset(s.data, s.train, exp.run.tokenizer, adapter=s.adapter, num_labels=s.model.num_labels)[0])
   t0 = time.perf_counter()
   for _ in range(args.pipeline_batches):
     next(it)
   pipeline_rate = args.pipeline_batches * tokens / (time.perf_counter() - t0)
   peak_flops, source = peak.total_peak_flops(jax.devices(), config.log.peak_flops)
-  achieved = exp.flops_per_token * tokens / step
-  mem = exp.step.memory_analysis()
+  achieved = exp.run.flops_per_token * tokens / step
+  mem = exp.run.step.memory_analysis()
   rows = [
-      ("devices", f"{jax.device_count()} × {jax.devices()[0].device_kind}, mesh {dict(exp.mesh.shape)}"),
-      ("model", f"{config.model.name}: {exp.num_params:,} params, {exp.flops_per_token / 1e6:.1f} MFLOP/token"),
+      ("devices", f"{jax.device_count()} × {jax.devices()[0].device_kind}, mesh {dict(exp.run.mesh.shape)}"),
+      ("model", f"{config.model.name}: {exp.run.num_params:,} params, {exp.run.flops_per_token / 1e6:.1f} MFLOP/token"),
       ("batch", f"{config.train.batch_size} × {config.train.seq_len} = {tokens} tokens/step"),
-      ("compile", f"{exp.compile_seconds:.1f} s"),
+      ("compile", f"{exp.run.compile_seconds:.1f} s"),
       ("step time", f"median {step * 1e3:.0f} ms (min {min(times) * 1e3:.0f}, max {max(times) * 1e3:.0f}, "
                     f"{args.steps} steps)"),
       ("tokens/s", f"{tokens / step:,.0f}"),

@@ -5,7 +5,7 @@ Formats, chosen per source by `format` (`auto` picks by the first record's keys)
   prompt_completion  {"prompt": str|messages, "completion": str|messages}  loss on the completion and EOS
   chat               {"messages": [{"role", "content"}, ...]}      loss on assistant turns (with their end marker)
   preference         {"prompt"?, "chosen", "rejected"}  (strings or messages)  two sequences, loss on each response
-  unpaired           {"prompt", "completion", "label": bool}       one response, desirable or not (KTO)
+  unpaired           {"prompt", "completion", "label": bool}       one response, desirable or not (Kahneman-Tversky style)
   classification     {FIELD or "prompt": str, "label": int}        one sequence and its class in [0, model.num_labels)
 A sequence is BOS + pieces + EOS with a 0/1 weight per token (1 = the model must predict it). The example holds
 `tokens` = seq[:-1], `targets` = seq[1:], `loss_mask` = weight[1:] — so packing can never pair a token with another

@@ -1,6 +1,6 @@
 """SentencePiece BPE tokenizer with byte fallback: training, caching and loading.
 
-Fixed ids: 0 = PAD, 1 = UNK, 2 = BOS, 3 = EOS, then the chat markers reserved for SFT, one id each. Normalisation
+Fixed ids: 0 = PAD, 1 = UNK, 2 = BOS, 3 = EOS, then the chat markers reserved for chat fine-tuning, one id each. Normalisation
 is the identity, whitespace is kept as is and no dummy-prefix space is added, so every string round-trips exactly
 (code indentation included) and concatenated pieces of a chat template encode the same wherever they stand;
 characters outside the learned pieces fall back to UTF-8 bytes.

@@ -3,7 +3,7 @@
 Pairs ({"prompt"?, "chosen", "rejected"}: strings or chat messages) are rendered exactly as training renders them
 (`fmjax.data.formats.Encoder`, with the model's chat template): BOS + prompt + response + EOS. A response's
 log-probability is the sum over its loss-bearing tokens (the response, its end marker under a chat template, and
-EOS) given the prompt, as in DPO training. With a reference model, a response's implicit DPO reward is its
+EOS) given the prompt, as in preference training. With a reference model, a response's implicit reward is its
 log-ratio log π(y|x) − log π_ref(y|x) (β = 1; multiply by β for training's `rewards/margins`).
 """
 

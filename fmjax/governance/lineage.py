@@ -3,7 +3,7 @@
 A run writes WORKDIR/lineage.json at start: its stage (the loss head, and the parameterisation if any), the data it
 reads (each source with the manifests found for it, by path and sha256, and their licenses), the run it starts from
 (`init_from`, with the checkpoint step), the frozen runs a head reads (a teacher, a reward model) and the tokens per
-step. `chain(workdir)` walks `init_from` from a run to the first one (pre-train -> CPT -> SFT -> DPO / RL), adding
+step. `chain(workdir)` walks `init_from` from a run to the first one (pre-train -> CPT -> fine-tuning -> preference / RL), adding
 each run's steps, tokens and last evaluation; `tools/audit.py` prints it and the model card of
 `tools/convert_hf.py export` is made from it.
 """

@@ -44,8 +44,6 @@ class Frozen:
   def __post_init__(self):
     if self.source not in ("policy", "run"):
       raise ValueError(f"Frozen({self.role!r}).source={self.source!r} must be 'policy' or 'run'.")
-    if self.role == "base":
-      raise ValueError("Frozen role 'base' is the parameterisation's frozen weights; name the role otherwise.")
 
   @property
   def config_key(self) -> str:

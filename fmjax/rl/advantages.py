@@ -1,9 +1,9 @@
 """Advantages of a rollout's rewards, G completions per prompt (rows g·G … g·G + G − 1 are prompt g's group).
 
-  group: (r − group mean) / (group std + 1e-4)        GRPO (TRL's default `scale_rewards="group"`)
-  batch: (r − group mean) / (batch std + 1e-4)        Dr.GRPO's recommendation
-  none:  r − group mean                               Dr.GRPO without scaling
-  rloo:  r − mean of the other G − 1 rewards = G/(G − 1) · (r − group mean)   RLOO's leave-one-out baseline
+  group: (r − group mean) / (group std + 1e-4)        group-normalised (TRL's default `scale_rewards="group"`)
+  batch: (r − group mean) / (batch std + 1e-4)        Liu et al. (2025)'s recommendation
+  none:  r − group mean                               the same without scaling
+  rloo:  r − mean of the other G − 1 rewards = G/(G − 1) · (r − group mean)   the leave-one-out baseline
 Standard deviations are the sample ones (ddof = 1, as torch.std in TRL). Each group's advantages sum to zero, and a
 group of equal rewards has advantage 0 (its std is 0: no NaN).
 """

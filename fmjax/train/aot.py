@@ -99,8 +99,9 @@ def argument_bytes(step: step_lib.Plan) -> dict[str, int]:
   """Per-chip bytes of the step's arguments by category (one device per chip on every TPU generation here)."""
   s = step.state
   out = {"params (trained)": _per_chip(s.params), "optimizer state": _per_chip(s.opt_state)}
-  base = f"frozen {step.model.adapter.title} base" if step.model.adapter else ""
-  out.update({base if k == "base" else f"frozen {k}": _per_chip(v) for k, v in s.frozen.items()})
+  if s.base is not None:
+    out[f"frozen {step.model.adapter.title} base"] = _per_chip(s.base)
+  out.update({f"frozen {k}": _per_chip(v) for k, v in s.frozen.items()})
   out["batch"] = _per_chip(step.batch)
   out["step, rng"] = _per_chip((s.step, s.rng, s.recent_losses))
   return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -23,38 +23,26 @@ from fmjax.train import state as train_state
 from fmjax.train import step as step_lib
 
 
-@dataclasses.dataclass
-class Experiment:
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What `build` makes once, and nothing changes: the spec, mesh, model, tokenizer, data source, head, layout, the
+  compiled train and eval steps."""
   spec: Spec
   model_cfg: ModelConfig
   mesh: jax.sharding.Mesh
   model: Transformer
   tokenizer: Any
   dataset: Any  # grain dataset of this process's rows of each global batch
-  stream: Any  # its iterator (get_state / set_state)
   head: objectives.Head
   layout: layout_lib.Layout  # of the training batches; its rows_per_example count in tokens/s and MFU
-  frozen_plan: frozen_lib.Plan  # the frozen models the head declared
-  state: train_state.TrainState
+  frozen_plan: frozen_lib.Plan  # the frozen models the head declared, its parts
   state_shardings: train_state.TrainState
   step: Callable  # compiled (state, batch) -> (state, metrics); donates state
   compile_seconds: float  # of the train step
   num_params: int  # trained parameters (under a parameterisation: its tree)
   flops_per_token: float
   eval_fn: Callable | None = None  # compiled (state, batch) -> (loss_sum, weight, metric_sums)
-  eval_batches: dict = dataclasses.field(default_factory=dict)  # eval source name -> fixed global batches, on device
-  rollout: Any = None  # an RL head's rollout maker (fmjax/train/rollout.py): it makes each batch from prompts
-
-  def batch(self, state: train_state.TrainState, step: int) -> tuple[dict[str, jax.Array], dict[str, float]]:
-    """The batch of `step` and the metrics of making it (a rollout's; none for data batches)."""
-    return (self.next_batch(), {}) if self.rollout is None else self.rollout.batch(state, step)
-
-  def boundary(self, step: int) -> bool:
-    """Whether a checkpoint or a stop may follow `step` (an RL run's: only after a rollout's last step)."""
-    return self.rollout is None or self.rollout.boundary(step)
-
-  def next_batch(self) -> dict[str, jax.Array]:
-    return sharding.global_batch(next(self.stream), self.mesh)
+  eval_batches: Mapping[str, list] = dataclasses.field(default_factory=dict)  # eval source -> fixed global batches
 
   def evaluate(self, state: train_state.TrainState) -> dict[str, jax.Array]:
     """Token-mean held-out loss and head metrics over each eval source's fixed batches, plus perplexity where the
@@ -73,6 +61,27 @@ class Experiment:
       if self.head.reports_nll:
         result[f"eval_perplexity{suffix}"] = jnp.exp(result[f"eval_nll{suffix}"])
     return result
+
+
+@dataclasses.dataclass
+class Experiment:
+  """A run and the loop's state of it: the train state, the data iterator and the rollout driver (whose cache
+  holds the rollout being trained on)."""
+  run: Run
+  state: train_state.TrainState
+  stream: Any  # the dataset's iterator (get_state / set_state)
+  rollout: Any = None  # an RL head's rollout driver (fmjax/train/rollout.py): it makes each batch from prompts
+
+  def batch(self, state: train_state.TrainState, step: int) -> tuple[dict[str, jax.Array], dict[str, float]]:
+    """The batch of `step` and the metrics of making it (a rollout's; none for data batches)."""
+    return (self.next_batch(), {}) if self.rollout is None else self.rollout.batch(state, step)
+
+  def boundary(self, step: int) -> bool:
+    """Whether a checkpoint or a stop may follow `step` (an RL run's: only after a rollout's last step)."""
+    return self.rollout is None or self.rollout.boundary(step)
+
+  def next_batch(self) -> dict[str, jax.Array]:
+    return sharding.global_batch(next(self.stream), self.run.mesh)
 
 
 def build(spec: Spec, devices: list | None = None) -> Experiment:
@@ -108,22 +117,22 @@ def build(spec: Spec, devices: list | None = None) -> Experiment:
       local = data.eval_batches(spec.eval, spec.data, t, tokenizer, jax.process_index(), jax.process_count(),
                                 spec.adapter, model_cfg.num_labels)
       eval_batches = {name: [sharding.global_batch(b, mesh) for b in batches] for name, batches in local.items()}
-      eval_step = lambda st, b: head.loss(st.params, b, plan.context(st.frozen))  # noqa: E731
+      eval_step = lambda st, b: head.loss(st.params, b, plan.context(st.base, st.frozen))  # noqa: E731
       eval_fn = jax.jit(eval_step, in_shardings=(plan.shardings, sharding.batch_sharding(mesh)),
                         out_shardings=sharding.replicated(mesh)).lower(plan.state, plan.batch).compile()
   trained = train_state.count_params(state.params)
   flops_per_token = adapters.train_flops_per_token(model_cfg, t.seq_len, model.adapter, trained)
-  exp = Experiment(spec, model_cfg, mesh, model, tokenizer, dataset, iter(dataset), head, batch_layout, plan.frozen,
-                   state, plan.shardings, compiled, compile_seconds, trained,
-                   flops_per_token, eval_fn, eval_batches)
+  run = Run(spec, model_cfg, mesh, model, tokenizer, dataset, head, batch_layout, plan.frozen, plan.shardings, compiled,
+            compile_seconds, trained, flops_per_token, eval_fn, eval_batches)
+  exp = Experiment(run, state, iter(dataset))
   if head.rollout is not None:
     exp.rollout = rollout_lib.Driver(head.rollout, t.seq_len, spec.data.chat_template, model, tokenizer, records,
                                      exp.stream, mesh, plan.frozen)
-  base = train_state.count_params(state.frozen.get("base", {}))
-  notes = ([model.adapter.describe(exp.num_params)] if model.adapter else []) + \
+  base = train_state.count_params(state.base)
+  notes = ([model.adapter.describe(run.num_params)] if model.adapter else []) + \
       [f"+ frozen {s.role}" + (" (a copy)" if s.role in state.frozen and s.source == "policy" else "")
        for s in head.frozen]
   logging.info("model %s: %s parameters%s, %.1f MFLOP/token (training); mesh %s; step compiled in %.1fs",
-               spec.record["model"]["name"], f"{exp.num_params + base:,}", f" ({'; '.join(notes)})" if notes else "",
-               exp.flops_per_token / 1e6, dict(mesh.shape), exp.compile_seconds)
+               spec.record["model"]["name"], f"{run.num_params + base:,}", f" ({'; '.join(notes)})" if notes else "",
+               run.flops_per_token / 1e6, dict(mesh.shape), run.compile_seconds)
   return exp

@@ -105,16 +105,17 @@ def load_runs(runs: tuple[FrozenRun, ...], p: Plan, tokenizer_id: str) -> dict[s
 
 
 def make_context(model: Transformer, p: Plan) -> Callable[..., LossContext]:
-  """`context(frozen, rng=None) -> LossContext`: `apply(params, inputs) -> logits` runs the model on the trained
-  params (under a parameterisation: its tree over `frozen['base']`, reading its columns of `inputs`; with `rng`,
-  dropout is on), and `frozen[role](inputs)` each declared frozen model. `inputs`: tokens, segment_ids, positions."""
+  """`context(base, frozen, rng=None) -> LossContext`: `apply(params, inputs) -> logits` runs the model on the
+  trained params (under a parameterisation: its tree over the frozen `base`, reading its columns of `inputs`; with
+  `rng`, dropout is on), and `frozen[role](inputs)` each declared frozen model (`frozen`: role -> weights).
+  `inputs`: tokens, segment_ids, positions."""
   plain = type(model)(model.cfg)  # the same network with no parameterisation
   columns = () if model.adapter is None else model.adapter.columns
   parts = {part.name: part.make(model.cfg) for part in p.parts}
 
-  def context(frozen: Any, rng: jax.Array | None = None) -> LossContext:
+  def context(base: Any, frozen: Any, rng: jax.Array | None = None) -> LossContext:
     def apply(params, inputs, **kw):
-      full = combine(frozen["base"], params) if "base" in frozen else params
+      full = params if base is None else combine(base, params)
       extra = {"adapter_inputs": {c: inputs[c] for c in columns}} if columns else {}
       return model.apply({"params": full}, *model_inputs(inputs), rngs=None if rng is None else {"dropout": rng},
                          **extra, **kw)
@@ -132,7 +133,7 @@ def make_context(model: Transformer, p: Plan) -> Callable[..., LossContext]:
       if spec.source == "run":
         net, w = p.networks[spec.role], frozen[spec.role]
       else:  # the starting policy: its copy, or under a parameterisation the base with it off
-        net, w = plain, frozen[spec.role] if spec.role in frozen else frozen["base"]
+        net, w = plain, frozen[spec.role] if spec.role in frozen else base
       fns[spec.role] = lambda inputs, net=net, w=w: net.apply({"params": w}, *model_inputs(inputs))
       stats_fns[spec.role] = lambda inputs, t=1.0, extra=(), net=net, w=w: net.apply(
           {"params": w}, *model_inputs(inputs), targets_BxT=inputs["targets"], temperature=t, extra_stats=extra)

@@ -1,7 +1,8 @@
 """`init_from`: start a run from another run's parameters (not its optimizer, step or data position).
 
-This is how continuous pre-training, SFT, parameter-efficient runs, DPO and distillation begin. Only the `params` subtree of the saved
-state is read, directly into this run's shardings (any mesh); shapes and dtypes must match this run's model.
+This is how continuous pre-training, fine-tuning, parameter-efficient runs, preference training and distillation
+begin. Only the `params` subtree of the saved state is read, directly into this run's shardings (any mesh); shapes
+and dtypes must match this run's model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from fmjax import adapters, data
 from fmjax.train import checkpoint
 from fmjax.train import state as train_state
 from fmjax.errors import UserError
+
+
+BOOTSTRAPPED = "base"  # WORKDIR/base: where `init_from.bootstrap` pre-trains the run's starting point
 
 
 def check_tokenizer(workdir: str, ours: dict, key: str = "init_from.workdir") -> None:
@@ -106,7 +110,7 @@ def load(state: Any, shardings: Any, workdir: str, step: int = -1, frozen_only: 
   if fresh:  # a task head the run starts (a reward model's score from a language model): its initialisation
     logging.info("%s: %s start fresh (the run is a language model)", workdir, ", ".join(fresh))
     params = {**params, **{k: current[k] for k in fresh}}
-  loaded = ([f"the frozen {base_name} base"] if "base" in state.frozen else [] if frozen_only else ["params"]) + \
+  loaded = ([f"the frozen {base_name} base"] if state.base is not None else [] if frozen_only else ["params"]) + \
       [f"the frozen {role} policy" for role in copies]
   logging.info("initialised %s from %s%s", " and ".join(loaded) or "nothing",
                os.path.join(checkpoint_dir(workdir, step), "state"),

@@ -48,13 +48,13 @@ def _bootstrap(config_file: str, workdir: str, into: str) -> str:
 def _write_run_files(exp: Experiment, workdir: str) -> dict:
   """config.json (the resolved config and the tokenizer's id) and the tokenizer, on process 0; returns the config.
   Hosts that disagree (another config file, an edited flag, a differently trained tokenizer) would train garbage."""
-  resolved = json.loads(json.dumps(exp.spec.record))
-  resolved["tokenizer"] = {"id": tokenizers.tokenizer_id(exp.tokenizer), "vocab_size": exp.tokenizer.vocab_size}
+  resolved = json.loads(json.dumps(exp.run.spec.record))
+  resolved["tokenizer"] = {"id": tokenizers.tokenizer_id(exp.run.tokenizer), "vocab_size": exp.run.tokenizer.vocab_size}
   distributed.check_same("resolved config or tokenizer", json.dumps(resolved, sort_keys=True))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    if hasattr(exp.tokenizer, "save"):  # the run directory carries its own tokenizer
-      exp.tokenizer.save(workdir)
+    if hasattr(exp.run.tokenizer, "save"):  # the run directory carries its own tokenizer
+      exp.run.tokenizer.save(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved, f, indent=2)
   return resolved
@@ -62,36 +62,36 @@ def _write_run_files(exp: Experiment, workdir: str) -> dict:
 
 def _unfrozen(tree: train_state.TrainState) -> train_state.TrainState:
   """What a checkpoint holds: frozen trees never change, and every start rebuilds them from their source."""
-  return tree.replace(frozen={})
+  return tree.replace(base=None, frozen={})
 
 
 def _starting_state(exp: Experiment, ckpt: checkpoint.Checkpointer, workdir: str, tokenizer: dict) -> int:
   """Sets `exp.state`: resumed from the newest checkpoint if any, the starting weights from `init_from` (on a
   resume only the frozen trees: a parameterisation's base and 'policy' copies), and returns the step it starts at."""
-  init = exp.spec.init_from
-  restored = ckpt.restore_latest(checkpoint.abstract(_unfrozen(exp.state), _unfrozen(exp.state_shardings)),
+  init = exp.run.spec.init_from
+  restored = ckpt.restore_latest(checkpoint.abstract(_unfrozen(exp.state), _unfrozen(exp.run.state_shardings)),
                                  exp.stream, fresh=_unfrozen(exp.state))
   if restored is not None:
-    exp.state, resumed = restored[0].replace(frozen=exp.state.frozen), restored[1]
+    exp.state, resumed = restored[0].replace(base=exp.state.base, frozen=exp.state.frozen), restored[1]
     dropped = metrics_lib.truncate_after(workdir, resumed) if jax.process_index() == 0 else 0
     logging.info("resuming from step %d (%s/%d)%s", resumed, ckpt.directory, resumed,
                  f"; dropped {dropped} metrics rows logged after it" if dropped else "")
-  copies = frozen.policy_roles(exp.frozen_plan)
-  from_start = restored is None or "base" in exp.state.frozen or copies  # what a resume still reads from init_from
+  copies = frozen.policy_roles(exp.run.frozen_plan)
+  from_start = restored is None or exp.state.base is not None or copies  # what a resume still reads from init_from
   if (init.workdir or init.bootstrap) and from_start:
-    source = init.workdir or _bootstrap(init.bootstrap, workdir, "base")
+    source = init.workdir or _bootstrap(init.bootstrap, workdir, init_from.BOOTSTRAPPED)
     init_from.check_tokenizer(source, tokenizer)
-    exp.state, start = init_from.load(exp.state, exp.state_shardings, source, init.step,
+    exp.state, start = init_from.load(exp.state, exp.run.state_shardings, source, init.step,
                                       frozen_only=restored is not None, copies=copies,
-                                      base_name=exp.model.adapter.title if exp.model.adapter else "")
-    exp.state = exp.state.replace(frozen={**exp.state.frozen, **frozen.policy_copies(exp.frozen_plan, start)})
+                                      base_name=exp.run.model.adapter.title if exp.run.model.adapter else "")
+    exp.state = exp.state.replace(frozen={**exp.state.frozen, **frozen.policy_copies(exp.run.frozen_plan, start)})
   return int(jax.device_get(exp.state.step))
 
 
 def _lineage(spec: Spec, workdir: str, rows_per_example: int) -> dict:
   """The run's lineage.json: by then a bootstrapped base (WORKDIR/base) exists and the frozen runs are directories."""
   init = spec.init_from
-  source = init.workdir or (os.path.join(workdir, "base") if init.bootstrap else "")
+  source = init.workdir or (os.path.join(workdir, init_from.BOOTSTRAPPED) if init.bootstrap else "")
   parent = None
   if source:
     parent = {"workdir": os.path.abspath(source),
@@ -116,12 +116,12 @@ class _Reporter:
   applies the run's stop rules (non-finite losses, loss spikes)."""
 
   def __init__(self, exp: Experiment, workdir: str, ckpt: checkpoint.Checkpointer):
-    self.spec, self.exp, self.ckpt = exp.spec, exp, ckpt
+    self.spec, self.exp, self.ckpt = exp.run.spec, exp, ckpt
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     self.peak_flops, source = peak.total_peak_flops(jax.devices(), self.spec.log.peak_flops)
     logging.info("peak %.1f TFLOP/s over %d device(s) (%s)", self.peak_flops / 1e12, jax.device_count(), source)
     t = self.spec.train
-    self.tokens_per_step = t.batch_size * t.seq_len * exp.layout.rows_per_example
+    self.tokens_per_step = t.batch_size * t.seq_len * exp.run.layout.rows_per_example
     self.skipped = self.spikes = 0
     self.window_start, self.window_steps, self.window_end = time.perf_counter(), 0, (0, 0.0)
     self.window_rollout = 0.0  # seconds of the window's RL rollouts (host-side sampling and scoring)
@@ -147,7 +147,7 @@ class _Reporter:
     self.window_start += time.perf_counter() - t0
 
   def evaluate_start(self, state: train_state.TrainState) -> None:
-    m = {k: float(v) for k, v in jax.device_get(self.exp.evaluate(state)).items()}
+    m = {k: float(v) for k, v in jax.device_get(self.exp.run.evaluate(state)).items()}
     self.writer.write(0, m)
     logging.info("step 0 (before training): %s", " | ".join(f"{k} {v:.4f}" for k, v in m.items()
                                                              if k.startswith("eval_loss")))
@@ -169,7 +169,7 @@ class _Reporter:
     self.window_start, self.window_steps, self.window_rollout = now, 0, 0.0
     m["tokens_per_sec"] = self.tokens_per_step / step_seconds
     if self.peak_flops:
-      m["mfu"] = self.exp.flops_per_token * m["tokens_per_sec"] / self.peak_flops
+      m["mfu"] = self.exp.run.flops_per_token * m["tokens_per_sec"] / self.peak_flops
     self.writer.write(step, m)
     self.writer.console(step, total, m, (total - step) * step_seconds)
     self._check(step, m)
@@ -206,26 +206,26 @@ def _save_due(exp: Experiment, ckpt: checkpoint.Checkpointer, stop: preemption.W
               start: int) -> tuple[bool, bool]:
   """(preempted or told to stop after this step, due a checkpoint)."""
   boundary = exp.boundary(step)  # an RL run checkpoints and stops only where a rollout's steps end
-  preempted = boundary and (stop.requested(step) or step - start >= exp.spec.train.stop_after > 0)
-  return preempted, preempted or step == exp.spec.train.steps or (boundary and ckpt.due(step))
+  preempted = boundary and (stop.requested(step) or step - start >= exp.run.spec.train.stop_after > 0)
+  return preempted, preempted or step == exp.run.spec.train.steps or (boundary and ckpt.due(step))
 
 
 def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Reporter, stop: preemption.Watcher,
                start: int, resolved: dict, digests) -> int:
   """Steps start+1 .. train.steps (or until preempted); returns the last step taken."""
-  spec, state, pending, step = exp.spec, exp.state, None, start
+  spec, state, pending, step = exp.run.spec, exp.state, None, start
   try:
     for step in range(start + 1, spec.train.steps + 1):
       batch, made = exp.batch(state, step)
       if digests is not None:
         digests.write(step, batch)
-      state, metrics = exp.step(state, batch)
+      state, metrics = exp.run.step(state, batch)
       metrics = {**metrics, **made}
       if pending is not None:
         reporter.finish(*pending)
       if _evaluates(spec, step):
         with reporter.untimed(metrics):
-          metrics = {**metrics, **jax.device_get(exp.evaluate(state))}
+          metrics = {**metrics, **jax.device_get(exp.run.evaluate(state))}
       pending = (step, metrics)
       preempted, save = _save_due(exp, ckpt, stop, step, start)
       if save:
@@ -254,7 +254,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   ckpt = checkpoint.Checkpointer(workdir, spec.checkpoint)
   start = _starting_state(exp, ckpt, workdir, resolved["tokenizer"])
   if jax.process_index() == 0:  # after _starting_state: a bootstrapped base exists by then
-    lineage.write(workdir, _lineage(spec, workdir, exp.layout.rows_per_example))
+    lineage.write(workdir, _lineage(spec, workdir, exp.run.layout.rows_per_example))
   reporter = _Reporter(exp, workdir, ckpt)
   digests = metrics_lib.BatchDigests(workdir) if spec.log.batch_digests else None
   stop = preemption.Watcher()

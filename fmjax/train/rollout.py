@@ -19,13 +19,13 @@ import jax
 import numpy as np
 
 from fmjax import sample, sharding
-from fmjax.adapters import combine
 from fmjax.data.chat import ChatTemplate
 from fmjax.errors import UserError
 from fmjax.objectives.base import REWARD_MODEL, Rollout
 from fmjax.objectives.score import last_token_scores
 from fmjax.rl import advantages, rewards
 from fmjax.train import frozen as frozen_lib
+from fmjax.train.state import full_params
 
 
 def stop_ids(tokenizer: Any, chat_template: str) -> list[int]:
@@ -104,7 +104,7 @@ class Driver:
     records = [self.records[int(i)] for i in drawn["index"]]
     repeated = [p for p in prompts for _ in range(self.group)]
     spec = self.spec
-    params = combine(state.frozen["base"], state.params) if "base" in state.frozen else state.params
+    params = full_params(state.params, state.base)
     ids, logps = sample.generate(self.model.cfg, self.model.adapter, params, repeated, int(spec.max_completion_length),
                                  temperature=float(spec.temperature), top_k=int(spec.top_k), top_p=float(spec.top_p),
                                  stop_ids=self.stops, rng=jax.random.fold_in(state.rng, step), with_logps=True)

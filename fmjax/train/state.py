@@ -23,7 +23,8 @@ class TrainState:
   opt_state: Any  # optimizer state for `params`
   rng: jax.Array  # PRNG key for stochastic heads and dropout
   recent_losses: jax.Array  # [train.spike_window] float32: the last accepted losses (NaN = none yet), for the guard
-  frozen: Any = flax.struct.field(default_factory=dict)  # frozen trees: an adapter's base, the heads' frozen models
+  base: Any = None  # under a parameterisation, the frozen base weights (held once; `full_params` joins them)
+  frozen: Any = flax.struct.field(default_factory=dict)  # role -> the frozen models the head declares
 
 
 def init_trained(model: nn.Module, parts: tuple[Part, ...], rng: jax.Array, boxed: bool = False) -> Any:
@@ -45,20 +46,19 @@ def _plan(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
   adapter = model.adapter
   boxed = jax.eval_shape(lambda r: init_trained(model, parts, r, boxed=True), init_rng)
   param_sh = sharding.logical_shardings(boxed, mesh, rules)
-  split = (lambda tree: (tree, {})) if adapter is None else (lambda tree: _split(adapter, tree))
+  split = (lambda tree: (tree, None)) if adapter is None else (lambda tree: adapters.split(adapter, tree))
   if adapter is not None:
-    adapter.check(split(nn.unbox(boxed))[1]["base"])  # e.g. targets that select nothing fail here
-  param_sh, frozen_sh = split(param_sh)
+    adapter.check(split(nn.unbox(boxed))[1])  # e.g. targets that select nothing fail here
+  param_sh, base_sh = split(param_sh)
   opt_abstract = jax.eval_shape(tx.init, split(nn.unbox(boxed))[0])
   repl = sharding.replicated(mesh)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_sh, transform_non_params=lambda _: repl)
-  shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl, recent_losses=repl,
-                         frozen=frozen_sh)
+  shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl, recent_losses=repl, base=base_sh)
 
   def init(r):
-    params, frozen = split(init_trained(model, parts, r))
+    params, base = split(init_trained(model, parts, r))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
-                      recent_losses=jnp.full((max(window, 1),), jnp.nan, jnp.float32), frozen=frozen)
+                      recent_losses=jnp.full((max(window, 1),), jnp.nan, jnp.float32), base=base)
 
   return init, init_rng, shardings
 
@@ -66,8 +66,7 @@ def _plan(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
 def create(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seed: int,
            window: int = 1, parts: tuple[Part, ...] = ()) -> tuple[TrainState, TrainState]:
   """(state, state shardings): params and optimizer state are initialised directly into their shards. Under a
-  parameterisation (`model.adapter`), `params` holds only its trainable tree and `frozen['base']` the base weights,
-  once; the optimizer state covers the trainable tree alone. `window`: the divergence guard's loss history; `parts`:
+  parameterisation (`model.adapter`), `params` holds only its trainable tree and `base` the base weights, once; the optimizer state covers the trainable tree alone. `window`: the divergence guard's loss history; `parts`:
   the head's own trainable modules (under PARTS)."""
   init, init_rng, shardings = _plan(model, tx, mesh, rules, seed, window, parts)
   return jax.jit(init, out_shardings=shardings)(init_rng), shardings
@@ -82,22 +81,21 @@ def abstract(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rul
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings), shardings
 
 
-def _split(adapter: adapters.Adapter, tree: Any) -> tuple[Any, dict]:
-  """(the adapter's trainable tree, {'base': the rest})."""
-  trained, base = adapters.split(adapter, tree)
-  return trained, {"base": base}
+def full_params(params: Any, base: Any) -> Any:
+  """The tree the model applies: the trained `params` over the frozen `base` (None: the params are the model)."""
+  return params if base is None else adapters.combine(base, params)
 
 
 def base_params(state: TrainState) -> Any:
   """The model weights that `init_from` fills: the frozen base under a parameterisation, else the trained params."""
-  return state.frozen["base"] if "base" in state.frozen else state.params
+  return state.params if state.base is None else state.base
 
 
 def with_base_params(state: TrainState, params: Any, frozen_only: bool = False) -> TrainState:
-  """`state` with the weights read from a run: the frozen base (under a parameterisation) or, unless `frozen_only` (a resume, whose
-  trained params come from the checkpoint), the params."""
-  if "base" in state.frozen:
-    return state.replace(frozen={**state.frozen, "base": params})
+  """`state` with the weights read from a run: the frozen base (under a parameterisation) or, unless `frozen_only`
+  (a resume, whose trained params come from the checkpoint), the params."""
+  if state.base is not None:
+    return state.replace(base=params)
   return state if frozen_only else state.replace(params=params)
 
 

@@ -50,12 +50,12 @@ def make(loss_fn: Callable[..., LossOutput], context: Callable[..., LossContext]
          schedule: optax.Schedule, *, grad_accum: int = 1, skip_nonfinite: bool = False, spike_factor: float = 0.0,
          mesh=None) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """The pure step. Losses are (sum, weight) pairs: gradients and metrics are summed over micro-batches and divided
-  once by the total weight, so accumulation gives exactly the full-batch token mean. `context(frozen, rng)` gives
-  what a head calls (frozen.make_context); each micro-batch gets its own dropout rng. A step whose loss is a spike
+  once by the total weight, so accumulation gives exactly the full-batch token mean. `context(base, frozen, rng)`
+  gives what a head calls (frozen.make_context); each micro-batch gets its own dropout rng. A step whose loss is a spike
   (`is_spike`) or, with `skip_nonfinite`, not finite keeps the old params and optimizer state."""
 
-  def sums(params, batch, frozen, rng):
-    ctx = context(frozen, rng)
+  def sums(params, batch, state, rng):
+    ctx = context(state.base, state.frozen, rng)
 
     def f(p):
       loss_sum, weight, metrics = loss_fn(p, batch, ctx)
@@ -67,15 +67,15 @@ def make(loss_fn: Callable[..., LossOutput], context: Callable[..., LossContext]
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum == 1:
-      grads, loss_sum, weight, metric_sums = sums(state.params, batch, state.frozen, rng)
+      grads, loss_sum, weight, metric_sums = sums(state.params, batch, state, rng)
     else:
       micro = split_microbatches(batch, grad_accum, mesh)
       first = jax.tree.map(lambda x: x[0], micro)
-      carry0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: sums(state.params, first, state.frozen, rng)))
+      carry0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: sums(state.params, first, state, rng)))
 
       def body(carry, mb_i):
         mb, i = mb_i
-        return jax.tree.map(jnp.add, carry, sums(state.params, mb, state.frozen, jax.random.fold_in(rng, i))), None
+        return jax.tree.map(jnp.add, carry, sums(state.params, mb, state, jax.random.fold_in(rng, i))), None
 
       (grads, loss_sum, weight, metric_sums), _ = jax.lax.scan(body, carry0, (micro, jnp.arange(grad_accum)))
     denom = jnp.maximum(weight, 1.0)

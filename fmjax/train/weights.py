@@ -88,7 +88,8 @@ def load(workdir: str, step: int = -1) -> RunWeights:
   adapter = config_lib.adapter(config)
   params, step = read_params(workdir, step)
   if adapter is not None:
-    source = config.init_from.workdir or (os.path.join(workdir, "base") if config.init_from.bootstrap else "")
+    source = config.init_from.workdir or (os.path.join(workdir, init_from.BOOTSTRAPPED)
+                                          if config.init_from.bootstrap else "")
     if source:
       base, _ = read_params(source, config.init_from.step)
     else:
