@@ -193,3 +193,32 @@ def test_plug_ins_are_named_only_in_their_own_package():
       assert not words & set(PARAMETERISATIONS), f"{path} names {sorted(words & set(PARAMETERISATIONS))}"
     if not module.startswith("fmjax.objectives"):
       assert not words & heads, f"{path} names the heads {sorted(words & heads)}"
+
+
+# The layers, lowest first (README.md's layout map): a module may import its own layer and those below it.
+LAYERS = (
+    ("core", ("fmjax.errors", "fmjax.checks", "fmjax.version", "fmjax.startup", "fmjax.sharding",
+              "fmjax.distributed", "fmjax.topology")),
+    ("model", ("fmjax.model", "fmjax.adapters", "fmjax.sample", "fmjax.rl")),
+    ("heads", ("fmjax.objectives",)),
+    ("data", ("fmjax.data", "fmjax.curation", "fmjax.governance")),
+    ("spec", ("fmjax.spec", "fmjax.config_lib")),
+    ("train", ("fmjax.train",)),
+    ("api", ("fmjax", "fmjax.api", "fmjax.interop", "fmjax.evaluation", "fmjax.main")),
+)
+
+
+def layer_of(module: str) -> int:
+  """The index in LAYERS of the longest prefix that names `module`."""
+  best = max(((len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes
+              if module == p or module.startswith(p + ".")), default=None)
+  assert best is not None, f"{module} is in no layer of LAYERS; add it where it belongs"
+  return best[1]
+
+
+def test_no_module_imports_a_higher_layer():
+  """Counting imports inside functions: core <- model, adapters, rl <- objectives <- data <- spec <- train <- api."""
+  assert layer_of("fmjax.train.loop") > layer_of("fmjax.spec") > layer_of("fmjax.data.pipeline")
+  upward = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+            for m, targets in sorted(import_graph().items()) for t in sorted(targets) if layer_of(t) > layer_of(m)]
+  assert not upward, "imports up the layers:\n" + "\n".join(upward)
