@@ -21,8 +21,10 @@ from ml_collections import config_flags  # noqa: E402
 from fmjax import distributed, errors  # noqa: E402
 from fmjax.train import loop  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and variant, e.g. configs/pretrain.py:smoke.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file and variant, e.g. configs/pretrain.py:smoke; override any key with "
+    "--config.section.key=value. Every key with its default and doc, the objective section's per head and each "
+    "parameterisation's: docs/config-keys.md (python tools/config_keys.py prints it).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config.json, metrics.jsonl, TensorBoard, checkpoints; "
                                 "on several hosts, one that every host sees (a shared filesystem).")
 flags.mark_flags_as_required(["config", "workdir"])
