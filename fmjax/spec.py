@@ -259,9 +259,12 @@ def resolve(config: Any) -> Spec:
 
 
 def replace(spec: Spec, **changes: Any) -> Spec:
-  """`spec` with changes given as 'section.key': value (model, train, ...; not the head's options)."""
+  """`spec` with changes given as 'section.key': value (model, train, ...; not the head's options), its record
+  changed alike."""
   out = spec
   for key, value in changes.items():
     section, name = key.split(".")
-    out = dataclasses.replace(out, **{section: dataclasses.replace(getattr(out, section), **{name: value})})
+    record = {**out.record, section: {**out.record[section], name: value}}
+    out = dataclasses.replace(out, record=record,
+                              **{section: dataclasses.replace(getattr(out, section), **{name: value})})
   return out

@@ -78,3 +78,11 @@ def test_a_run_resolves_its_config_once_and_builds_its_head_once(repo, tmp_path,
   c.checkpoint.async_save = False
   loop.train(c, str(tmp_path))
   assert calls == {"resolve": 1, "make": 1}
+
+
+def test_a_replaced_spec_changes_its_piece_and_its_record_alike(repo):
+  s = spec.resolve(config_lib.load(f"{repo}/configs/pretrain.py:smoke"))
+  r = spec.replace(s, **{"model.remat": "full", "train.grad_accum": 2})
+  assert (r.model.remat, r.train.grad_accum) == ("full", 2) and (s.model.remat, s.train.grad_accum) == ("none", 1)
+  assert r.record["model"]["remat"] == "full" and r.record["train"]["grad_accum"] == 2
+  assert s.record["model"]["remat"] == "none"
