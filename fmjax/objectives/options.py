@@ -3,7 +3,7 @@ section besides `name`. Each field carries its one-line doc and, where it has on
 
   @dataclasses.dataclass(frozen=True)
   class Options(options.Options):
-    beta: float = options.field(0.1, "inverse temperature of the implicit reward", positive)
+    beta: float = options.field(0.1, "inverse temperature of the implicit reward", checks.positive())
 
 The config's `objective` section for a head is built from these fields (`section`), and resolved back with every
 value checked (`resolve`): a key the head does not read, or a value outside its range, is a one-line error.
@@ -16,7 +16,6 @@ from typing import Any, Callable, Mapping
 
 from fmjax import checks
 from fmjax.errors import UserError
-
 
 field = checks.option  # a field with its one-line doc and optional range rule
 
