@@ -27,6 +27,19 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
+def v5p_8():
+  """(topology, compile-only devices) of a v5p-8 slice, from libtpu (the `tpu` extra); skips where there is none."""
+  pytest.importorskip("libtpu")
+  from fmjax import topology
+
+  topo = topology.parse("v5p-8")
+  try:
+    return topo, topology.devices(topo)
+  except RuntimeError as e:
+    pytest.skip(f"libtpu cannot describe TPU topologies here: {e}")
+
+
+@pytest.fixture(scope="session")
 def cpu_env():
   """Environment for a subprocess run on `devices` virtual CPU devices (default 1). Eight virtual devices on a busy
   2-core machine can starve XLA's cross-device rendezvous, which aborts after 40 s; runs that test no sharding use

@@ -36,16 +36,6 @@ def test_search_ladder_keeps_the_global_batch():
   assert all(cfg.train.batch_size == 8 for _, cfg in aot.ladder(c, batch_shards=4))
 
 
-@pytest.fixture(scope="module")
-def v5p_8():
-  pytest.importorskip("libtpu")
-  topo = topology.parse("v5p-8")
-  try:
-    return topo, topology.devices(topo)
-  except RuntimeError as e:
-    pytest.skip(f"libtpu cannot describe TPU topologies here: {e}")
-
-
 def test_smoke_fits_on_v5p_8_with_memory_by_category_and_a_projected_mfu(v5p_8):
   topo, devices = v5p_8
   report = aot.analyse(config_lib.load("configs/pretrain.py:smoke"), topo, devices=devices)

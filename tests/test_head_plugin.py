@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from fmjax import config_lib, objectives, topology
+from fmjax import config_lib, objectives
 from fmjax.model.token_stats import from_logits
 from fmjax.objectives.lm import masked_nll
 from fmjax.train import aot, loop
@@ -58,13 +58,8 @@ def test_a_head_from_outside_the_package_trains_with_its_frozen_model(anchored, 
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "2", "state", "frozen"))
 
 
-def test_a_head_from_outside_the_package_compiles_for_v5p_8_with_its_frozen_model(anchored):
-  pytest.importorskip("libtpu")
-  topo = topology.parse("v5p-8")
-  try:
-    devices = topology.devices(topo)
-  except RuntimeError as e:
-    pytest.skip(f"libtpu cannot describe TPU topologies here: {e}")
+def test_a_head_from_outside_the_package_compiles_for_v5p_8_with_its_frozen_model(anchored, v5p_8):
+  topo, devices = v5p_8
   report = aot.analyse(anchored, topo, devices=devices, cost=False)
   args = report.memory.arguments
   assert report.verdict == "fits"

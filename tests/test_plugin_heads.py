@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import plugin_heads
-from fmjax import config_lib, objectives, spec, topology
+from fmjax import config_lib, objectives, spec
 from fmjax.errors import UserError
 from fmjax.model.token_stats import TokenStats
 from fmjax.objectives import LossContext
@@ -112,18 +112,12 @@ def test_an_actor_critic_head_trains_its_value_head_on_its_own_rollouts_and_resu
 
 
 @pytest.mark.parametrize("head", ["smoothed_lm", "reinforce_value"])
-def test_outside_heads_compile_for_v5p_8(repo, head):
-  pytest.importorskip("libtpu")
+def test_outside_heads_compile_for_v5p_8(repo, head, v5p_8):
   from fmjax.train import aot
 
-  topo = topology.parse("v5p-8")
-  try:
-    devices = topology.devices(topo)
-  except RuntimeError as e:
-    pytest.skip(f"libtpu cannot describe TPU topologies here: {e}")
-  report = aot.analyse(config_lib.load(os.path.join(repo, f"{CONFIG}:head={head}")), topo, devices=devices,
-                       cost=False)
-  assert report.verdict == "fits"
+  topo, devices = v5p_8
+  config = config_lib.load(os.path.join(repo, f"{CONFIG}:head={head}"))
+  assert aot.analyse(config, topo, devices=devices, cost=False).verdict == "fits"
   if head == "reinforce_value":
-    step = aot.plan(spec.resolve(config_lib.load(os.path.join(repo, f"{CONFIG}:head={head}"))), devices, {})
+    step = aot.plan(spec.resolve(config), devices, {})
     assert set(step.state.params["parts"]) == {plugin_heads.VALUE.name}
