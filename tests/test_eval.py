@@ -4,11 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import config_lib, data
+from fmjax import config_lib
 from fmjax.data import embedded
 from fmjax.model import Transformer
 from fmjax.objectives.lm import token_nll
-from fmjax.train import experiment
 import from_config
 
 

@@ -10,7 +10,7 @@ from flax import traverse_util
 from fmjax import config_lib
 from fmjax.adapters import lora, peft
 from fmjax.model import Transformer, init_params, resolve
-from fmjax.train import experiment, memory
+from fmjax.train import memory
 import from_config
 
 ALL = r"(q|k|v|o|gate|up|down)_kernel$|unembed"

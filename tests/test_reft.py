@@ -17,7 +17,7 @@ import fmjax
 from fmjax import adapters, config_lib, sample
 from fmjax.adapters import reft
 from fmjax.model import Transformer, init_params, resolve
-from fmjax.train import experiment, loop
+from fmjax.train import loop
 import from_config
 
 SMOKE = resolve("smoke")

@@ -37,7 +37,6 @@ def tiny(repo, **overrides):
 
 
 def test_the_samplers_log_probs_are_the_training_forwards(repo):
-  from fmjax.train import experiment
 
   exp = from_config.build(tiny(repo, **{"objective.temperature": 0.7}), devices=jax.devices()[:1])
   batch, made = exp.batch(exp.state, 1)
@@ -55,7 +54,6 @@ def test_the_samplers_log_probs_are_the_training_forwards(repo):
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_gradient_accumulation_equals_the_full_batch(repo, loss_type):
   from fmjax import sharding
-  from fmjax.train import experiment
 
   params = {}
   batch = None
@@ -164,7 +162,6 @@ def test_held_out_rewards_score_greedy_completions_like_a_rollout():
 
 
 def test_a_lora_policy_rolls_out_over_its_base_and_its_reference_is_the_base(repo):
-  from fmjax.train import experiment
 
   exp = from_config.build(tiny(repo, **{"lora.rank": 4, "objective.kl_coef": 0.05}), devices=jax.devices()[:1])
   assert "reference" not in exp.state.frozen and exp.state.base is not None  # no second copy of the weights

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fmjax import data
-from fmjax.data import ByteTokenizer, formats, pipeline, prepared
+from fmjax.data import ByteTokenizer, formats, prepared
 from fmjax.data.sources import WHERE, open_source
 import from_config
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from fmjax import config_lib
-from fmjax.train import experiment
 import from_config
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from fmjax.adapters.base import PARTS  # the trained params' subtree of the heads' parts: {name: params}
+from fmjax.adapters.base import PARTS  # noqa: F401  (re-exported: the trained params' subtree of the heads' parts)
 from fmjax.errors import UserError
 from fmjax.model.token_stats import TokenStats, from_logits
 
