@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any, Callable
 
@@ -29,6 +30,21 @@ def is_regex(v: str) -> bool:
     return True
   except (re.error, TypeError):
     return False
+
+
+def json_object(path: str, what: str = "an object") -> dict:
+  """The JSON object in file `path`, or an error naming the file: not JSON (a damaged or truncated download), or not
+  an object (`what`: what it should hold, for the message)."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    value = json.loads(raw)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise UserError(f"{path} is not valid JSON ({str(e).splitlines()[0]}; {len(raw)} bytes): the file is damaged or "
+                    "truncated; download it again (or fix it).") from None
+  if not isinstance(value, dict):
+    raise UserError(f"{path} holds a JSON {type(value).__name__}, not {what}; download it again.")
+  return value
 
 
 def shown(value: Any) -> str:

@@ -12,7 +12,9 @@ the counts in manifest.json are the same for any number of workers.
 
 `run(...)` writes to DIR: `curated-SSSSS-of-NNNNN.jsonl` (kept records in input order within a shard, text
 scrubbed, other fields kept), `report.json` (counts per rule, PII per type, the first examples per rule) and
-`manifest.json` (`fmjax.governance.manifest`).
+`manifest.json` (`fmjax.governance.manifest`). A local DIR's output is written whole in a hidden staging directory
+(DIR/.curating-*) and moved in only when the run succeeds, so a failed run (an --overwrite that fails too) leaves
+DIR as it was.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import time
+import uuid
 from typing import Any
 
 from fmjax.curation import pii, quality, read, runner
@@ -122,9 +126,7 @@ def run(patterns: list[str], output: str, cfg: CurationConfig | None = None, *, 
         license_id: str = "", license_map: dict[str, str] | None = None, overwrite: bool = False,
         tfds_data_dir: str = "") -> dict[str, Any]:
   """Curates the inputs of `patterns` into `output`; returns the report (with `seconds`) and prints nothing."""
-  beam = runner.beam()
-  from fmjax.curation import stages
-
+  runner.beam()  # an error naming the extra to install, before anything else
   cfg = cfg or CurationConfig()
   if on_error not in ("raise", "skip"):
     raise UserError(f"on_error={on_error!r} is unknown; use 'raise' or 'skip'.")
@@ -132,14 +134,61 @@ def run(patterns: list[str], output: str, cfg: CurationConfig | None = None, *, 
     raise UserError(f"--num_shards={num_shards} must be >= 1.")
   inputs = read.list_inputs(list(patterns))
   licenses = [read.license_of(p, license_id, license_map or {}) for p in inputs]
-  local = "://" not in output
+  target, local = output, "://" not in output
+  created = False
   if local:
-    old = glob.glob(os.path.join(output, "curated-*.jsonl"))
-    if old and not overwrite:
-      raise UserError(f"{output} already holds curated shards; choose another --output or pass --overwrite.")
-    os.makedirs(output, exist_ok=True)
-    for path in old + glob.glob(os.path.join(output, "*.partial")):
-      os.remove(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+      raise UserError(f"--output={target!r} is a file, not a directory; pass a directory, or move that file away.")
+    if glob.glob(os.path.join(target, "curated-*.jsonl")) and not overwrite:
+      raise UserError(f"{target} already holds curated shards; choose another --output or pass --overwrite.")
+    created = not os.path.isdir(target)
+    output = _staging(target)
+  try:
+    report = _run(inputs, licenses, output, cfg, runner_name, num_workers, beam_args, num_shards, on_error,
+                  tfds_data_dir)
+  except BaseException:
+    if local:  # no partial output; the old one (if any) is untouched
+      shutil.rmtree(output, ignore_errors=True)
+      if created and not os.listdir(target):
+        os.rmdir(target)
+    raise
+  if local:
+    _swap_in(output, target)
+  return report
+
+
+def _staging(target: str) -> str:
+  """A new hidden directory for a run's output inside directory `target` (created if missing): on its filesystem,
+  so `_swap_in` moves files by renaming them even where `target` is a mount point."""
+  os.makedirs(target, exist_ok=True)
+  path = os.path.join(target, f".curating-{uuid.uuid4().hex[:8]}")
+  os.mkdir(path)
+  return path
+
+
+def _swap_in(staging: str, target: str) -> None:
+  """Replaces the curation output in `target` (shards, report, manifest; other files stay) by the finished run's in
+  `staging`. The old manifest goes first and the new one comes last, so that whatever the moment, a manifest names
+  exactly the shards beside it (or there is none)."""
+  new = sorted(n for n in os.listdir(staging) if n != manifest.NAME)
+  stale = {os.path.basename(p) for pattern in ("curated-*.jsonl", "*.partial")
+           for p in glob.glob(os.path.join(target, pattern))} - set(new)
+  if os.path.exists(os.path.join(target, manifest.NAME)):
+    os.remove(os.path.join(target, manifest.NAME))
+  for name in new:
+    os.replace(os.path.join(staging, name), os.path.join(target, name))
+  for name in sorted(stale):
+    os.remove(os.path.join(target, name))
+  os.replace(os.path.join(staging, manifest.NAME), os.path.join(target, manifest.NAME))
+  os.rmdir(staging)
+
+
+def _run(inputs: list[str], licenses: list[str], output: str, cfg: CurationConfig, runner_name: str,
+         num_workers: int, beam_args: list[str], num_shards: int, on_error: str, tfds_data_dir: str) -> dict[str, Any]:
+  """Runs the pipeline writing into directory (or URI) `output`; returns the report."""
+  beam = runner.beam()
+  from fmjax.curation import stages
+
   examples = Examples(cfg, inputs)
   created = manifest.now()
   t0 = time.perf_counter()
@@ -159,9 +208,6 @@ def run(patterns: list[str], output: str, cfg: CurationConfig | None = None, *, 
                                   files=beam.pvalue.AsSingleton(files)))
   except Exception as e:
     message = runner.failure(e)
-    if local:
-      for path in glob.glob(os.path.join(output, "curated-*")):
-        os.remove(path)  # no partial output
     if message is None:
       raise
     raise CurationError(message) from None

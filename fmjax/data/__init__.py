@@ -48,7 +48,7 @@ def make_tokenizer(data_cfg: Any) -> Tokenizer:
   if all(spec.startswith("prepared:") for spec in specs):  # tokenized data names its tokenizer
     return SentencePieceTokenizer(open_source(specs[0], "all").meta["tokenizer_path"])
   texts = [t for spec in specs if not spec.startswith("prepared:")
-           for t in documents(spec, "train", data_cfg.field, data_cfg.tokenizer_train_chars)]
+           for t in documents(spec, "train", data_cfg.field, data_cfg.tokenizer_train_chars, data_cfg.holdout)]
   if not any(texts):
     raise no_text_error(next(s for s in specs if not s.startswith("prepared:")), data_cfg.field)
   name = "+".join(specs).replace(":", "-").replace("/", "_").replace("*", "_")[:80]
@@ -63,6 +63,8 @@ def make_tokenizer(data_cfg: Any) -> Tokenizer:
 def tokenizer_from_file(path: str, key: str = "") -> SentencePieceTokenizer | HFTokenizer:
   """A Hugging Face tokenizer for a `.json` file, else a sentencepiece model; `key` (e.g. data.tokenizer_path) is
   the setting that named the file, for the error when it is missing or not a tokenizer."""
+  if os.path.isdir(path):
+    raise UserError(_directory_error(path, key or "the tokenizer path"))
   if key and not os.path.isfile(path):
     raise UserError(f"{key}={path!r} does not exist; give a sentencepiece .model (train one with `python "
                     f"tools/train_tokenizer.py --input=SOURCE --output={path}`) or a Hugging Face tokenizer.json, or "
@@ -74,6 +76,19 @@ def tokenizer_from_file(path: str, key: str = "") -> SentencePieceTokenizer | HF
       raise
     raise UserError(f"{key}: {str(e).rstrip('.')}; or leave {key} empty to train a tokenizer on the training "
                     "data.") from e
+
+
+def _directory_error(path: str, key: str) -> str:
+  """What to say when `key` names directory `path` instead of a tokenizer file: the tokenizer files in it, if any."""
+  inside = [n for n in RUN_TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))]
+  inside += sorted(n for n in os.listdir(path) if n.endswith(".model") and n not in inside)
+  if inside:
+    fix = f"set {key}={os.path.join(path, inside[0])}" + (
+        f" (it also holds {', '.join(inside[1:4])})" if len(inside) > 1 else "")
+  else:
+    fix = (f"it holds no .model or tokenizer.json file: set {key} to a sentencepiece .model (train one with `python "
+           "tools/train_tokenizer.py --input=SOURCE --output=FILE.model`) or a Hugging Face tokenizer.json")
+  return f"{key}={path!r} is a directory, not a tokenizer file; {fix}."
 
 
 def no_text_error(spec: str, field: str, set_field: str = "--config.data.field") -> UserError:
@@ -108,10 +123,12 @@ def check_vocab(tokenizer: Tokenizer, model_vocab: int, multiple: int = 128) -> 
                     "a tokenizer of that size (data.vocab_size / data.tokenizer_path).")
 
 
-def documents(spec: str, split: str = "train", field: str = "text", max_chars: int = 0) -> list[str]:
-  """The texts of source `spec` on side `split`, in order, up to `max_chars` characters in all (0 = no limit)."""
+def documents(spec: str, split: str = "train", field: str = "text", max_chars: int = 0, holdout: float = 0.1,
+              holdout_key: str = "data.holdout") -> list[str]:
+  """The texts of source `spec` on side `split` of its `holdout` split (set by `holdout_key`), in order, up to
+  `max_chars` characters in all (0 = no limit)."""
   out, total = [], 0
-  records = open_source(spec, split)
+  records = open_source(spec, split, holdout, holdout_key=holdout_key)
   for i in range(len(records)):
     for text in formats.texts(records[i], field):
       out.append(text)

@@ -5,9 +5,13 @@ A template is one string with `{role}` and `{content}` in it, applied to every m
 before `{content}` (the turn header) never carries loss; an assistant message's content and the text after it (the
 end marker, which teaches the model to stop) do. The sequence is BOS, the rendered messages, EOS; EOS carries loss
 when the conversation ends with an assistant turn. `data.chat_template` names a preset or gives a template string.
+A message's `content` is a string or, OpenAI style, a list of text parts (`content_text`).
 """
 
 from __future__ import annotations
+
+from typing import Any
+
 from fmjax.errors import UserError
 
 PRESETS = {
@@ -17,6 +21,33 @@ PRESETS = {
     "plain": "{role}: {content}\n",  # no special tokens at all
 }
 ROLES = ("system", "user", "assistant")
+TEXT_PARTS = ("text", "input_text", "output_text")  # OpenAI chat / Responses API part types that hold text
+
+
+def content_text(content: Any, where: str) -> str:
+  """A message's `content` as one string: a string as is, or a list of text parts (`{"type": "text", "text": ...}`
+  or bare strings) joined with nothing between them, as Hugging Face chat templates render them. `where` names the
+  message (`data.jsonl:3: message 1`) in the error for null content, a non-text part or any other value."""
+  if isinstance(content, str):
+    return content
+  if content is None:
+    raise UserError(f"{where} has content null; give it text (a string, or a list of {{'type': 'text', 'text': "
+                    "...} parts), or remove that message or the record.")
+  if not isinstance(content, list):
+    raise UserError(f"{where} has content of type {type(content).__name__}; give it a string, or a list of "
+                    "{'type': 'text', 'text': ...} parts.")
+  texts = []
+  for k, part in enumerate(content):
+    if isinstance(part, str):
+      texts.append(part)
+      continue
+    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+    text = part.get("text") if isinstance(part, dict) else None
+    if kind not in TEXT_PARTS or not isinstance(text, str):
+      raise UserError(f"{where}, content part {k} is of type {kind!r}, not text; a language model trains on text "
+                      "parts only ({'type': 'text', 'text': ...}): remove the other parts, or the record.")
+    texts.append(text)
+  return "".join(texts)
 
 
 class ChatTemplate:
@@ -37,5 +68,6 @@ class ChatTemplate:
 
   def prompt(self, messages: list[dict]) -> str:
     """The text a model continues to answer `messages`: every message rendered, then the assistant's header."""
-    return "".join(t for m in messages for t, _ in self.pieces(m["role"], m["content"], False)) + \
+    return "".join(t for n, m in enumerate(messages)
+                   for t, _ in self.pieces(m["role"], content_text(m["content"], f"message {n}"), False)) + \
         self.header.replace("{role}", "assistant")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fmjax.data.chat import ROLES, ChatTemplate
+from fmjax.data.chat import ROLES, ChatTemplate, content_text
 from fmjax.data.sources import WHERE, DataError
 from fmjax.errors import UserError
 
@@ -94,7 +94,12 @@ class Encoder:
       prompt = self._turns(record.get("prompt", ""), 0, where)
       example = {}
       for side in ("chosen", "rejected"):
-        seq = self._sequence(prompt + self._turns(self._get(record, side, where), 1, where))
+        response = self._get(record, side, where)
+        turns = self._turns(response, 1, where)
+        if not _text(response).strip():  # TRL refuses it too: a side with no response tokens trains nothing
+          raise DataError(f"{where}: field {side!r} is empty; a preference pair needs a non-empty 'chosen' and "
+                          f"'rejected' response: fill in its {side!r} or remove the record.")
+        seq = self._sequence(prompt + turns)
         example.update({f"{side}_{k}": v for k, v in _example(*seq).items()})
         if f"ref_{side}_logps" in record:
           value = record[f"ref_{side}_logps"]
@@ -157,7 +162,8 @@ class Encoder:
       role = message["role"]
       if role not in ROLES:
         raise DataError(f"{where}: message {n} has role {role!r}; roles are {ROLES}.")
-      pieces += self.chat.pieces(role, message["content"], (role == "assistant") if weight is None else bool(weight))
+      text = content_text(message["content"], f"{where}: message {n} ({role})")
+      pieces += self.chat.pieces(role, text, (role == "assistant") if weight is None else bool(weight))
     return pieces
 
   def _sequence(self, pieces: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -193,6 +199,11 @@ def _at_start(length: int, value: float) -> np.ndarray:
   return column
 
 
+def _text(value: str | list) -> str:
+  """The text of a string or of a list of messages (already checked by `Encoder._turns`)."""
+  return value if isinstance(value, str) else "".join(content_text(m["content"], "") for m in value)
+
+
 def _example(ids: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
   return {"tokens": ids[:-1], "targets": ids[1:], "loss_mask": weights[1:]}
 
@@ -205,5 +216,9 @@ def texts(record: dict, field: str = "text") -> list[str]:
     if isinstance(value, str):
       out.append(value)
     elif isinstance(value, list):
-      out += [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
+      for m in value:
+        try:
+          out.append(content_text(m.get("content") if isinstance(m, dict) else None, "record"))
+        except UserError:
+          pass  # no text to learn pieces from; the encoder reports the message, naming its record
   return out

@@ -8,12 +8,12 @@ separator of their pre-training) in its place; a missing pad token is EOS too (p
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 
 import numpy as np
 
+from fmjax import checks
 from fmjax.errors import UserError
 
 CONFIG = "tokenizer_config.json"
@@ -31,8 +31,9 @@ class HFTokenizer:
     from tokenizers import Tokenizer
 
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"tokenizer file {path!r} does not exist; give a Hugging Face tokenizer.json (from "
-                              "`tools/convert_hf.py import`, or a model's directory).")
+      state = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+      raise FileNotFoundError(f"tokenizer file {path!r} {state}; give a Hugging Face tokenizer.json (from "
+                              "`tools/convert_hf.py import`, or in a model's directory).")
     self.path = path
     try:
       self.tok = Tokenizer.from_file(path)
@@ -43,14 +44,12 @@ class HFTokenizer:
     directory = os.path.dirname(path)
     names = {}
     if os.path.isfile(os.path.join(directory, CONFIG)):
-      with open(os.path.join(directory, CONFIG)) as f:
-        settings = json.load(f)
+      settings = checks.json_object(os.path.join(directory, CONFIG))
       names = {k: _token(settings.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
     ids = {k: self.tok.token_to_id(v) if v else None for k, v in names.items()}
     model_config = os.path.join(directory, "config.json")
     if os.path.isfile(model_config):
-      with open(model_config) as f:
-        hf = json.load(f)
+      hf = checks.json_object(model_config)
       for key in ("bos_token", "eos_token", "pad_token"):
         value = hf.get(f"{key}_id")
         if ids.get(key) is None and value is not None:

@@ -20,6 +20,11 @@ eval.batches global batches (the last one padded with empty rows), and each proc
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import signal
+import threading
+import time
 from typing import Any, Iterator
 
 import grain
@@ -72,6 +77,9 @@ def _open(spec: SourceSpec, data_cfg: Any, split: str, tokenizer: Any, seq_len: 
   """(records, encoder, format) of one source; `num_labels`: the model's classes (classification labels)."""
   records = open_source(spec.source, split, data_cfg.holdout, data_cfg.tfds_data_dir)
   base = getattr(records, "parent", records)
+  if len(records) == 0:  # open_source refuses an empty train side; this is the held-out side
+    raise DataError(f"eval source {spec.name!r} ({spec.source}, {split}) holds no records; raise data.holdout, name "
+                    "eval.sources explicitly, or set eval.every_steps=0.")
   if isinstance(base, PreparedSource):
     base.check_tokenizer(tokenizer)
     fmt = base.format
@@ -80,7 +88,8 @@ def _open(spec: SourceSpec, data_cfg: Any, split: str, tokenizer: Any, seq_len: 
     fmt = spec.format if spec.format != "auto" else formats.detect(records[0], spec.field)
     encode = formats.Encoder(fmt, tokenizer, spec.field, seq_len if fmt != "text" else 0, data_cfg.overlong,
                              data_cfg.chat_template, num_labels)
-    encode(records[0])  # a missing field or bad record shows up now, not in a worker later
+    encode(base[0])  # a missing field or bad record shows up now (the file's first, held out or not), not later
+    encode(records[0])
   if fmt == "preference" and (all(k in records[0] for k in formats.REF_KEYS) or "chosen_ref_logps" in records[0]):
     fmt = "preference+ref"  # precomputed reference log-probs travel with the pairs
   return records, encode, fmt
@@ -169,8 +178,25 @@ def _rows(records, encode, fmt: str, data_cfg: Any, seq_len: int, seed: int, sha
   if train and data_cfg.workers:  # tokenize in worker processes; pack and mix here, so steps map to rows exactly
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use their defaults
       flags.FLAGS.mark_as_parsed()
-    examples = examples.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
+    examples = examples.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers),
+                                    worker_init_fn=functools.partial(exit_with_parent, os.getpid()))
   return _pack(examples, fmt, seq_len, data_cfg.packing_bins, seed, columns)
+
+
+def exit_with_parent(parent: int, worker_index: int = 0, worker_count: int = 1) -> None:
+  """A data worker's init: the worker kills itself once `parent` (the trainer) is gone, so a trainer killed with
+  SIGKILL leaves no workers behind, nor multiprocessing's resource tracker (it exits once every process holding its
+  pipe has). A thread polls the parent's pid rather than prctl(PR_SET_PDEATHSIG): that signal follows the *thread*
+  that started the worker, one of grain's prefetch threads, which ends whenever the pipeline's state is set."""
+  if os.name != "posix":  # Windows: getppid() does not change when the parent dies
+    return
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+  threading.Thread(target=watch, name="fmjax-exit-with-parent", daemon=True).start()
 
 
 def _columns(adapter: Any):

@@ -313,8 +313,10 @@ def expand(pattern: str) -> list[str]:
   return paths
 
 
-def open_source(spec: str, split: str = "train", holdout: float = 0.1, tfds_data_dir: str = "") -> Any:
-  """The records of `spec` on side `split` (`train`, `validation`, or `all`) of its held-out split."""
+def open_source(spec: str, split: str = "train", holdout: float = 0.1, tfds_data_dir: str = "",
+                holdout_key: str = "data.holdout") -> Any:
+  """The records of `spec` on side `split` (`train`, `validation`, or `all`) of its held-out split; an empty train
+  side is an error naming `holdout_key`, the setting that gave `holdout`."""
   if split not in ("train", "validation", "all"):
     raise UserError(f"split {split!r} must be train, validation or all.")
   kind, _, rest = spec.partition(":")
@@ -331,4 +333,13 @@ def open_source(spec: str, split: str = "train", holdout: float = 0.1, tfds_data
               ".array_record": ArrayRecordFiles}[os.path.splitext(paths[0])[1]](paths)
   if len(source) == 0:
     raise DataError(f"data source {spec!r} holds no records.")
-  return source if split == "all" else HeldOut(source, split, holdout)
+  if split == "all":
+    return source
+  side = HeldOut(source, split, holdout)
+  if split == "train" and len(side) == 0:  # record 0 always hashes to the held-out side: a one-record source
+    n = len(source)
+    also = " and eval.every_steps=0" if holdout_key.startswith("data.") else ""
+    raise DataError(f"data source {spec!r} has {n} record{'s' * (n != 1)}, all held out for evaluation "
+                    f"({holdout_key}={holdout}), so none is left to train on; add records (a .txt file is one "
+                    f"record), or set {holdout_key}=0{also} to train on every record.")
+  return side

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from fmjax import sample
-from fmjax.data import formats
+from fmjax.data import chat, formats
 from fmjax.errors import UserError
 from fmjax.rl import rewards as rewards_lib
 from fmjax.train import rollout
@@ -62,4 +62,4 @@ def evaluate(model: Any, records: Sequence[dict], spec: str, reward_model: Any =
 
 
 def _text(prompt: Any) -> str:
-  return prompt if isinstance(prompt, str) else " / ".join(m["content"] for m in prompt)
+  return prompt if isinstance(prompt, str) else " / ".join(chat.content_text(m["content"], "prompt") for m in prompt)

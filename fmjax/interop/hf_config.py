@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 from fmjax.model.config import ModelConfig, loss_chunk_for
+from fmjax import checks
 from fmjax.errors import UserError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -19,6 +20,22 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
                  "qwen3": "Qwen3ForCausalLM"}
 CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
                "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
+
+
+SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def read(path: str) -> dict:
+  """A model's config.json, or an error naming the file and what is wrong with it: not JSON (a truncated or damaged
+  download), not an object, or, for a supported family, a shape field missing or not a positive integer."""
+  hf = checks.json_object(path, "an object of model settings")
+  if hf.get("model_type") in FAMILIES:
+    for key in SHAPE_KEYS:
+      value = hf.get(key)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{path}: {key}={value!r} must be a positive integer (a {hf['model_type']} config.json sets "
+                        f"{', '.join(SHAPE_KEYS)}); the file is incomplete or edited: download it again.")
+  return hf
 
 
 def _rope(hf: dict) -> dict:

@@ -29,8 +29,7 @@ class Reader:
   def __init__(self, directory: str):
     index = os.path.join(directory, INDEX)
     if os.path.isfile(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+      files = _index_files(index)
     else:
       files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
@@ -39,10 +38,9 @@ class Reader:
     self.entries: dict[str, tuple[str, int, dict]] = {}
     for name in files:
       path = os.path.join(directory, name)
-      with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-      header.pop("__metadata__", None)
+      if not os.path.isfile(path):
+        raise UserError(f"{index} lists the shard {name}, but {path} does not exist; download it again.")
+      length, header = read_header(path)
       for key, info in header.items():
         self.entries[key] = (path, 8 + length, info)
 
@@ -63,6 +61,69 @@ class Reader:
     if end == begin:
       return np.zeros(shape, dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
+
+
+def _index_files(index: str) -> list[str]:
+  """The shard files `model.safetensors.index.json` names."""
+  with open(index, "rb") as f:
+    raw = f.read()
+  try:
+    files = set(json.loads(raw)["weight_map"].values())
+  except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, no weight_map, or not a mapping
+    raise UserError(f"{index} is not a safetensors index ({_why(e)}; it should hold {{\"weight_map\": {{tensor: "
+                    f"file}}}}); the file is damaged or truncated ({len(raw)} bytes): download it again.") from None
+  if not all(isinstance(name, str) for name in files):
+    raise UserError(f"{index}: weight_map's values must be shard file names; download it again.")
+  return sorted(files)
+
+
+def read_header(path: str) -> tuple[int, dict]:
+  """(header length, {tensor: {dtype, shape, data_offsets}}) of safetensors file `path`, checked against the file's
+  size, so a truncated or damaged download is an error naming the file, not a failure when a tensor is read."""
+  size = os.path.getsize(path)
+  again = "download it again"
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if head.startswith(b"version "):  # `version https://git-lfs...`: a Git LFS pointer, not its content
+      raise UserError(f"{path} is a Git LFS pointer ({size} bytes), not the weights; fetch them with `git lfs pull` "
+                      "or `huggingface-cli download`.")
+    if len(head) < 8:
+      raise UserError(f"{path} is truncated: {size} bytes, less than the 8-byte header length; {again}.")
+    (length,) = struct.unpack("<Q", head)
+    if length > size - 8:
+      raise UserError(f"{path} is truncated or not a safetensors file: its header says {length} header bytes, the "
+                      f"file has {size} bytes in all; {again}.")
+    raw = f.read(length)
+  try:
+    header = json.loads(raw)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise UserError(f"{path} is damaged: its {length}-byte header is not valid JSON ({_why(e)}); {again}.") from None
+  if not isinstance(header, dict):
+    raise UserError(f"{path} is damaged: its header is a JSON {type(header).__name__}, not an object; {again}.")
+  header.pop("__metadata__", None)
+  end = 0
+  for key, info in header.items():
+    if isinstance(info, dict) and "dtype" in info and info["dtype"] not in DTYPES:
+      raise UserError(f"{path}: tensor {key!r} has dtype {info['dtype']!r}, which fmjax does not read (it reads "
+                      f"{sorted(DTYPES)}); convert the checkpoint to one of those.")
+    try:
+      dtype, shape, (begin, stop) = np.dtype(DTYPES[info["dtype"]]), info["shape"], map(int, info["data_offsets"])
+      nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    except (KeyError, TypeError, ValueError) as e:  # a field missing, or of the wrong kind
+      raise UserError(f"{path} is damaged: the header entry of tensor {key!r} is malformed ({type(e).__name__}: "
+                      f"{_why(e)}); {again}.") from None
+    if stop - begin != nbytes or begin < 0:
+      raise UserError(f"{path} is damaged: tensor {key!r} of shape {shape} ({info['dtype']}) needs {nbytes} bytes "
+                      f"but its data_offsets [{begin}, {stop}] span {stop - begin}; {again}.")
+    end = max(end, stop)
+  if 8 + length + end > size:
+    raise UserError(f"{path} is truncated: its header says {8 + length + end} bytes, the file has {size}; {again}.")
+  return length, header
+
+
+def _why(e: BaseException) -> str:
+  """An exception's message on one line, for the errors above."""
+  return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def write(directory: str, specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]], produce: Callable[[str], np.ndarray],
