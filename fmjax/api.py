@@ -138,10 +138,10 @@ class Model:
     return np.concatenate(out)
 
 
-def load(path: str, step: int = -1, dtype: str | None = None) -> Model:
+def load(path: str, step: int = -1, dtype: str | None = None, key: str = "--model") -> Model:
   """The model in `path`: an fmjax run directory (checkpoint `step`, -1 = newest; a parameterised run's trained
   tree comes over its base) or a Hugging Face checkpoint directory (converted in memory). `dtype` casts the weights
-  (e.g. 'bfloat16') and sets the compute dtype."""
+  (e.g. 'bfloat16') and sets the compute dtype. `key`: the flag that named `path`, for errors."""
   from fmjax.interop import hf
 
   if hf.is_hf_dir(path):
@@ -150,7 +150,7 @@ def load(path: str, step: int = -1, dtype: str | None = None) -> Model:
   elif os.path.isfile(os.path.join(path, "config.json")):
     from fmjax.train import weights
 
-    run = weights.load(path, step)
+    run = weights.load(path, step, key)
     model_cfg, params, adapter, tokenizer = run.model_cfg, run.params, run.adapter, run.tokenizer()
     chat_template = run.config.data.chat_template
   else:

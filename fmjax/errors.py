@@ -8,6 +8,7 @@ teacher — and its message names the value and the fix. `fmjax.main` and every 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Callable
@@ -22,6 +23,12 @@ class UserError(ValueError):
 
 # Raised by the standard library for a path the user gave; their message names the path.
 _OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+# A disk that is full, over quota or read-only: the machine's state, not a bug; the fix is the same everywhere.
+_STORAGE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _user_os_error(e: BaseException) -> bool:
+  return isinstance(e, _OS_ERRORS) or (isinstance(e, OSError) and e.errno in _STORAGE)
 
 
 def debug_requested(argv: list[str] | None = None) -> bool:
@@ -32,8 +39,10 @@ def debug_requested(argv: list[str] | None = None) -> bool:
 def message(e: BaseException) -> str:
   """One line: the error's message with its lines joined."""
   text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
-  if isinstance(e, _OS_ERRORS) and getattr(e, "filename", None):
+  if _user_os_error(e) and getattr(e, "filename", None):
     text = f"{e.strerror or type(e).__name__}: {e.filename!r}"
+  if isinstance(e, OSError) and e.errno in _STORAGE:
+    text += "; free space (or make it writable) or use another directory, and run the same command again"
   return text or type(e).__name__
 
 
@@ -55,7 +64,7 @@ def cli(main: Callable[..., object]) -> Callable[..., object]:
         raise
       report(e)
     except Exception as e:  # absl's app.UsageError (e.g. stray positional arguments) is a user error too
-      if type(e).__name__ != "UsageError" or debug_requested():
+      if not (type(e).__name__ == "UsageError" or _user_os_error(e)) or debug_requested():
         raise
       report(e)
 

@@ -11,6 +11,7 @@ config. `Spec.record` is what WORKDIR/config.json holds.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 from fmjax import adapters, checks, objectives, sharding
@@ -102,8 +103,9 @@ class Train:
                                "0 = off", non_negative("0 = the divergence guard is off"))
   spike_window: int = option(100, "the guard's median is over this many recent accepted losses",
                              positive("recent losses the guard's median is over"))
-  spike_skips: int = option(3, "consecutive spikes skipped before the run stops with a message; 0 = stop at the "
-                            "first", non_negative("consecutive spikes skipped before the run stops"))
+  spike_skips: int = option(3, "consecutive skipped updates (spikes, or non-finite steps under skip_nonfinite) "
+                            "before the run stops with a message; 0 = stop at the first",
+                            non_negative("consecutive skipped updates before the run stops"))
 
 
 _MESH_SIZE = checks.Rule(lambda v: v == -1 or v >= 1, "-1 (fill) or >= 1")
@@ -190,12 +192,17 @@ class Spec:
   log: Log
   record: Mapping[str, Any]  # every section's values, the model filled in from its preset: config.json
 
-  def with_frozen_workdir(self, role: str, workdir: str) -> "Spec":
-    """The spec with frozen run `role` read from `workdir` (where its bootstrap trained it)."""
-    runs = tuple(dataclasses.replace(r, workdir=workdir) if r.role == role else r for r in self.frozen_runs)
-    key = next(r.key for r in self.frozen_runs if r.role == role)
-    record = {**self.record, "objective": {**self.record["objective"], key: workdir}}
-    return dataclasses.replace(self, frozen_runs=runs, record=record)
+  def with_frozen(self, role: str, workdir: str | None = None, step: int | None = None) -> "Spec":
+    """The spec with frozen run `role` read from `workdir` (where its bootstrap trained it) and/or at `step`."""
+    run = next(r for r in self.frozen_runs if r.role == role)
+    changes = {k: v for k, v in (("workdir", workdir), ("step", step)) if v is not None}
+    runs = tuple(dataclasses.replace(r, **changes) if r.role == role else r for r in self.frozen_runs)
+    objective = dict(self.record["objective"])
+    if workdir is not None:
+      objective[run.key] = workdir
+    if step is not None and f"{run.key}_step" in objective:
+      objective[f"{run.key}_step"] = step
+    return dataclasses.replace(self, frozen_runs=runs, record={**self.record, "objective": objective})
 
 
 def section_defaults(cls: type) -> dict[str, Any]:
@@ -214,6 +221,19 @@ def _section(name: str, cls: type, values: Mapping[str, Any]) -> Any:
   return cls(**values)
 
 
+def _check_finite(values: Mapping[str, Any], prefix: str = "") -> None:
+  """No number in the config may be inf or nan (`lr=inf` would train to NaN params)."""
+  for key, value in values.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      _check_finite(value, f"{name}.")
+    elif isinstance(value, float) and not math.isfinite(value):
+      section, _, field = name.partition(".")
+      default = section_defaults(SECTIONS[section]).get(field) if section in SECTIONS else None
+      raise UserError(f"{name}={value} must be a finite number" + (f" (its default: {default})." if default is not None
+                                                                  else "."))
+
+
 def _plain(value: Any) -> Any:
   return value.to_dict() if hasattr(value, "to_dict") else value
 
@@ -222,6 +242,7 @@ def resolve(config: Any) -> Spec:
   """Checks every value of `config` (a ConfigDict: its key, its value and what it must be, in one line) and
   returns the run's spec. Reads no file: tools/aot_compile.py resolves configs of runs on other machines; the files
   and directories a run reads are train/checks.py's."""
+  _check_finite({k: _plain(v) for k, v in config.items()})
   sections = {name: _section(name, cls, {k: _plain(v) for k, v in config[name].items()})
               for name, cls in SECTIONS.items()}
   train, opt = sections["train"], sections["optimizer"]

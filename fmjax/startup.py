@@ -10,6 +10,7 @@ import glob
 import inspect
 import logging
 import os
+import sys
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -49,7 +50,6 @@ def choose_allocator(environ: Mapping[str, str], present: Sequence[str]) -> str 
 def preload_allocator() -> None:
   """Re-executes this process with `choose_allocator`'s library in LD_PRELOAD (an allocator must be loaded before
   the interpreter's first malloc, so it cannot be switched in place); returns only when nothing is to change."""
-  import sys
 
   lib = choose_allocator(os.environ, [p for p in ALLOCATORS if os.path.isfile(p)])
   if lib is None:
@@ -131,6 +131,21 @@ def use_short_info_format() -> None:
     handler.setFormatter(ShortInfoFormatter(handler.formatter))
 
 
+def _drop_closed_loop_callbacks() -> None:
+  """tensorstore's I/O threads report their results to orbax's asyncio loop; after a failed save or read orbax closes
+  that loop, and each late result prints a `RuntimeError: Event loop is closed` traceback (an unraisable exception)
+  that says nothing the one-line error does not. Those are dropped, unless debugging; every other one is shown."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed" and not errors.debug_requested():
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def run(main: Callable[..., object]) -> None:
   """Runs a tool's or fmjax.main's `main`: the allocator and the JAX platform chosen (fmjax/startup.py), then the error
   boundary: user errors (and bad flags) are one line.
@@ -139,6 +154,7 @@ def run(main: Callable[..., object]) -> None:
   An absl `main(argv)` runs as `absl.app.run(main)` with flags parsed here; a `main()` whose arguments are all
   optional (an argparse tool, see `ArgumentParser`) is called as it is."""
   preload_allocator()  # re-executes with tcmalloc / jemalloc preloaded where one is installed
+  _drop_closed_loop_callbacks()
   select_platform()  # before anything creates a JAX backend: no TPU probing where there is no TPU
   required = [p for p in inspect.signature(main).parameters.values()
               if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

@@ -114,8 +114,8 @@ def test_a_corrupted_checkpoint_is_skipped_with_a_warning(repo, tmp_path):
     for f in files:
       open(os.path.join(root, f), "wb").close()  # truncated to nothing
   again = run(repo, tmp_path, "--config.train.steps=8", "--config.checkpoint.every_steps=3")
-  assert f"checkpoint {tmp_path}/checkpoints/6 is unreadable" in again.stderr
-  assert any(d.startswith("6.unreadable") for d in os.listdir(tmp_path / "checkpoints"))
+  assert f"checkpoint {tmp_path}/checkpoints/6 failed verification" in again.stderr
+  assert any(d.startswith("6.corrupt.") for d in os.listdir(tmp_path / "checkpoints"))
   assert "resuming from step 3" in again.stderr
   assert [s for s, _ in losses(tmp_path)] == list(range(1, 9))
 

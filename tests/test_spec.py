@@ -42,7 +42,7 @@ def test_every_section_resolves_into_its_frozen_typed_piece(repo):
   assert s.frozen_runs[0].bootstrap.endswith("pretrain.py:smoke")
   with pytest.raises(dataclasses.FrozenInstanceError):
     s.train.steps = 3  # type: ignore[misc]
-  moved = s.with_frozen_workdir("teacher", "/runs/t")
+  moved = s.with_frozen("teacher", workdir="/runs/t")
   assert moved.frozen_runs[0].workdir == "/runs/t" and moved.record["objective"]["teacher"] == "/runs/t"
   assert s.frozen_runs[0].workdir == "" and s.record["objective"]["teacher"] == ""  # the original is unchanged
 

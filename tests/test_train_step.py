@@ -119,10 +119,12 @@ def test_loss_spike_skips_its_update_and_later_steps_train_on():
   assert float(np.nanmax(np.asarray(state.recent_losses))) < 4.0
 
 
-def test_spike_guard_waits_for_history_and_ignores_small_losses():
+def test_spike_guard_judges_from_the_first_loss_and_ignores_small_losses():
   from fmjax.train.step import is_spike
 
-  assert not bool(is_spike(jnp.float32(1e6), jnp.full((16,), jnp.nan).at[:7].set(1.0), 2.0)[0])  # < 8 seen
-  assert bool(is_spike(jnp.float32(3.01), jnp.full((16,), jnp.nan).at[:8].set(1.0), 2.0)[0])  # > 1 + 2·1
+  assert not bool(is_spike(jnp.float32(1e6), jnp.full((16,), jnp.nan), 2.0)[0])  # nothing to judge against yet
+  assert bool(is_spike(jnp.float32(3.01), jnp.full((16,), jnp.nan).at[:1].set(1.0), 2.0)[0])  # > 1 + 2·1
+  assert not bool(is_spike(jnp.float32(2.99), jnp.full((16,), jnp.nan).at[:1].set(1.0), 2.0)[0])
+  assert bool(is_spike(jnp.float32(3.01), jnp.full((16,), jnp.nan).at[:8].set(1.0), 2.0)[0])
   assert not bool(is_spike(jnp.float32(1.5), jnp.full((16,), 0.01), 2.0)[0])  # 0.01 + 2·max(0.01, 1) = 2.01
   assert not bool(is_spike(jnp.float32(1e6), jnp.full((16,), 1.0), 0.0)[0])  # factor 0 = off

@@ -100,7 +100,7 @@ def run_preference(args: argparse.Namespace) -> dict[str, Any]:
   from fmjax.evaluation import preference_accuracy
 
   records = _records(args)
-  reference = fmjax.load(args.reference) if args.reference else None
+  reference = fmjax.load(args.reference, key="--reference") if args.reference else None
   result = dataclasses.asdict(preference_accuracy(fmjax.load(args.model), records, reference, args.batch_size))
   table({k: v for k, v in result.items() if v is not None})
   return {"model": args.model, "reference": args.reference, "data": args.data, "split": args.split, **result}
@@ -111,7 +111,7 @@ def run_rewards(args: argparse.Namespace) -> dict[str, Any]:
   from fmjax.evaluation import rewards
 
   records = _records(args)
-  reward_model = fmjax.load(args.reward_model) if args.reward_model else None
+  reward_model = fmjax.load(args.reward_model, key="--reward_model") if args.reward_model else None
   result = rewards.evaluate(fmjax.load(args.model), records, args.rewards, reward_model, args.max_new_tokens,
                             args.temperature, args.seed, args.batch_size)
   table({"prompts": result.prompts, **{f"reward/{k}": v for k, v in result.means.items()}, "reward": result.total,

@@ -33,7 +33,7 @@ def main() -> None:
 
   import fmjax
 
-  model = fmjax.load(args.workdir, args.step)
+  model = fmjax.load(args.workdir, args.step, key="--workdir")
   answers = model.generate(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, stop=args.stop, seed=args.seed, chat=args.chat)
   for prompt, answer in zip(args.prompt, answers):

@@ -55,7 +55,7 @@ def main() -> None:
       r.pop("_where", None)
   else:
     records = [{"prompt": args.prompt, "completion": args.completion}]
-  model = fmjax.load(args.workdir, args.step)
+  model = fmjax.load(args.workdir, args.step, key="--workdir")
   flat, where = _flatten(records)
   scores = model.score(flat, args.batch_size)
   for (i, suffix), s in zip(where, scores):

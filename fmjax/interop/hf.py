@@ -38,8 +38,7 @@ def is_hf_dir(path: str) -> bool:
   config = os.path.join(path, "config.json")
   if not os.path.isfile(config) or os.path.isdir(os.path.join(path, "checkpoints")):
     return False
-  with open(config) as f:
-    return "model_type" in json.load(f)
+  return "model_type" in hf_config.read(config)
 
 
 def read_config(hf_dir: str) -> tuple[dict, ModelConfig]:
@@ -47,8 +46,7 @@ def read_config(hf_dir: str) -> tuple[dict, ModelConfig]:
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist; --hf_dir must be a Hugging Face model directory.")
-  with open(path) as f:
-    hf = json.load(f)
+  hf = hf_config.read(path)
   cfg = hf_config.to_model_config(hf)
   window = hf.get("sliding_window") if hf.get("model_type") == "mistral" else None
   if window:
@@ -239,7 +237,7 @@ def export_dir(workdir: str, hf_dir: str, step: int = -1, dtype: str | None = No
     merged = traverse_util.flatten_dict(adapter.merge(run.params))
     read, step = merged.__getitem__, run.step
   else:
-    step = int(os.path.basename(weights.init_from.checkpoint_dir(workdir, step)))
+    step = int(os.path.basename(os.path.dirname(weights.init_from.state_dir(workdir, step))))  # verified once
     read = lambda path: weights.read_param(workdir, step, path)  # noqa: E731
   layers = cfg.num_layers
 

@@ -61,7 +61,8 @@ class Rollout:
   `rewards` ('name[:weight],...'; 'model' is the frozen REWARD_MODEL), and lays them out one per row (prompt +
   completion, loss on the completion). `per_completion(rewards [N], group)` gives the head's columns, one value per
   completion, written on its completion's tokens; `sampler_logps` names the per-token column that receives the
-  sampler's log-probs ('' = none). The next `iterations` optimizer steps train on one rollout."""
+  sampler's log-probs ('' = none). The next `iterations` optimizer steps train on one rollout. A reward function
+  that runs longer than `reward_timeout` seconds (0 = no limit) stops the run with an error naming it."""
   group: int
   max_completion_length: int
   rewards: str
@@ -73,6 +74,7 @@ class Rollout:
   top_k: int = 0
   top_p: float = 1.0
   mask_truncated: bool = False  # no loss on completions that hit the length limit
+  reward_timeout: float = 300.0  # seconds per reward function call (objective.reward_timeout)
   group_key: str = "num_generations"  # the head's option keys behind `group` and `iterations`, for messages
   iterations_key: str = "num_iterations"
 

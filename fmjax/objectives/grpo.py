@@ -40,6 +40,8 @@ class Options(options.Options):
   reward_model: str = _field("", "with rewards 'model': a reward-model run directory (configs/reward.py)")
   reward_model_step: int = _field(-1, "its checkpoint step; -1 = newest", checks.STEP)
   reward_model_bootstrap: str = _field("", "with no directory: train this reward config into WORKDIR/reward_model")
+  reward_timeout: float = _field(300.0, "seconds a reward function may run per rollout (else an error); 0 = no limit",
+                                 checks.non_negative("seconds; 0 = no limit"))
   num_generations: int = _field(4, "completions sampled per prompt (G); train.batch_size = prompts × G",
                                 checks.positive("completions sampled per prompt"))
   num_iterations: int = _field(1, "optimizer steps on each rollout (μ); > 1 reuses it with clipping",
@@ -116,7 +118,8 @@ def make(cfg: Options) -> Head:
       group=cfg.num_generations, max_completion_length=cfg.max_completion_length, rewards=cfg.rewards,
       per_completion=lambda r, group: {"advantages": advantages.compute(r, group, cfg.scale_rewards)},
       columns=("advantages",), sampler_logps="old_logps", iterations=cfg.num_iterations, temperature=cfg.temperature,
-      top_k=cfg.top_k, top_p=cfg.top_p, mask_truncated=cfg.mask_truncated_completions)
+      top_k=cfg.top_k, top_p=cfg.top_p, mask_truncated=cfg.mask_truncated_completions,
+      reward_timeout=cfg.reward_timeout)
   return Head(loss, frozen=((REFERENCE,) if cfg.kl_coef else ()) + ((REWARD_MODEL,) if uses_reward_model(cfg) else ()),
               rollout=rollout)
 

@@ -4,15 +4,19 @@ reward model of `objective.reward_model`, scored on the device by the rollout), 
 A reward function takes `(prompts, completions, **fields)` — lists of the prompts (a record's `prompt`: a string or
 chat messages), the completions' texts, and each other field of the records as a list, as TRL's GRPOTrainer passes
 dataset columns — and returns one float per completion. A completion's reward is the weighted sum over functions.
+Each call runs in a thread, waited on in short slices, so that a function that blocks is stopped by its time
+limit, or by the caller's `cancelled()` (a stop signal), instead of hanging the run.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import threading
+import time
 from typing import Callable, Sequence
 
-from fmjax.errors import UserError
+from fmjax.errors import UserError, message
 
 RewardFn = Callable[..., Sequence[float]]
 # name -> "module:function" (imported when a run names it), or a function `register` added
@@ -41,6 +45,9 @@ def parse(spec: str) -> list[tuple[str, float]]:
         weight, name = float(tail), head
       except ValueError:
         pass  # 'module:function' without a weight
+    if not math.isfinite(weight):
+      raise UserError(f"objective.rewards: the entry {part!r} has the weight {tail}; a weight must be a finite number: "
+                      f"write e.g. '{name}:0.5', or '{name}' for weight 1.")
     out.append((name, weight))
   if not out:
     raise UserError("objective.rewards is empty; name at least one reward function ('name[:weight],...'): "
@@ -68,9 +75,41 @@ def resolve(name: str) -> RewardFn:
   return fn
 
 
-def call(name: str, fn: RewardFn, prompts: list, completions: list[str], fields: dict[str, list]) -> list[float]:
-  """fn's rewards, checked: one finite float per completion."""
-  out = fn(prompts, completions, **fields)
+_SLICE = 0.2  # seconds between checks of `cancelled` while a reward function runs
+
+
+def call(name: str, fn: RewardFn, prompts: list, completions: list[str], fields: dict[str, list],
+         timeout: float = 0.0, cancelled: Callable[[], bool] = lambda: False,
+         stop: type[BaseException] = KeyboardInterrupt) -> list[float]:
+  """fn's rewards, checked: one finite float per completion. `timeout` seconds at most (0 = no limit); `stop` is
+  raised once `cancelled()` is true. An error inside fn is one line naming it (its traceback: --debug)."""
+  done, result = threading.Event(), {}
+
+  def run() -> None:
+    try:
+      result["out"] = fn(prompts, completions, **fields)
+    except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+      result["error"] = e
+    finally:
+      done.set()
+
+  # daemon: a call that never returns is abandoned, and must not keep the process alive at exit
+  threading.Thread(target=run, name=f"reward {name}", daemon=True).start()
+  deadline = time.monotonic() + timeout if timeout > 0 else math.inf
+  while not done.wait(min(_SLICE, max(deadline - time.monotonic(), 0.0))):
+    if cancelled():
+      raise stop(f"stopped while reward function {name!r} ran")
+    if time.monotonic() >= deadline:
+      raise UserError(f"reward function {name!r} (objective.rewards) did not return within objective.reward_timeout="
+                      f"{timeout:g} seconds; fix what it waits on, or raise objective.reward_timeout (0 = no limit).")
+  if "error" in result:
+    e = result["error"]
+    if isinstance(e, UserError) or not isinstance(e, Exception):
+      raise e
+    detail = f": {message(e)}" if str(e).strip() else ""
+    raise UserError(f"reward function {name!r} (objective.rewards) raised {type(e).__name__}{detail}; fix the function "
+                    "or remove it from objective.rewards.") from e
+  out = result["out"]
   try:
     values = [float(v) for v in out]
   except (TypeError, ValueError):

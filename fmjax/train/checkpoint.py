@@ -1,24 +1,53 @@
 """Checkpoints in WORKDIR/checkpoints/<step>/: train state, data iterator position and resolved config (orbax).
 
 orbax writes a checkpoint into a temporary directory and renames it when every item is complete, so a save killed
-half-way never shows up as a step; restoring walks back from the newest step and skips one that cannot be read,
-naming it. Saves are asynchronous: the host copies the state off the device and the next steps run while it writes.
+half-way never shows up as a step; then the checksums of its files are written (fmjax/train/integrity.py), and a
+restore verifies them, walking back from the newest step past damaged ones. Saves are asynchronous: the host copies
+the state off the device and the next steps run while it writes.
 Keep policy: the newest `checkpoint.keep` plus every step that is a multiple of `checkpoint.keep_every`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import re
+import shutil
+import threading
 import time
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from fmjax import errors
 from fmjax.errors import UserError
+from fmjax.train import integrity
+
+class OrbaxNoise(logging.Filter):
+  """Drops orbax's log records that fmjax reports itself: tracebacks its background threads log for a failure that
+  reaches the caller anyway (a full disk: one line then), and its notice that `state/` has no step metadata file
+  (it never has). `--debug` keeps them."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if errors.debug_requested() or f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    return record.levelno < logging.ERROR and not record.getMessage().startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def orbax_quiet():
+  """Installs `OrbaxNoise` on absl's logger (where orbax logs) for the block."""
+  target, noise = logging.getLogger("absl"), OrbaxNoise()
+  target.addFilter(noise)
+  try:
+    yield
+  finally:
+    target.removeFilter(noise)
+
 
 def abstract(state: Any, shardings: Any) -> Any:
   """Shapes, dtypes and target shardings of `state`: what a restore fills in, re-sharding onto this mesh."""
@@ -29,18 +58,25 @@ class Checkpointer:
   """Decides when to save, saves, and restores the newest readable checkpoint."""
 
   def __init__(self, workdir: str, cfg: Any):
+    self._quiet = orbax_quiet()
+    self._quiet.__enter__()
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    os.makedirs(self.directory, exist_ok=True)  # here, not in orbax's background thread: a refused start ends cleanly
     self.every_steps, self.every_seconds = cfg.every_steps, 60.0 * cfg.every_minutes
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, keep_period=cfg.keep_every or None,
-                                           enable_async_checkpointing=cfg.async_save, create=True)
+                                           enable_async_checkpointing=cfg.async_save, create=False,
+                                           cleanup_tmp_directories=True)  # a save cut short by a kill or full disk
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()})
     self.last_save = time.monotonic()
+    self._unsealed: list[int] = []  # saved steps whose checksums are not written yet
+    self._sealers: list[threading.Thread] = []
 
   def due(self, step: int) -> bool:
     """A step-period or time-interval save is due after `step` (the same answer on every process)."""
+    self.seal_committed()
     due = bool(self.every_steps) and step % self.every_steps == 0
     if self.every_seconds and not due:
       late = time.monotonic() - self.last_save >= self.every_seconds
@@ -52,50 +88,114 @@ class Checkpointer:
     return due
 
   def save(self, step: int, state: Any, data_iter: Any, record: dict) -> None:
-    self.manager.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(record)))
+    with self._writing(step):
+      self.manager.save(step, force=True, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+          config=ocp.args.JsonSave(record)))
+    self._unsealed.append(step)
     self.last_save = time.monotonic()
+    self.seal_committed()
+
+  def seal_committed(self) -> None:
+    """Starts writing the checksums of each saved step orbax has committed (process 0, in the background)."""
+    if not self._unsealed or self.manager.is_saving_in_progress():
+      return
+    steps, self._unsealed = self._unsealed, []
+    if jax.process_index() != 0:
+      return
+    for step in steps:
+      path = os.path.join(self.directory, str(step))
+      thread = threading.Thread(target=self._seal, args=(path,), name=f"fmjax-seal-{step}", daemon=True)
+      thread.start()
+      self._sealers.append(thread)
+
+  @staticmethod
+  def _seal(path: str) -> None:
+    try:
+      integrity.seal(path)
+    except FileNotFoundError:
+      pass  # the keep policy deleted the step meanwhile
+    except OSError as e:
+      logging.warning("could not write the checksums of checkpoint %s (%s); it will be restored unverified", path, e)
+
+  @contextlib.contextmanager
+  def _writing(self, step: int):
+    """A write that fails for want of space or permission is one line naming the directory and the fix."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore wrap the OS error in their own types
+      cause = _storage_problem(e)
+      if cause is None:
+        raise
+      partial = [n for n in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in n]
+      failed = partial[0].partition(".")[0] if partial else step
+      if jax.process_index() == 0:
+        for name in partial:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      newest = [s for s in self.manager.all_steps() if str(s) != str(failed)]
+      raise UserError(f"could not write checkpoint {failed} in {self.directory}: {cause}. Free space (or make it "
+                      "writable) and run the same command again: it resumes from "
+                      f"{f'step {max(newest)}' if newest else 'the start'}.") from e
 
   def restore_latest(self, target: Any, data_iter: Any, fresh: Any = None) -> tuple[Any, int] | None:
-    """(state, step) of the newest readable checkpoint, with `data_iter` moved to its position; None if none.
+    """(state, step) of the newest intact checkpoint, with `data_iter` moved to its position; None if there is none.
     A field of the state (a dataclass) that the checkpoint predates takes its value from `fresh`.
 
-    An unreadable checkpoint is renamed `<step>.unreadable` (kept for inspection, out of the way of a new save)."""
-    unreadable, found = [], None
+    A step whose files fail their checksums (`integrity.verify`) is damage: the one before it is used, with one
+    warning, and the damaged step is renamed `<step>.corrupt.<time>` (kept for inspection, out of the way of a new
+    save). Any other failure to restore is not damage: it is raised, and nothing is moved."""
+    damaged = []
     for step in sorted(self.manager.all_steps(), reverse=True):
+      path = os.path.join(self.directory, str(step))
       saved = self._saved_process_count(step)
       if saved is not None and saved != jax.process_count():  # not damage: never move it out of the way
         raise UserError(
-            f"checkpoint {self.directory}/{step} was written by {saved} processes and this run has "
-            f"{jax.process_count()}: the data iterator position is stored per process. Resume with {saved} "
-            f"processes, or start a new --workdir from its params with "
-            f"--config.init_from.workdir={os.path.dirname(self.directory)} --config.init_from.step={step}.")
+            f"checkpoint {path} was written by {saved} processes and this run has {jax.process_count()}: the data "
+            f"iterator position is stored per process. Resume with {saved} processes, or start a new --workdir from "
+            f"its params with --config.init_from.workdir={os.path.dirname(self.directory)} "
+            f"--config.init_from.step={step}.")
+      problem = integrity.verify(path)
+      if problem is not None:
+        damaged.append((path, problem))
+        continue
+      if not integrity.sealed(path):
+        logging.warning("checkpoint %s has no checksums (saved by an older fmjax, or killed before they were "
+                        "written): restoring it unverified", path)
+      item, missing = self._saved_fields(step, target, fresh)
       try:
-        item, missing = self._saved_fields(step, target, fresh)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(item), data=grain.checkpoint.CheckpointRestore(data_iter)))
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, never fatal
-        path = os.path.join(self.directory, str(step))
-        logging.warning("checkpoint %s is unreadable (%s: %s); moving it to %s.unreadable and trying the one "
-                        "before it", path, type(e).__name__, (str(e).splitlines() or [""])[0][:300], path)
-        unreadable.append(path)
-        continue
-      found = (fresh.replace(**restored.state) if missing else restored.state, step)
+      except Exception as e:  # noqa: BLE001 - its files are intact: this run cannot read it, which is no damage
+        raise UserError(f"checkpoint {path} cannot be restored into this run ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:300]}); nothing was moved. Resume it with the settings "
+                        "it was saved with, or start over in another --workdir.") from e
       if missing:
-        logging.info("checkpoint %s/%d was written before the state had %s (an older fmjax); fresh values used",
-                     self.directory, step, ", ".join(missing))
-      break
-    if unreadable:
-      if jax.process_index() == 0:
-        for path in unreadable:
-          os.replace(path, f"{path}.unreadable.{int(time.time())}")
-      if jax.process_count() > 1:  # the others must not re-list the steps before process 0 has moved them
-        from jax.experimental import multihost_utils
+        logging.info("checkpoint %s was written before the state had %s (an older fmjax); fresh values used", path,
+                     ", ".join(missing))
+      self._set_aside(damaged, step)
+      return (fresh.replace(**restored.state) if missing else restored.state), step
+    if damaged:
+      what = "; ".join(f"{os.path.basename(p)}: {w}" for p, w in damaged)
+      raise UserError(f"every checkpoint in {self.directory} is damaged ({what}); nothing to resume. To start over, "
+                      f"move it away (mv {self.directory} {self.directory}.damaged) and run the same command.")
+    return None
 
-        multihost_utils.sync_global_devices("fmjax checkpoint: unreadable steps moved")
-      self.manager.reload()
-    return found
+  def _set_aside(self, damaged: list[tuple[str, str]], step: int) -> None:
+    """Warns once and renames the damaged steps newer than the resumed `step`."""
+    if not damaged:
+      return
+    logging.warning("checkpoint%s %s failed verification (%s); resuming from step %d instead, the damaged one%s "
+                    "renamed <step>.corrupt.<time>", "s" * (len(damaged) > 1),
+                    ", ".join(p for p, _ in damaged), "; ".join(w for _, w in damaged), step,
+                    "s" * (len(damaged) > 1))
+    if jax.process_index() == 0:
+      for path, _ in damaged:
+        os.replace(path, f"{path}.corrupt.{int(time.time())}")
+    if jax.process_count() > 1:  # the others must not re-list the steps before process 0 has moved them
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("fmjax checkpoint: damaged steps moved")
+    self.manager.reload()
 
   def _saved_fields(self, step: int, target: Any, fresh: Any) -> tuple[Any, list[str]]:
     """(what to restore, the target's fields the checkpoint lacks: written before they existed)."""
@@ -120,7 +220,35 @@ class Checkpointer:
     return counts.pop() if len(counts) == 1 else None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the background saves and their checksums."""
+    with self._writing(self.manager.latest_step() or 0):
+      self.manager.wait_until_finished()
+    self.seal_committed()
+    for thread in self._sealers:
+      thread.join()
+    self._sealers = []
 
   def close(self) -> None:
-    self.manager.close()
+    try:
+      self.manager.close()
+    finally:
+      self._quiet.__exit__(None, None, None)
+
+
+_STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def _storage_problem(e: BaseException | None) -> str | None:
+  """'no space left on device' and the like, if `e` or an exception it wraps is one (by errno or by message)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRORS:
+      return _STORAGE_ERRORS[e.errno]
+    text = str(e).lower()
+    for code, what in _STORAGE_ERRORS.items():
+      if what in text or os.strerror(code).lower() in text:
+        return what
+    e = e.__cause__ or e.__context__
+  return None

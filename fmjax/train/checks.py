@@ -41,8 +41,21 @@ def check_workdir(path: str) -> None:
   if not os.path.isdir(existing):
     raise UserError(f"--workdir={path!r} cannot be created: {existing!r} is a file, not a directory; pass another "
                     "--workdir.")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise UserError(f"--workdir={path!r}: {existing!r} is not writable; pass a --workdir you can write to.")
+  for directory in (existing, os.path.join(existing, "checkpoints")):
+    if os.path.isdir(directory):
+      _check_writable(path, directory)
+
+
+def _check_writable(workdir: str, directory: str) -> None:
+  """Permission bits (which do not stop root), and a read-only mount (which does)."""
+  problem = ""
+  if os.statvfs(directory).f_flag & os.ST_RDONLY:
+    problem = "Read-only file system"
+  elif not os.access(directory, os.W_OK | os.X_OK):
+    problem = "permission denied"
+  if problem:
+    raise UserError(f"--workdir={workdir!r}: {directory!r} is not writable ({problem}); make it writable or pass "
+                    "another --workdir (a checkpoint could not be saved).")
 
 
 def check_inputs(spec: Spec) -> None:

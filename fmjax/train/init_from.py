@@ -7,6 +7,7 @@ and dtypes must match this run's model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from fmjax import adapters, data
-from fmjax.train import checkpoint
+from fmjax.train import checkpoint, integrity
 from fmjax.train import state as train_state
 from fmjax.errors import UserError
 
@@ -38,11 +39,18 @@ def check_tokenizer(workdir: str, ours: dict, key: str = "init_from.workdir") ->
                     "(its copy of that tokenizer).")
 
 
+def step_keys(key: str) -> tuple[str, str]:
+  """(the setting naming a run, the one naming its step) for `key`: init_from, an objective key, or a flag."""
+  if key == "init_from":
+    return "init_from.workdir", "init_from.step"
+  return key, "--step" if key.startswith("--") else f"{key}_step"
+
+
 def checkpoint_dir(workdir: str, step: int = -1, key: str = "init_from") -> str:
   """`workdir/checkpoints/<step>` (`step` -1 = the newest committed one); errors name what exists. `key` is the
-  setting that named the run: `init_from` (init_from.workdir / init_from.step) or `objective.teacher` (and
-  objective.teacher_step)."""
-  dir_key, step_key = (f"{key}.workdir", f"{key}.step") if key == "init_from" else (key, f"{key}_step")
+  setting that named the run: `init_from` (init_from.workdir / init_from.step), `objective.teacher` (and
+  objective.teacher_step) or a tool's flag such as `--model` (and --step)."""
+  dir_key, step_key = step_keys(key)
   root = os.path.join(workdir, "checkpoints")
   steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
   if not steps:
@@ -62,9 +70,10 @@ def read(workdir: str, step: int, target: Any, key: str = "init_from", new_head:
   trained tree), is an error naming the parameter and the fix. With `new_head` (a score model started from a
   language model), the run's LM head is not read and the target's task head, which it lacks, is left out of the
   result for the caller's fresh one."""
-  path = os.path.join(checkpoint_dir(workdir, step, key), "state")
+  path = state_dir(workdir, step, key)
   checkpointer = ocp.PyTreeCheckpointer()
-  saved = checkpointer.metadata(path).item_metadata.tree["params"]
+  with reading(path, key):
+    saved = checkpointer.metadata(path).item_metadata.tree["params"]
   owners = {adapters.owner(tuple(str(getattr(k, "key", k)) for k in p))
             for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]} - {None}
   if owners:
@@ -92,9 +101,43 @@ def read(workdir: str, step: int, target: Any, key: str = "init_from", new_head:
                       f"{theirs[p].dtype} there but {tuple(x.shape)} {x.dtype} in this model; use the same "
                       "model.* settings (and tokenizer / model.vocab_size) as the run you start from.")
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+  with reading(path, key):
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
   return restored["params"]
+
+
+def _other_step(path: str, key: str) -> str:
+  step_key = step_keys(key)[1]
+  workdir = os.path.dirname(os.path.dirname(os.path.dirname(path)))
+  return f"pick another step with {step_key}=N, or resume training {workdir} to write a new one"
+
+
+def state_dir(workdir: str, step: int = -1, key: str = "init_from") -> str:
+  """The `state/` directory of `workdir`'s checkpoint `step` (-1 = newest), its files verified against their
+  checksums (fmjax/train/integrity.py); a missing or damaged one is an error naming it and the way out."""
+  step_dir = checkpoint_dir(workdir, step, key)
+  path = os.path.join(step_dir, "state")
+  if not os.path.isdir(path):
+    raise UserError(f"{key}: {step_dir} has no state/ (not a complete fmjax checkpoint); {_other_step(path, key)}.")
+  problem = integrity.verify(step_dir)
+  if problem is not None:
+    raise UserError(f"{key}: checkpoint {step_dir} is damaged ({problem}); {_other_step(path, key)}.")
+  return path
+
+
+@contextlib.contextmanager
+def reading(path: str, key: str = "init_from"):
+  """Reads of the checkpoint `state/` at `path`: a failure (a checkpoint cut short that has no checksums) is one
+  line naming it; orbax's notice that `state/` has no step metadata file (it never has) is dropped."""
+  try:
+    with checkpoint.orbax_quiet():
+      yield
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 - say which checkpoint, not orbax's internals
+    raise UserError(f"{key}: checkpoint {os.path.dirname(path)} cannot be read ({type(e).__name__}: "
+                    f"{(str(e).splitlines() or [''])[0][:200]}); {_other_step(path, key)}.") from e
 
 
 def load(state: Any, shardings: Any, workdir: str, step: int = -1, frozen_only: bool = False,

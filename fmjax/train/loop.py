@@ -18,7 +18,7 @@ from fmjax.spec import Spec
 from fmjax.data import tokenizers
 from fmjax.errors import UserError
 from fmjax.governance import lineage
-from fmjax.train import checkpoint, checks, frozen, init_from, peak, preemption
+from fmjax.train import checkpoint, checks, frozen, identity, init_from, peak, preemption, workdir_lock
 from fmjax.train import metrics as metrics_lib
 from fmjax.train import state as train_state
 from fmjax.train.experiment import Experiment, build
@@ -32,6 +32,10 @@ class DivergenceError(UserError):
   """Loss spikes went on past train.spike_skips consecutive steps."""
 
 
+class _Stopped(Exception):
+  """A bootstrap stopped early (SIGTERM, train.stop_after): the run that needs it stops too."""
+
+
 def _bootstrap(config_file: str, workdir: str, into: str) -> str:
   """Pre-trains `config_file` (`path.py[:variant]`; config files write it beside themselves, config_lib.sibling)
   into WORKDIR/`into`, or finds it there already; returns that directory."""
@@ -41,22 +45,29 @@ def _bootstrap(config_file: str, workdir: str, into: str) -> str:
                     "path is read from the working directory).")
   target = os.path.join(workdir, into)
   logging.info("pre-training %s into %s first", config_file, target)
-  train(config_lib.load(f"{path}:{variant}" if variant else path), target)
+  exp = train(config_lib.load(f"{path}:{variant}" if variant else path), target)
+  if exp is None or int(jax.device_get(exp.state.step)) < exp.run.spec.train.steps:
+    raise _Stopped(f"stopped while pre-training {config_file} into {target}; run the same command again to finish it "
+                   "and go on")
   return target
 
 
-def _write_run_files(exp: Experiment, workdir: str) -> dict:
+def _write_run_files(exp: Experiment, workdir: str, tokenizer: dict) -> dict:
   """config.json (the resolved config and the tokenizer's id) and the tokenizer, on process 0; returns the config.
   Hosts that disagree (another config file, an edited flag, a differently trained tokenizer) would train garbage."""
   resolved = json.loads(json.dumps(exp.run.spec.record))
-  resolved["tokenizer"] = {"id": tokenizers.tokenizer_id(exp.run.tokenizer), "vocab_size": exp.run.tokenizer.vocab_size}
+  resolved["tokenizer"] = tokenizer
   distributed.check_same("resolved config or tokenizer", json.dumps(resolved, sort_keys=True))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    if hasattr(exp.run.tokenizer, "save"):  # the run directory carries its own tokenizer
-      exp.run.tokenizer.save(workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(resolved, f, indent=2)
+    try:
+      if hasattr(exp.run.tokenizer, "save"):  # the run directory carries its own tokenizer
+        exp.run.tokenizer.save(workdir)
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(resolved, f, indent=2)
+    except OSError as e:
+      raise UserError(f"could not write the run's config.json and tokenizer in {workdir} ({e.strerror}); free space "
+                      "(or make it writable) or use another --workdir, and run the same command again.") from e
   return resolved
 
 
@@ -66,20 +77,25 @@ def _unfrozen(tree: train_state.TrainState) -> train_state.TrainState:
 
 
 def _starting_state(exp: Experiment, ckpt: checkpoint.Checkpointer, workdir: str, tokenizer: dict) -> int:
-  """Sets `exp.state`: resumed from the newest checkpoint if any, the starting weights from `init_from` (on a
-  resume only the frozen trees: a parameterisation's base and 'policy' copies), and returns the step it starts at."""
+  """Sets `exp.state`: resumed from the newest intact checkpoint if any, the starting weights from `init_from` (on a
+  resume only the frozen trees: a parameterisation's base and 'policy' copies, from the step the run first read),
+  and returns the step it starts at. A start with no checkpoint is fresh: metrics rows of an earlier start are
+  dropped."""
   init = exp.run.spec.init_from
   restored = ckpt.restore_latest(checkpoint.abstract(_unfrozen(exp.state), _unfrozen(exp.run.state_shardings)),
                                  exp.stream, fresh=_unfrozen(exp.state))
+  resumed = -1 if restored is None else restored[1]
+  dropped = metrics_lib.truncate_after(workdir, resumed) if jax.process_index() == 0 else 0
   if restored is not None:
-    exp.state, resumed = restored[0].replace(base=exp.state.base, frozen=exp.state.frozen), restored[1]
-    dropped = metrics_lib.truncate_after(workdir, resumed) if jax.process_index() == 0 else 0
+    exp.state = restored[0].replace(base=exp.state.base, frozen=exp.state.frozen)
     logging.info("resuming from step %d (%s/%d)%s", resumed, ckpt.directory, resumed,
                  f"; dropped {dropped} metrics rows logged after it" if dropped else "")
+  elif dropped:
+    logging.info("no checkpoint to resume: starting at step 0; dropped the %d metrics rows of an earlier start",
+                 dropped)
   copies = frozen.policy_roles(exp.run.frozen_plan)
-  from_start = restored is None or exp.state.base is not None or copies  # what a resume still reads from init_from
-  if (init.workdir or init.bootstrap) and from_start:
-    source = init.workdir or _bootstrap(init.bootstrap, workdir, init_from.BOOTSTRAPPED)
+  source = identity.source(exp.run.spec, workdir)
+  if source and (restored is None or exp.state.base is not None or copies):  # what a resume still reads from it
     init_from.check_tokenizer(source, tokenizer)
     exp.state, start = init_from.load(exp.state, exp.run.state_shardings, source, init.step,
                                       frozen_only=restored is not None, copies=copies,
@@ -91,7 +107,7 @@ def _starting_state(exp: Experiment, ckpt: checkpoint.Checkpointer, workdir: str
 def _lineage(spec: Spec, workdir: str, rows_per_example: int) -> dict:
   """The run's lineage.json: by then a bootstrapped base (WORKDIR/base) exists and the frozen runs are directories."""
   init = spec.init_from
-  source = init.workdir or (os.path.join(workdir, init_from.BOOTSTRAPPED) if init.bootstrap else "")
+  source = identity.source(spec, workdir)
   parent = None
   if source:
     parent = {"workdir": os.path.abspath(source),
@@ -122,7 +138,7 @@ class _Reporter:
     logging.info("peak %.1f TFLOP/s over %d device(s) (%s)", self.peak_flops / 1e12, jax.device_count(), source)
     t = self.spec.train
     self.tokens_per_step = t.batch_size * t.seq_len * exp.run.layout.rows_per_example
-    self.skipped = self.spikes = 0
+    self.skipped = self.spikes = self.nonfinite = 0
     self.window_start, self.window_steps, self.window_end = time.perf_counter(), 0, (0, 0.0)
     self.window_rollout = 0.0  # seconds of the window's RL rollouts (host-side sampling and scoring)
 
@@ -182,7 +198,15 @@ class _Reporter:
             f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite. Lower optimizer.lr, raise "
             "optimizer.warmup_steps, or set train.skip_nonfinite=True to skip such steps.")
       self.skipped += 1
+      self.nonfinite += 1
+      if self.nonfinite > t.spike_skips:
+        raise NonFiniteLossError(
+            f"step {step}: loss={m['loss']} is not finite for the {self.nonfinite}th step in a row (more than "
+            f"train.spike_skips={t.spike_skips}): the params no longer train. Lower optimizer.lr or raise "
+            "optimizer.warmup_steps, and resume from a checkpoint before it (or start over).")
       logging.warning("step %d: non-finite loss %s, update skipped (%d so far)", step, m["loss"], self.skipped)
+      return
+    self.nonfinite = 0
     self.spikes = self.spikes + 1 if m.get("spike") else 0
     if not self.spikes:
       return
@@ -216,7 +240,14 @@ def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Report
   spec, state, pending, step = exp.run.spec, exp.state, None, start
   try:
     for step in range(start + 1, spec.train.steps + 1):
-      batch, made = exp.batch(state, step)
+      try:
+        batch, made = exp.batch(state, step)
+      except preemption.Interrupted:  # a signal while a rollout waited: the state is the last step's
+        step -= 1
+        if step > start and exp.boundary(step) and ckpt.manager.latest_step() != step:
+          ckpt.save(step, _unfrozen(state), exp.stream, resolved)
+        stop.signalled = True
+        break
       if digests is not None:
         digests.write(step, batch)
       state, metrics = exp.run.step(state, batch)
@@ -241,18 +272,72 @@ def _run_steps(exp: Experiment, ckpt: checkpoint.Checkpointer, reporter: _Report
   return step
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
+def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment | None:
   """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one; returns the experiment (its
-  `state` holds the final params). SIGTERM saves a checkpoint at the next step boundary and returns early."""
+  `state` holds the final params), or None when it stopped in a bootstrap. SIGTERM or SIGINT saves a checkpoint at
+  the next step boundary and returns early."""
   spec = spec_lib.resolve(config)  # every value checked, once
   checks.check_run(spec, workdir)  # the run directory and the inputs: before any work
+  lock = workdir_lock.Lock(workdir) if jax.process_index() == 0 else None  # one run per directory
+  try:
+    return _train(spec, workdir)
+  except _Stopped as e:
+    logging.info("%s", e)
+    return None
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _prepare(spec: Spec, workdir: str) -> tuple[Spec, dict | None]:
+  """Runs the bootstraps the run needs and pins its frozen models' steps; returns (the spec, its stored identity)."""
+  stored = identity.read(workdir)
+  if stored is not None:  # before a bootstrap writes into the run directory
+    identity.check(workdir, stored, identity.of(spec, workdir, None))
   for run in spec.frozen_runs:
     if run.bootstrap and not run.workdir:
-      spec = spec.with_frozen_workdir(run.role, _bootstrap(run.bootstrap, workdir, run.key))
+      spec = spec.with_frozen(run.role, workdir=_bootstrap(run.bootstrap, workdir, run.key))
+  init = spec.init_from
+  steps_dir = os.path.join(workdir, "checkpoints")
+  resuming = os.path.isdir(steps_dir) and any(d.isdigit() for d in os.listdir(steps_dir))
+  reads_base = spec.adapter is not None or any(f.source == "policy" for f in spec.head.frozen)
+  if init.bootstrap and not init.workdir and (not resuming or reads_base):
+    _bootstrap(init.bootstrap, workdir, init_from.BOOTSTRAPPED)
+  return identity.pin(spec, workdir, stored), stored
+
+
+def _check_identity(exp: Experiment, workdir: str, stored: dict | None, ckpt: checkpoint.Checkpointer) -> dict:
+  """Refuses a start that would continue another run, or one that is past train.steps, before anything in the run
+  directory is written; returns the run's identity."""
+  spec = exp.run.spec
+  current = identity.of(spec, workdir, tokenizers.tokenizer_id(exp.run.tokenizer))
+  if stored is not None:
+    identity.check(workdir, stored, current)
+  newest = ckpt.manager.latest_step()
+  if newest is not None and newest > spec.train.steps:
+    raise UserError(f"train.steps={spec.train.steps} is below the newest checkpoint's step {newest} in "
+                    f"{ckpt.directory}: raise train.steps above {newest} to train on, or start a new --workdir from "
+                    f"it with --config.init_from.workdir={workdir}.")
+  return current
+
+
+def _train(spec: Spec, workdir: str) -> Experiment:
+  spec, stored = _prepare(spec, workdir)
   exp = build(spec)
-  resolved = _write_run_files(exp, workdir)
   ckpt = checkpoint.Checkpointer(workdir, spec.checkpoint)
-  start = _starting_state(exp, ckpt, workdir, resolved["tokenizer"])
+  try:
+    current = _check_identity(exp, workdir, stored, ckpt)
+    tokenizer = {"id": tokenizers.tokenizer_id(exp.run.tokenizer), "vocab_size": exp.run.tokenizer.vocab_size}
+    start = _starting_state(exp, ckpt, workdir, tokenizer)
+  except BaseException:
+    ckpt.close()
+    raise
+  resolved = _write_run_files(exp, workdir, tokenizer)  # once the start is sure: a refused one writes nothing
+  if stored is None and jax.process_index() == 0:
+    if start > 0:
+      logging.info("%s has no %s (a run of an older fmjax): this start's settings are recorded as the run's", workdir,
+                   identity.FILE)
+    identity.write(workdir, current)
   if jax.process_index() == 0:  # after _starting_state: a bootstrapped base exists by then
     lineage.write(workdir, _lineage(spec, workdir, exp.run.layout.rows_per_example))
   reporter = _Reporter(exp, workdir, ckpt)
@@ -273,8 +358,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     if hasattr(exp.stream, "close"):
       exp.stream.close()  # stops grain's worker processes, if any
   if step < spec.train.steps:
-    logging.info("stopped (%s): saved step %d to %s; run the same command again to resume",
-                 stop.reason if stop.signalled else "train.stop_after", step, ckpt.directory)
+    saved = f"saved step {step} to {ckpt.directory}" if step > 0 else "nothing trained yet"
+    logging.info("stopped (%s): %s; run the same command again to resume",
+                 stop.reason if stop.signalled else "train.stop_after", saved)
   else:
     logging.info("done: %d steps in %s", spec.train.steps - start, workdir)
   return exp

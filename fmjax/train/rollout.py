@@ -25,6 +25,7 @@ from fmjax.objectives.base import REWARD_MODEL, Rollout
 from fmjax.objectives.score import last_token_scores
 from fmjax.rl import advantages, rewards
 from fmjax.train import frozen as frozen_lib
+from fmjax.train import preemption
 from fmjax.train.state import full_params
 
 
@@ -99,6 +100,14 @@ class Driver:
       return self.cached[0], {}
     jax.block_until_ready(state.params)  # the previous train step's time is the step's, not the rollout's
     t0 = time.perf_counter()
+    position = self.stream.get_state()
+    try:
+      return self._rollout(state, step, t0)
+    except preemption.Interrupted:  # stopped before its steps: a resume draws these prompts again
+      self.stream.set_state(position)
+      raise
+
+  def _rollout(self, state: Any, step: int, t0: float) -> tuple[dict[str, jax.Array], dict[str, float]]:
     drawn = next(self.stream)  # the same global prompts on every process
     prompts = [ids[:n] for ids, n in zip(drawn["prompt_ids"], drawn["prompt_length"])]
     records = [self.records[int(i)] for i in drawn["index"]]
@@ -150,7 +159,9 @@ class Driver:
     prompts = [r["prompt"] for r in records for _ in range(self.group)]
     keys = [k for k in records[0] if k not in ("prompt", "_where")]
     fields = {k: [r.get(k) for r in records for _ in range(self.group)] for k in keys}
-    return np.asarray(rewards.call(name, fn, prompts, texts, fields), np.float64)
+    # a stop signal ends the wait on a blocked reward function; the loop saves the last step's state
+    return np.asarray(rewards.call(name, fn, prompts, texts, fields, float(self.spec.reward_timeout),
+                                   preemption.signalled, preemption.Interrupted), np.float64)
 
   def _model_scores(self, state: Any, prompts: list[np.ndarray], ids: list[np.ndarray]) -> np.ndarray:
     if self.reward_net is None:

@@ -24,9 +24,6 @@ from fmjax.train import optimizer as optim
 from fmjax.train import state as train_state
 from fmjax.train.state import TrainState
 
-_GUARD_MIN_HISTORY = 8  # accepted steps before the divergence guard judges a loss
-
-
 def split_microbatches(batch: dict[str, jax.Array], n: int, mesh) -> dict[str, jax.Array]:
   """[B,...] -> [n, B/n, ...] with micro-batch i = rows i, i+n, i+2n, ... so every micro-batch stays spread over
   all batch shards (a contiguous split would put each micro-batch on a fraction of the devices)."""
@@ -40,9 +37,11 @@ def split_microbatches(batch: dict[str, jax.Array], n: int, mesh) -> dict[str, j
 
 def is_spike(loss: jax.Array, recent_losses: jax.Array, factor: float) -> tuple[jax.Array, jax.Array]:
   """(spike, median): a loss above median + factor · max(median, 1) of the recent accepted losses is a spike.
-  max(median, 1) keeps small losses (a converged preference head's 0.01) from calling ordinary noise a spike."""
+  max(median, 1) keeps small losses (a converged preference head's 0.01) from calling ordinary noise a spike. It judges
+  from the second step on (against the first loss, then the median of more): a run diverging in its first steps
+  must not fill the window with diverged losses before it is judged."""
   median = jnp.nan_to_num(jnp.nanmedian(recent_losses))  # 0 before any loss was accepted
-  enough = jnp.sum(~jnp.isnan(recent_losses)) >= min(recent_losses.shape[0], _GUARD_MIN_HISTORY)
+  enough = jnp.any(~jnp.isnan(recent_losses))
   return (factor > 0) & enough & (loss > median + factor * jnp.maximum(median, 1.0)), median
 
 

@@ -51,42 +51,48 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def read_params(workdir: str, step: int = -1) -> tuple[dict, int]:
-  """(params as NumPy arrays, step) of `workdir`'s checkpoint at `step` (-1 = newest)."""
-  path = init_from.checkpoint_dir(workdir, step)
+def read_params(workdir: str, step: int = -1, key: str = "init_from") -> tuple[dict, int]:
+  """(params as NumPy arrays, step) of `workdir`'s checkpoint at `step` (-1 = newest), verified; `key`: the setting
+  that named `workdir`, for errors."""
+  path = init_from.state_dir(workdir, step, key)
   checkpointer = ocp.PyTreeCheckpointer()
-  meta = checkpointer.metadata(os.path.join(path, "state")).item_metadata.tree["params"]
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-  restored = checkpointer.restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
-      item={"params": meta}, restore_args={"params": args}, partial_restore=True))
-  return restored["params"], int(os.path.basename(path))
+  with init_from.reading(path, key):
+    meta = checkpointer.metadata(path).item_metadata.tree["params"]
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item={"params": meta}, restore_args={"params": args}, partial_restore=True))
+  return restored["params"], int(os.path.basename(os.path.dirname(path)))
 
 
 def read_param(workdir: str, step: int, path: tuple[str, ...]) -> np.ndarray:
-  """One parameter (`path` in the params tree) of `workdir`'s checkpoint at `step`, read alone."""
-  ckpt = os.path.join(init_from.checkpoint_dir(workdir, step), "state")
+  """One parameter (`path` in the params tree) of `workdir`'s checkpoint at `step`, read alone; verify the checkpoint
+  once first (`init_from.state_dir`)."""
+  ckpt = os.path.join(init_from.checkpoint_dir(workdir, step), "state")  # verified once by the caller (state_dir)
   checkpointer = ocp.PyTreeCheckpointer()
-  meta = checkpointer.metadata(ckpt).item_metadata.tree["params"]
+  with init_from.reading(ckpt):
+    meta = checkpointer.metadata(ckpt).item_metadata.tree["params"]
   for key in path:
     meta = meta[key]
   item: Any = meta
   restore: Any = ocp.RestoreArgs(restore_type=np.ndarray)
   for key in reversed(path):
     item, restore = {key: item}, {key: restore}
-  restored = checkpointer.restore(ckpt, args=ocp.args.PyTreeRestore(
-      item={"params": item}, restore_args={"params": restore}, partial_restore=True))["params"]
+  with init_from.reading(ckpt):
+    restored = checkpointer.restore(ckpt, args=ocp.args.PyTreeRestore(
+        item={"params": item}, restore_args={"params": restore}, partial_restore=True))["params"]
   for key in path:
     restored = restored[key]
   return restored
 
 
-def load(workdir: str, step: int = -1) -> RunWeights:
+def load(workdir: str, step: int = -1, key: str = "--workdir") -> RunWeights:
   """The weights of run `workdir`; under a parameterisation (fmjax/adapters), its trained tree over the base it trained
-  on (its init_from, its bootstrapped WORKDIR/base, or the seed's initialisation)."""
+  on (its init_from, its bootstrapped WORKDIR/base, or the seed's initialisation). `key`: the flag or setting that
+  named `workdir`, for errors."""
   config = run_config(workdir)
   model_cfg = config_lib.resolved_model(config)
   adapter = config_lib.adapter(config)
-  params, step = read_params(workdir, step)
+  params, step = read_params(workdir, step, key)
   if adapter is not None:
     source = config.init_from.workdir or (os.path.join(workdir, init_from.BOOTSTRAPPED)
                                           if config.init_from.bootstrap else "")
