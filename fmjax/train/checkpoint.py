@@ -49,6 +49,12 @@ def orbax_quiet():
     target.removeFilter(noise)
 
 
+def _quiet_for_good() -> None:
+  target = logging.getLogger("absl")
+  if not any(isinstance(f, OrbaxNoise) for f in target.filters):
+    target.addFilter(OrbaxNoise())
+
+
 def abstract(state: Any, shardings: Any) -> Any:
   """Shapes, dtypes and target shardings of `state`: what a restore fills in, re-sharding onto this mesh."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
@@ -58,14 +64,18 @@ class Checkpointer:
   """Decides when to save, saves, and restores the newest readable checkpoint."""
 
   def __init__(self, workdir: str, cfg: Any):
-    self._quiet = orbax_quiet()
-    self._quiet.__enter__()
+    _quiet_for_good()  # orbax's threads may log after close, until the process ends
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    os.makedirs(self.directory, exist_ok=True)  # here, not in orbax's background thread: a refused start ends cleanly
+    # Here, not in orbax's background threads (which a start refused at once would outlive): the directory, and the
+    # removal of a save cut short by a kill or a full disk.
+    os.makedirs(self.directory, exist_ok=True)
+    if jax.process_index() == 0:
+      for name in os.listdir(self.directory):
+        if ".orbax-checkpoint-tmp" in name:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
     self.every_steps, self.every_seconds = cfg.every_steps, 60.0 * cfg.every_minutes
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, keep_period=cfg.keep_every or None,
-                                           enable_async_checkpointing=cfg.async_save, create=False,
-                                           cleanup_tmp_directories=True)  # a save cut short by a kill or full disk
+                                           enable_async_checkpointing=cfg.async_save, create=False)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
@@ -229,10 +239,7 @@ class Checkpointer:
     self._sealers = []
 
   def close(self) -> None:
-    try:
-      self.manager.close()
-    finally:
-      self._quiet.__exit__(None, None, None)
+    self.manager.close()
 
 
 _STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",

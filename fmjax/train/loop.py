@@ -278,22 +278,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Experiment | None:
   the next step boundary and returns early."""
   spec = spec_lib.resolve(config)  # every value checked, once
   checks.check_run(spec, workdir)  # the run directory and the inputs: before any work
-  lock = workdir_lock.Lock(workdir) if jax.process_index() == 0 else None  # one run per directory
+  lock = workdir_lock.Lock(workdir, enabled=jax.process_index() == 0)  # one run per directory
+  if os.path.isdir(workdir):
+    lock.acquire()
   try:
-    return _train(spec, workdir)
+    return _train(spec, workdir, lock)
   except _Stopped as e:
     logging.info("%s", e)
     return None
   finally:
-    if lock is not None:
-      lock.release()
+    lock.release()
 
 
-def _prepare(spec: Spec, workdir: str) -> tuple[Spec, dict | None]:
+def _prepare(spec: Spec, workdir: str, lock: workdir_lock.Lock) -> tuple[Spec, dict | None]:
   """Runs the bootstraps the run needs and pins its frozen models' steps; returns (the spec, its stored identity)."""
   stored = identity.read(workdir)
   if stored is not None:  # before a bootstrap writes into the run directory
     identity.check(workdir, stored, identity.of(spec, workdir, None))
+  if any(r.bootstrap and not r.workdir for r in spec.frozen_runs) or spec.init_from.bootstrap:
+    lock.acquire()  # a bootstrap writes into the run directory
   for run in spec.frozen_runs:
     if run.bootstrap and not run.workdir:
       spec = spec.with_frozen(run.role, workdir=_bootstrap(run.bootstrap, workdir, run.key))
@@ -321,9 +324,10 @@ def _check_identity(exp: Experiment, workdir: str, stored: dict | None, ckpt: ch
   return current
 
 
-def _train(spec: Spec, workdir: str) -> Experiment:
-  spec, stored = _prepare(spec, workdir)
+def _train(spec: Spec, workdir: str, lock: workdir_lock.Lock) -> Experiment:
+  spec, stored = _prepare(spec, workdir, lock)
   exp = build(spec)
+  lock.acquire()  # before the first write into the run directory
   ckpt = checkpoint.Checkpointer(workdir, spec.checkpoint)
   try:
     current = _check_identity(exp, workdir, stored, ckpt)
@@ -349,14 +353,16 @@ def _train(spec: Spec, workdir: str) -> Experiment:
       reporter.evaluate_start(exp.state)
     step = _run_steps(exp, ckpt, reporter, stop, start, resolved, digests)
   finally:
-    ckpt.wait()
-    ckpt.close()
-    stop.restore()
-    reporter.close()
-    if digests is not None:
-      digests.close()
-    if hasattr(exp.stream, "close"):
-      exp.stream.close()  # stops grain's worker processes, if any
+    try:
+      ckpt.wait()  # may raise: a background save that failed (a full disk)
+    finally:
+      ckpt.close()
+      stop.restore()
+      reporter.close()
+      if digests is not None:
+        digests.close()
+      if hasattr(exp.stream, "close"):
+        exp.stream.close()  # stops grain's worker processes, if any
   if step < spec.train.steps:
     saved = f"saved step {step} to {ckpt.directory}" if step > 0 else "nothing trained yet"
     logging.info("stopped (%s): %s; run the same command again to resume",
