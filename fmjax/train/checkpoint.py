@@ -38,18 +38,9 @@ class OrbaxNoise(logging.Filter):
     return record.levelno < logging.ERROR and not record.getMessage().startswith("Metadata file does not exist")
 
 
-@contextlib.contextmanager
-def orbax_quiet():
-  """Installs `OrbaxNoise` on absl's logger (where orbax logs) for the block."""
-  target, noise = logging.getLogger("absl"), OrbaxNoise()
-  target.addFilter(noise)
-  try:
-    yield
-  finally:
-    target.removeFilter(noise)
-
-
-def _quiet_for_good() -> None:
+def quiet_orbax() -> None:
+  """Installs `OrbaxNoise` on absl's logger (where orbax logs), once, for the rest of the process: orbax's threads
+  may log after a checkpointer closes."""
   target = logging.getLogger("absl")
   if not any(isinstance(f, OrbaxNoise) for f in target.filters):
     target.addFilter(OrbaxNoise())
@@ -64,7 +55,7 @@ class Checkpointer:
   """Decides when to save, saves, and restores the newest readable checkpoint."""
 
   def __init__(self, workdir: str, cfg: Any):
-    _quiet_for_good()  # orbax's threads may log after close, until the process ends
+    quiet_orbax()
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     # Here, not in orbax's background threads (which a start refused at once would outlive): the directory, and the
     # removal of a save cut short by a kill or a full disk.

@@ -31,10 +31,6 @@ def source(spec: Spec, workdir: str) -> str:
   return init.workdir or (os.path.join(workdir, init_from.BOOTSTRAPPED) if init.bootstrap else "")
 
 
-def _newest(run_dir: str, step: int, key: str) -> int:
-  return int(os.path.basename(init_from.checkpoint_dir(run_dir, step, key)))
-
-
 def pin(spec: Spec, workdir: str, stored: dict | None) -> Spec:
   """`spec` with `init_from.step` and each frozen run's step fixed: to the step this run first read (`stored`), or,
   at the first start, to the newest step there now. Call after the bootstraps (their runs exist by then)."""

@@ -130,9 +130,9 @@ def state_dir(workdir: str, step: int = -1, key: str = "init_from") -> str:
 def reading(path: str, key: str = "init_from"):
   """Reads of the checkpoint `state/` at `path`: a failure (a checkpoint cut short that has no checksums) is one
   line naming it; orbax's notice that `state/` has no step metadata file (it never has) is dropped."""
+  checkpoint.quiet_orbax()
   try:
-    with checkpoint.orbax_quiet():
-      yield
+    yield
   except UserError:
     raise
   except Exception as e:  # noqa: BLE001 - say which checkpoint, not orbax's internals
