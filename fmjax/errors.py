@@ -24,11 +24,11 @@ class UserError(ValueError):
 # Raised by the standard library for a path the user gave; their message names the path.
 _OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 # A disk that is full, over quota or read-only: the machine's state, not a bug; the fix is the same everywhere.
-_STORAGE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+STORAGE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def _user_os_error(e: BaseException) -> bool:
-  return isinstance(e, _OS_ERRORS) or (isinstance(e, OSError) and e.errno in _STORAGE)
+  return isinstance(e, _OS_ERRORS) or (isinstance(e, OSError) and e.errno in STORAGE)
 
 
 def debug_requested(argv: list[str] | None = None) -> bool:
@@ -41,7 +41,7 @@ def message(e: BaseException) -> str:
   text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
   if _user_os_error(e) and getattr(e, "filename", None):
     text = f"{e.strerror or type(e).__name__}: {e.filename!r}"
-  if isinstance(e, OSError) and e.errno in _STORAGE:
+  if isinstance(e, OSError) and e.errno in STORAGE:
     text += "; free space (or make it writable) or use another directory, and run the same command again"
   return text or type(e).__name__
 

@@ -8,7 +8,6 @@ snapshotted first: no row may change them, and a row's new --workdir must not be
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import os
@@ -16,6 +15,8 @@ import subprocess
 import sys
 
 import pytest
+
+import subprocess_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**{k: v for k, v in os.environ.items() if k != "FMJAX_DEBUG"},
@@ -124,9 +125,7 @@ class Inputs:
   before: dict[str, tuple[int, int]]
 
   def tmp(self, row: Row) -> str:
-    path = os.path.join(self.root, row.id)
-    os.makedirs(path, exist_ok=True)
-    return path
+    return subprocess_rows.scratch(self.root, row.id)
 
 
 @pytest.fixture(scope="module")
@@ -157,14 +156,7 @@ def execute(row: Row, inputs: Inputs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def prefetched(request, inputs) -> dict[str, subprocess.CompletedProcess]:
-  """The selected rows' results, run concurrently (not under xdist, whose workers each run their own rows)."""
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    return {}
-  params = [getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items
-            if item.module is request.module]
-  selected = [p["row"] for p in params if isinstance(p.get("row"), Row)]
-  with concurrent.futures.ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 1))) as pool:
-    return dict(zip((r.id for r in selected), pool.map(lambda r: execute(r, inputs), selected)))
+  return subprocess_rows.prefetch(request, Row, lambda r: execute(r, inputs))
 
 
 def result(row: Row, inputs: Inputs, prefetched: dict) -> subprocess.CompletedProcess:

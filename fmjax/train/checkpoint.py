@@ -233,20 +233,16 @@ class Checkpointer:
     self.manager.close()
 
 
-_STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
-
-
 def _storage_problem(e: BaseException | None) -> str | None:
   """'no space left on device' and the like, if `e` or an exception it wraps is one (by errno or by message)."""
-  seen = set()
+  codes, seen = (*errors.STORAGE, errno.EACCES), set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in _STORAGE_ERRORS:
-      return _STORAGE_ERRORS[e.errno]
+    if isinstance(e, OSError) and e.errno in codes:
+      return os.strerror(e.errno).lower()
     text = str(e).lower()
-    for code, what in _STORAGE_ERRORS.items():
-      if what in text or os.strerror(code).lower() in text:
-        return what
+    for code in codes:
+      if os.strerror(code).lower() in text:
+        return os.strerror(code).lower()
     e = e.__cause__ or e.__context__
   return None
