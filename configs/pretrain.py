@@ -18,6 +18,7 @@ def get_config(arg: str | None = None):
   if a.smoke:
     c.model.name = "smoke" if a.model == "small" else a.model
     c.data.vocab_size = 512
+    c.model.vocab_size = 512  # the smoke tokenizer's, whichever preset (e.g. --config.model.name=small_moe)
     c.train.steps = 40
     c.train.batch_size = 8
     c.train.seq_len = 128

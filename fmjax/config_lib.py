@@ -96,7 +96,8 @@ def finetune(init_from: str, smoke: bool, model: str, steps: int, lr: float, dat
     # the copy every run directory carries (sentencepiece tokenizer.model, or an import's tokenizer.json)
     c.data.tokenizer_path = data_lib.run_tokenizer_file(init_from) or os.path.join(init_from, "tokenizer.model")
   else:
-    c.init_from.bootstrap = sibling(config_file, "pretrain.py:smoke" if smoke else "pretrain.py")
+    variant = ",".join(([] if not smoke else ["smoke"]) + ([] if model == "small" else [f"model={model}"]))
+    c.init_from.bootstrap = sibling(config_file, "pretrain.py" + (":" + variant if variant else ""))
     c.data.tokenizer_source = "embedded:prose"  # the tokenizer that pre-training trains (and caches)
   c.train.steps = steps
   c.optimizer.lr = lr
@@ -109,6 +110,7 @@ def finetune(init_from: str, smoke: bool, model: str, steps: int, lr: float, dat
   if smoke:
     c.model.name = "smoke" if model == "small" else model
     c.data.vocab_size = 512
+    c.model.vocab_size = 512  # the smoke tokenizer's, whichever preset
     c.train.seq_len = 256  # nearly every embedded instruction fits in 256 pieces of the 512-piece tokenizer
     c.log.every_steps, c.eval.batches = 1, 2
     c.train.steps, c.optimizer.lr, c.optimizer.warmup_steps = 30, smoke_lr, 3

@@ -1,6 +1,6 @@
 """Device mesh and logical-axis sharding.
 
-The mesh has axes (data, fsdp, tensor); each has a within-slice (ICI) size and an across-slice (DCN) size, and one
+The mesh has axes (data, fsdp, tensor, expert); each has a within-slice (ICI) size and an across-slice (DCN) size, and one
 size per group may be -1 to take the remaining devices. Model code names logical axes only; `config.mesh.rules` maps
 them to mesh axes, so a change of parallelism is a change of config.
 """
@@ -18,11 +18,12 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fmjax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")
 
-# Parameters: FSDP over the embedding dimension, tensor parallelism over heads / MLP / vocabulary.
-# Activations: batch over data × fsdp, the tensor-parallel dimension over tensor.
+# Parameters: FSDP over the embedding dimension, tensor parallelism over heads / MLP / vocabulary, the experts of an
+# MoE layer over expert. Activations: batch over data × fsdp × expert (outside the experts, the expert axis is one
+# more batch axis, as in MaxText), the tensor-parallel dimension over tensor.
 DEFAULT_RULES = (
     ("act_batch", BATCH_AXES),
     ("act_len", None),
@@ -37,6 +38,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),
+    ("exp", "expert"),
     ("layers", None),
     ("norm", None),
     ("adapter_rank", None),
@@ -62,11 +64,11 @@ def _fill(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (data, fsdp, tensor) mesh from `mesh_cfg` (ICI sizes and dcn_* sizes)."""
+  """Builds the (data, fsdp, tensor, expert) mesh from `mesh_cfg` (ICI sizes and dcn_* sizes)."""
   devices = list(devices if devices is not None else jax.devices())
   num_slices = len({getattr(d, "slice_index", 0) for d in devices})
-  dcn = _fill([mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, mesh_cfg.dcn_tensor], num_slices, "dcn")
-  ici = _fill([mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor], len(devices) // num_slices, "ici")
+  dcn = _fill([getattr(mesh_cfg, "dcn_" + a) for a in MESH_AXES], num_slices, "dcn")
+  ici = _fill([getattr(mesh_cfg, a) for a in MESH_AXES], len(devices) // num_slices, "ici")
   if num_slices > 1:
     arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
   elif devices[0].platform == "tpu":
@@ -99,12 +101,17 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str
       shapes, specs)
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """Devices the global batch is split over."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (global batch) axis over data × fsdp; the rest replicated."""
+  """Leading (global batch) axis over data × fsdp × expert; the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))
 
 

@@ -116,9 +116,11 @@ class Mesh:
   data: int = option(1, "within-slice data parallelism; -1 = fill", _MESH_SIZE)
   fsdp: int = option(-1, "within-slice FSDP; -1 = fill", _MESH_SIZE)
   tensor: int = option(1, "within-slice tensor parallelism; -1 = fill", _MESH_SIZE)
+  expert: int = option(1, "within-slice expert parallelism (the experts of MoE layers); -1 = fill", _MESH_SIZE)
   dcn_data: int = option(-1, "across-slice data parallelism; -1 = fill", _MESH_SIZE)
   dcn_fsdp: int = option(1, "across-slice FSDP", _MESH_SIZE)
   dcn_tensor: int = option(1, "across-slice tensor parallelism", _MESH_SIZE)
+  dcn_expert: int = option(1, "across-slice expert parallelism", _MESH_SIZE)
   rules: tuple = option(sharding.DEFAULT_RULES, "logical axis -> mesh axes; first match wins")
 
 

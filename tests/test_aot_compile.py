@@ -41,7 +41,7 @@ def test_smoke_fits_on_v5p_8_with_memory_by_category_and_a_projected_mfu(v5p_8):
   report = aot.analyse(config_lib.load("configs/pretrain.py:smoke"), topo, devices=devices)
   m = report.memory
   assert report.verdict == "fits" and report.device_kind == "TPU v5" and len(devices) == 4
-  assert report.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert report.mesh == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
   assert 90 * GiB < m.capacity < 96 * GiB  # v5p: 95 GB per chip, as the compiler states what a program may use
   for category in ("params (trained)", "optimizer state", "batch"):
     assert m.arguments[category] > 0, category

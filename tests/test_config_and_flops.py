@@ -29,7 +29,8 @@ def test_every_config_file_and_smoke_variant_loads(repo):
 
 # Parameter counts published for the original checkpoints (Hugging Face model cards / safetensors metadata).
 PUBLISHED_PARAMS = {"1b": 1_235_814_400, "llama3_8b": 8_030_261_248, "llama3_70b": 70_553_706_496,
-                    "qwen2_0_5b": 494_032_768, "qwen3_0_6b": 596_049_920}
+                    "qwen2_0_5b": 494_032_768, "qwen3_0_6b": 596_049_920, "mixtral_8x7b": 46_702_792_704,
+                    "qwen3_moe_30b_a3b": 30_532_122_624}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -41,6 +42,23 @@ def test_every_preset_resolves_with_expected_size(name):
     assert n == PUBLISHED_PARAMS[name]
   if name == "small":
     assert 20e6 <= n <= 40e6
+
+
+@pytest.mark.parametrize("name,shared", [("small_moe", 0), ("small_moe", 2), ("qwen3_moe_30b_a3b", 0)])
+def test_moe_flops_count_the_active_parameters(name, shared):
+  """From the parameter tree: every matmul weight but the input embedding, each expert's weights counted
+  k / num_experts of the time (the tokens routed to it)."""
+  from fmjax.model import flops
+
+  cfg = resolve(name, {"moe_shared_experts": shared})
+  tree = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+  active = 0.0
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    keys = [p.key for p in path]
+    if keys[-1] in ("embedding", "scale"):
+      continue
+    active += x.size * (cfg.num_experts_per_tok / cfg.num_experts if keys[-1].startswith("expert_") else 1)
+  assert flops.matmul_params(cfg) == active
 
 
 def test_variant_and_model_errors_name_the_key(repo):

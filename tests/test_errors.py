@@ -235,7 +235,7 @@ VALUES = [
     ("lora.targets", "(q", "regular expression"),
     ("reft.rank", -1, ">= 0"), ("reft.method", "reft", "loreft"), ("reft.layers", "1-3", "comma-separated"),
     ("reft.positions", "first5", "f<k>+l<k>"), ("reft.dropout", 1.0, "[0, 1)"),
-    *((f"mesh.{axis}", 0, "-1 (fill)") for axis in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor")),
+    *((f"mesh.{axis}", 0, "-1 (fill)") for axis in ("data", "fsdp", "tensor", "expert", "dcn_data", "dcn_fsdp", "dcn_tensor", "dcn_expert")),
 ]
 
 

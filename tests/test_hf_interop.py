@@ -89,20 +89,25 @@ def hf_logits(directory: str, tokens: np.ndarray = TOKENS) -> np.ndarray:
     return model(torch.from_numpy(tokens).long()).logits.numpy()
 
 
-@pytest.fixture(scope="module")
-def importer(tmp_path_factory):
-  """family → (family, HF dir, imported fmjax run dir, transformers' logits), built once per family."""
+def import_once(tmp_path_factory, build, tokens: np.ndarray = TOKENS):
+  """family → (family, HF dir, imported fmjax run dir, transformers' logits of `tokens`), each family's HF model
+  made by `build(family, directory)` once."""
   cache = {}
 
   def get(family: str):
     if family not in cache:
       root = tmp_path_factory.mktemp(family)
-      source = hf_model(family, str(root / "hf"))
+      source = build(family, str(root / "hf"))
       hf.import_dir(source, str(root / "run"))
-      cache[family] = family, source, str(root / "run"), hf_logits(source)
+      cache[family] = family, source, str(root / "run"), hf_logits(source, tokens)
     return cache[family]
 
   return get
+
+
+@pytest.fixture(scope="module")
+def importer(tmp_path_factory):
+  return import_once(tmp_path_factory, hf_model)
 
 
 @pytest.fixture(params=FAMILIES)

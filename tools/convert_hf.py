@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints ↔ fmjax run directories: Llama (incl. Llama-3 RoPE scaling), Mistral, Qwen2, Qwen3.
+"""Hugging Face checkpoints ↔ fmjax run directories: Llama (incl. Llama-3 RoPE scaling), Mistral, Qwen2, Qwen3, and
+the mixtures of experts Mixtral and Qwen3-MoE.
 
   python tools/convert_hf.py import --hf_dir=/models/Qwen3-0.6B --workdir=/tmp/qwen3   # → a run at step 0
   python tools/convert_hf.py export --workdir=/tmp/sft --hf_dir=/tmp/sft-hf            # → from_pretrained(DIR)

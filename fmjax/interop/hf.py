@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints ↔ fmjax run directories (Llama, Mistral, Qwen2, Qwen3), tensor by tensor.
+"""Hugging Face checkpoints ↔ fmjax run directories (Llama, Mistral, Qwen2, Qwen3, and the mixtures of experts
+Mixtral and Qwen3-MoE), tensor by tensor.
 
 An imported run directory is an ordinary fmjax run at step 0: `config.json` (the model's shape as `model.*`, its
 tokenizer, its chat template), `checkpoints/0/state` (the params), `tokenizer.json` + `tokenizer_config.json`, and
@@ -48,10 +49,10 @@ def read_config(hf_dir: str) -> tuple[dict, ModelConfig]:
     raise FileNotFoundError(f"{path} does not exist; --hf_dir must be a Hugging Face model directory.")
   hf = hf_config.read(path)
   cfg = hf_config.to_model_config(hf)
-  window = hf.get("sliding_window") if hf.get("model_type") == "mistral" else None
+  window = hf.get("sliding_window") if hf.get("model_type") in ("mistral", "mixtral") else None
   if window:
-    logging.warning("%s: Mistral sliding_window=%d; fmjax attends to the whole context, which is the same for "
-                    "sequences up to %d tokens.", hf_dir, window, window)
+    logging.warning("%s: %s sliding_window=%d; fmjax attends to the whole context, which is the same for "
+                    "sequences up to %d tokens.", hf_dir, hf["model_type"], window, window)
   return hf, cfg
 
 
@@ -59,25 +60,26 @@ def convert_params(reader: safetensors_io.Reader, cfg: ModelConfig, dtype: str,
                    allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] = np.empty) -> dict:
   """The fmjax params (scanned layout, NumPy, `dtype`) of the HF tensors in `reader`, filled one HF tensor at a
   time into arrays from `allocate(shape, dtype)` (e.g. memory-mapped files)."""
-  hf_weights.check_names(reader.keys(), cfg)
-  for _, _, name, shape in tensor_specs(cfg):  # e.g. a score.weight of another label count than config.json's
+  params = hf_weights.check_names(reader.keys(), cfg)
+  for _, _, name, shape in tensor_specs(cfg, params):  # e.g. a score.weight of another label count than config.json's
     found = tuple(reader.entries[name][2]["shape"])
     if found != shape:
       raise UserError(f"tensor {name} has shape {list(found)} but config.json implies {list(shape)}; the checkpoint "
                       "and its config.json (e.g. num_labels / id2label) must describe the same model.")
   out, dt = {}, np.dtype(jax.numpy.dtype(dtype))
-  for p in hf_weights.layout(cfg):
-    if p.layered:
-      first = p.to_fmjax(reader.get(p.hf.format(i=0)))
-      array = allocate((cfg.num_layers, *first.shape), dt)
-      for i in range(cfg.num_layers):
-        array[i] = p.to_fmjax(reader.get(p.hf.format(i=i))).astype(dt)
-    else:
-      value = p.to_fmjax(reader.get(p.hf))
-      array = allocate(value.shape, dt)
-      array[...] = value.astype(dt)
+  for p in params:
+    indices = p.indices(cfg)
+    first = p.to_fmjax(reader.get(p.name(indices[0])))
+    array = allocate((*_leading(p, cfg), *first.shape), dt)
+    for index in indices:
+      array[index] = p.to_fmjax(reader.get(p.name(index))).astype(dt)
     out[p.path] = array
   return traverse_util.unflatten_dict(out)
+
+
+def _leading(p: hf_weights.Param, cfg: ModelConfig) -> tuple[int, ...]:
+  """The leading axes of fmjax parameter `p` that its HF tensors index: (layers, experts), (layers,) or ()."""
+  return (cfg.num_layers, cfg.num_experts) if p.experts else (cfg.num_layers,) if p.layered else ()
 
 
 def chat_template(tokenizer: hf_tokenizer.HFTokenizer | None) -> str:
@@ -150,18 +152,17 @@ def export_params(params_of: Callable[[tuple[str, ...]], np.ndarray], cfg: Model
   layout) into `hf_dir`, one HF tensor at a time."""
   dt = np.dtype(jax.numpy.dtype(dtype))
   entries, specs = {}, []
-  for p, i, name, shape in tensor_specs(cfg):
+  for p, index, name, shape in tensor_specs(cfg):
     specs.append((name, dt, shape))
-    entries[name] = (p, i)
+    entries[name] = (p, index)
   cache: dict[tuple[str, ...], np.ndarray] = {}
 
   def produce(name: str) -> np.ndarray:
-    p, i = entries[name]
+    p, index = entries[name]
     if p.path not in cache:
       cache.clear()  # one fmjax parameter in memory at a time (tensors come grouped by parameter)
       cache[p.path] = np.asarray(params_of(p.path))
-    leaf = cache[p.path]
-    return np.asarray(p.to_hf(leaf[i] if p.layered else leaf)).astype(dt)
+    return np.asarray(p.to_hf(cache[p.path][index])).astype(dt)
 
   names = safetensors_io.write(hf_dir, specs, produce, max_shard_bytes)
   config = hf_config.from_model_config(cfg, template, dtype)
@@ -170,13 +171,19 @@ def export_params(params_of: Callable[[tuple[str, ...]], np.ndarray], cfg: Model
   return names
 
 
-def tensor_specs(cfg: ModelConfig) -> list[tuple[hf_weights.Param, int, str, tuple[int, ...]]]:
-  """(fmjax parameter, layer, HF name, HF shape) of every HF tensor of `cfg` (scanned layout), in writing order."""
+def tensor_specs(cfg: ModelConfig, params: list[hf_weights.Param] | None = None
+                 ) -> list[tuple[hf_weights.Param, tuple[int, ...], str, tuple[int, ...]]]:
+  """(fmjax parameter, index, HF name, HF shape) of every HF tensor of `cfg` (scanned layout; of layout `params`,
+  default the exported one), in writing order; index: the leading axes of the fmjax array it fills."""
   shapes = _param_shapes(cfg)
   out = []
-  for p, i, name in hf_weights.hf_tensors(cfg):
-    shape = shapes[p.path][1:] if p.layered else shapes[p.path]
-    out.append((p, i, name, jax.eval_shape(p.to_hf, jax.ShapeDtypeStruct(shape, np.float32)).shape))
+  for p, index, name in hf_weights.hf_tensors(cfg, params):
+    if p.shape is not None:
+      shape = p.shape
+    else:
+      fmjax_shape = shapes[p.path][len(_leading(p, cfg)):]
+      shape = jax.eval_shape(p.to_hf, jax.ShapeDtypeStruct(fmjax_shape, np.float32)).shape
+    out.append((p, index, name, tuple(shape)))
   return out
 
 

@@ -48,6 +48,15 @@ class ModelConfig:
   # the loss heads' unembedding + softmax, this many positions at a time, so the [B,T,V] float32 logits never exist
   # (token_stats.py); 0 = all at once
   loss_chunk: int = 0
+  # mixture of experts (fmjax/model/moe.py): 0 = a dense SwiGLU; N = N routed SwiGLU experts of mlp_dim each
+  num_experts: int = 0
+  num_experts_per_tok: int = 2  # experts each token is routed to (top-k)
+  moe_shared_experts: int = 0  # experts every token also passes through (DeepSeek), one SwiGLU of this × mlp_dim
+  moe_norm_topk: bool = True  # renormalise the top-k router weights to sum to 1 (Mixtral; Qwen3's norm_topk_prob)
+  moe_aux_loss: float = 0.01  # coefficient of the load-balancing loss added to the training loss
+  moe_z_loss: float = 0.0  # coefficient of the router z-loss (mean logsumexp² of the router logits)
+  moe_capacity_factor: float = 0.0  # 0 = dropless; > 0: each expert takes ceil(f · tokens · k / experts) per device
+  moe_matmul: str = "auto"  # grouped matmul: auto (megablox on TPU, else ragged_dot) | ragged_dot | megablox
 
   def validate(self) -> "ModelConfig":
     """Raises UserError naming the field when the shape or a setting is impossible."""
@@ -78,6 +87,18 @@ class ModelConfig:
     if self.num_labels < 0:
       raise UserError(f"model.num_labels={self.num_labels} must be >= 0 (0 = a language model's vocabulary logits, "
                       "1 = a reward model's score, N = a classifier's N labels).")
+    if self.num_experts < 0 or self.moe_shared_experts < 0:
+      raise UserError(f"model.num_experts={self.num_experts} and model.moe_shared_experts={self.moe_shared_experts} "
+                      "must be >= 0 (num_experts=0: a dense feed-forward).")
+    if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+      raise UserError(f"model.num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
+                      f"model.num_experts={self.num_experts}.")
+    for name in ("moe_aux_loss", "moe_z_loss", "moe_capacity_factor"):
+      if not getattr(self, name) >= 0:
+        raise UserError(f"model.{name}={getattr(self, name)} must be >= 0.")
+    if self.moe_matmul not in ("auto", "ragged_dot", "megablox"):
+      raise UserError(f"model.moe_matmul={self.moe_matmul!r}: use 'auto' (megablox on TPU, else ragged_dot), "
+                      "'ragged_dot' or 'megablox'.")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise UserError(f"model.{name}={getattr(self, name)!r} is not one of {DTYPES}.")
@@ -95,6 +116,9 @@ _LLAMA3 = dict(vocab_size=128_256, loss_chunk=loss_chunk_for(128_256), rope_thet
                rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192, head_dim=128)
 _QWEN = dict(vocab_size=151_936, loss_chunk=loss_chunk_for(151_936), rope_theta=1_000_000.0, norm_eps=1e-6,
              tie_embeddings=True)
+
+_MIXTRAL = dict(vocab_size=32_000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                mlp_dim=14_336, rope_theta=1_000_000.0, num_experts=8, num_experts_per_tok=2, moe_aux_loss=0.02)
 
 PRESETS: dict[str, ModelConfig] = {
     # Tiny: tests and `:smoke` runs.
@@ -120,6 +144,15 @@ PRESETS: dict[str, ModelConfig] = {
     # Qwen3-0.6B: QK-norm, head_dim independent of d_model.
     "qwen3_0_6b": ModelConfig(**_QWEN, d_model=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
                               mlp_dim=3072, qk_norm=True),
+    # Mixture of experts, ~12M parameters (4M active): 8 experts, top-2, trains on a CPU in minutes.
+    "small_moe": ModelConfig(vocab_size=8192, d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                             mlp_dim=512, num_experts=8, num_experts_per_tok=2, moe_z_loss=1e-3),
+    # Mixtral-8x7B: 8 experts of 14336, top-2, softmax over the top 2.
+    "mixtral_8x7b": ModelConfig(**_MIXTRAL),
+    # Qwen3-30B-A3B: 128 fine-grained experts of 768, top-8, QK-norm.
+    "qwen3_moe_30b_a3b": ModelConfig(**{**_QWEN, "tie_embeddings": False}, d_model=2048, num_layers=48, num_heads=32,
+                                     num_kv_heads=4, head_dim=128, mlp_dim=768, qk_norm=True, num_experts=128,
+                                     num_experts_per_tok=8, moe_aux_loss=0.001),
 }
 
 

@@ -42,7 +42,7 @@ def applies(impl: str, seq_len: int, kv_heads: int, platform: str | None = None)
   the target's, else the mesh's devices' (fmjax.train.aot passes the slice's)."""
   if impl == "splash":
     return fits(seq_len)
-  return (impl == "auto" and (platform or _platform()) == "tpu" and fits(seq_len)
+  return (impl == "auto" and (platform or target_platform()) == "tpu" and fits(seq_len)
           and kv_heads % _kv_head_ways() == 0)
 
 
@@ -84,7 +84,7 @@ def attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, 
               ) -> jax.Array:
   """Causal self-attention within segments (a query sees earlier keys of its own segment), [B,T,N,H] out."""
   H = q_BxTxNxH.shape[-1]
-  interpret = _platform() != "tpu"
+  interpret = target_platform() != "tpu"
   q = jnp.swapaxes(q_BxTxNxH * (1.0 / math.sqrt(H)), 1, 2)  # the kernel takes no scale: fold it into q
   k, v = jnp.swapaxes(k_BxTxKxH, 1, 2), jnp.swapaxes(v_BxTxKxH, 1, 2)
   segments = segment_ids_BxT.astype(jnp.int32)
@@ -125,7 +125,7 @@ def kernel_cost(seq_len: int, head_dim: int, itemsize: int) -> dict[str, tuple[f
   return {"forward": forward, "backward": backward}
 
 
-def _platform() -> str:
+def target_platform() -> str:
   """The platform being compiled for: the mesh's devices (a TPU slice compiled ahead of time on a CPU host too), else
   the default backend's."""
   mesh = jax.sharding.get_abstract_mesh()

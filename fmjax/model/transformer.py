@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from fmjax.model.config import ModelConfig
 from fmjax.adapters.base import Adapter, combine, split
 from fmjax.model import projection, splash, token_stats
+from fmjax.model.moe import MoE
 from fmjax.model.layers import (ACT_BTD, Attention, RMSNorm, SwiGLU, attention_mask, cache_mask, constrain, project,
                                 rope_tables)
 
@@ -32,13 +33,17 @@ class Block(nn.Module):
   adapter: Adapter | None = None
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask, sin, cos, adapter_inputs=None, layer_params=None, cache=None, positions_BxT=None):
+  def __call__(self, x_BxTxD, mask, sin, cos, valid_BxT, adapter_inputs=None, layer_params=None, cache=None,
+               positions_BxT=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
     attn_BxTxD, cache = Attention(cfg, self.adapter, name="attn")(norm("attn_norm")(x_BxTxD), mask, sin, cos, cache,
                                                                   positions_BxT)
     x_BxTxD = x_BxTxD + attn_BxTxD
-    x_BxTxD = x_BxTxD + SwiGLU(cfg, self.adapter, name="mlp")(norm("mlp_norm")(x_BxTxD))
+    if cfg.num_experts:
+      x_BxTxD = x_BxTxD + MoE(cfg, self.adapter, name="moe")(norm("mlp_norm")(x_BxTxD), valid_BxT)
+    else:
+      x_BxTxD = x_BxTxD + SwiGLU(cfg, self.adapter, name="mlp")(norm("mlp_norm")(x_BxTxD))
     if self.adapter is not None:
       x_BxTxD = self.adapter.block_output(self, x_BxTxD, layer_params, adapter_inputs)
     return constrain(x_BxTxD, ACT_BTD), cache
@@ -78,6 +83,7 @@ class Transformer(nn.Module):
     else:  # other lengths (e.g. scoring a prompt) take the XLA path
       mask = attention_mask(segment_ids_BxT)
     sin, cos = rope_tables(positions_BxT, cfg)
+    valid_BxT = segment_ids_BxT > 0  # the tokens MoE router statistics count (padding is not routed load)
     extra = () if cache is None else (cache, positions_BxT)  # the training forward keeps its exact signature
     layer_params = None if self.adapter is None else self.adapter.layer_params(self, cfg.num_layers)
 
@@ -85,18 +91,18 @@ class Transformer(nn.Module):
     if cfg.remat != "none":
       block = nn.remat(Block, policy=_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      in_axes = (nn.broadcast,) * 4 + (0,) + (() if cache is None else (0, nn.broadcast))
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+      in_axes = (nn.broadcast,) * 5 + (0,) + (() if cache is None else (0, nn.broadcast))
+      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=in_axes, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxTxD, cache = stack(cfg, self.adapter, name="layers")(x_BxTxD, mask, sin, cos, adapter_inputs, layer_params,
-                                                               *extra)
+      x_BxTxD, cache = stack(cfg, self.adapter, name="layers")(x_BxTxD, mask, sin, cos, valid_BxT, adapter_inputs,
+                                                               layer_params, *extra)
     else:
       layer_caches = []
       for i in range(cfg.num_layers):
         extra_i = () if cache is None else (jax.tree.map(lambda c, i=i: c[i], cache), positions_BxT)
         params_i = jax.tree.map(lambda p, i=i: p[i], layer_params)
-        x_BxTxD, layer_cache = block(cfg, self.adapter, name=f"layers_{i}")(x_BxTxD, mask, sin, cos, adapter_inputs,
-                                                                            params_i, *extra_i)
+        x_BxTxD, layer_cache = block(cfg, self.adapter, name=f"layers_{i}")(x_BxTxD, mask, sin, cos, valid_BxT,
+                                                                            adapter_inputs, params_i, *extra_i)
         layer_caches.append(layer_cache)
       if cache is not None:
         cache = jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)

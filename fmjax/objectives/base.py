@@ -143,6 +143,9 @@ class LossContext:
   frozen_stats_fns: Mapping[str, StatsFn] = dataclasses.field(default_factory=dict)  # role -> fused stats
   # forward(params, inputs, temperature, extra, parts) -> (TokenStats, {part name: its output}): one pass
   forward_fn: Callable[..., tuple[TokenStats, dict[str, Any]]] | None = None
+  # model_terms() -> (per-token loss, metrics) the model itself adds to the head's loss after the trained model's
+  # calls (an MoE router's auxiliary losses), or None
+  model_terms: Callable[[], tuple[jax.Array, dict[str, jax.Array]] | None] | None = None
 
   def token_stats(self, params: Any, inputs: Mapping[str, jax.Array], temperature: float = 1.0,
                   extra: tuple[str, ...] = ()) -> TokenStats:

@@ -108,8 +108,8 @@ def check_run(spec: Spec, workdir: str) -> None:
 
 
 def check_batch(train: Train, batch_shards: int) -> None:
-  """The micro-batch must split evenly over the data × fsdp devices."""
+  """The micro-batch must split evenly over the data × fsdp × expert devices."""
   micro = train.batch_size // train.grad_accum
   if micro % batch_shards:
     raise UserError(f"the micro-batch train.batch_size/train.grad_accum = {micro} must be divisible by the "
-                    f"data×fsdp mesh size {batch_shards}; change train.batch_size, train.grad_accum or mesh.*.")
+                    f"data×fsdp×expert mesh size {batch_shards}; change train.batch_size, train.grad_accum or mesh.*.")

@@ -89,7 +89,7 @@ def build(spec: Spec, devices: list | None = None) -> Experiment:
   models the head declares ('policy' copies of the initial params, 'run' models read from their directories)."""
   model_cfg, head, t = spec.model, spec.head, spec.train
   mesh = sharding.make_mesh(spec.mesh, devices)
-  checks.check_batch(t, mesh.shape["data"] * mesh.shape["fsdp"])
+  checks.check_batch(t, sharding.batch_shards(mesh))
 
   tokenizer = data.make_tokenizer(spec.data)
   data.check_vocab(tokenizer, model_cfg.vocab_size)

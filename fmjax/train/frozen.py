@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from fmjax import config_lib, sharding
 from fmjax.errors import UserError
 from fmjax.adapters import combine
-from fmjax.model import ModelConfig, Transformer, init_params, resolve
+from fmjax.model import ModelConfig, Transformer, init_params, moe, resolve
 from fmjax.objectives import Frozen, Head, LossContext
 from fmjax.objectives.base import PARTS, Part
 from fmjax.spec import FrozenRun, Spec
@@ -114,11 +114,18 @@ def make_context(model: Transformer, p: Plan) -> Callable[..., LossContext]:
   parts = {part.name: part.make(model.cfg) for part in p.parts}
 
   def context(base: Any, frozen: Any, rng: jax.Array | None = None) -> LossContext:
+    router_stats = []  # of this context's calls: read by model_terms in the same trace
+
     def apply(params, inputs, **kw):
       full = params if base is None else combine(base, params)
       extra = {"adapter_inputs": {c: inputs[c] for c in columns}} if columns else {}
-      return model.apply({"params": full}, *model_inputs(inputs), rngs=None if rng is None else {"dropout": rng},
-                         **extra, **kw)
+      rngs = None if rng is None else {"dropout": rng}
+      if not model.cfg.num_experts:
+        return model.apply({"params": full}, *model_inputs(inputs), rngs=rngs, **extra, **kw)
+      out, state = model.apply({"params": full}, *model_inputs(inputs), rngs=rngs, mutable=["intermediates"],
+                               **extra, **kw)
+      router_stats.append(moe.stats(state["intermediates"]))
+      return out
 
     def stats(params, inputs, temperature=1.0, extra=()):
       return apply(params, inputs, targets_BxT=inputs["targets"], temperature=temperature, extra_stats=extra)
@@ -137,7 +144,8 @@ def make_context(model: Transformer, p: Plan) -> Callable[..., LossContext]:
       fns[spec.role] = lambda inputs, net=net, w=w: net.apply({"params": w}, *model_inputs(inputs))
       stats_fns[spec.role] = lambda inputs, t=1.0, extra=(), net=net, w=w: net.apply(
           {"params": w}, *model_inputs(inputs), targets_BxT=inputs["targets"], temperature=t, extra_stats=extra)
-    return LossContext(apply=apply, frozen=fns, stats=stats, frozen_stats_fns=stats_fns, forward_fn=forward)
+    return LossContext(apply=apply, frozen=fns, stats=stats, frozen_stats_fns=stats_fns, forward_fn=forward,
+                       model_terms=lambda: moe.loss_terms(router_stats, model.cfg))
 
   return context
 

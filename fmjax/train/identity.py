@@ -20,7 +20,7 @@ from fmjax.train import init_from
 
 FILE = "identity.json"
 # Keys that change how a run computes or reads, not what it trains.
-_MODEL_FREE = {"name", "remat", "attention_impl", "loss_chunk", "dtype"}
+_MODEL_FREE = {"name", "remat", "attention_impl", "loss_chunk", "dtype", "moe_matmul", "moe_aux_loss", "moe_z_loss"}
 _DATA_FREE = {"workers", "tfds_data_dir", "tokenizer_path"}
 _OBJECTIVE_FREE = {"reward_timeout"}
 

@@ -58,6 +58,11 @@ def make(loss_fn: Callable[..., LossOutput], context: Callable[..., LossContext]
 
     def f(p):
       loss_sum, weight, metrics = loss_fn(p, batch, ctx)
+      model_terms = getattr(ctx, "model_terms", None)  # tests' bare contexts have none
+      terms = model_terms() if model_terms is not None else None
+      if terms is not None:  # per-token terms of the model's own (an MoE router's): summed as the head's loss is
+        loss_sum = loss_sum + terms[0] * weight
+        metrics = {**metrics, **{k: v * weight for k, v in terms[1].items()}}
       return loss_sum, (weight, metrics)
 
     (loss_sum, (weight, metrics)), grads = jax.value_and_grad(f, has_aux=True)(params)

@@ -1,0 +1,290 @@
+"""Mixture-of-experts feed-forward (`model.num_experts > 0`): a router scores every token against `num_experts`
+SwiGLU experts, each token goes to its `num_experts_per_tok` best, and their outputs are summed with the router's
+weights.
+
+Routing (float32): softmax over all experts, top-k; with `moe_norm_topk` the k weights are renormalised to sum to 1
+(Mixtral; Qwen3-MoE's `norm_topk_prob`), else kept as they are. Optional shared experts (DeepSeek) are one plain
+SwiGLU every token passes through, `moe_shared_experts * mlp_dim` wide.
+
+Dispatch, per device (`jax.shard_map` under a mesh, so the sort never spans the global batch):
+- dropless (default): the (token, choice) pairs are sorted by expert and each expert's rows go through one grouped
+  matmul (`grouped_matmul`: `jax.lax.ragged_dot`, or megablox's Pallas kernel on TPU). With expert parallelism (the
+  logical axis `exp` on a mesh axis) each device gathers the tokens of its expert-parallel peers, runs its own
+  experts on the rows routed to them, and the partial outputs are summed and scattered back (one all-gather and one
+  reduce-scatter over the expert axis): exact, dropless, and the same on every platform.
+- capacity (`moe_capacity_factor > 0`): each expert takes at most C = ceil(factor · tokens · k / experts) rows per
+  device, earliest tokens first; the rest are dropped (they contribute 0 and pass through the residual). Rows travel
+  in fixed [experts, C, D] buffers, exchanged over the expert axis by all-to-all (GShard / Switch).
+
+Each layer sows its router statistics (`intermediates/moe`); `stats` sums them over layers and `aux_terms` gives the
+load-balancing loss as Hugging Face's `load_balancing_loss_func` computes it (over all layers' tokens at once), the
+router z-loss, the expert load (max / mean rows per expert) and the dropped fraction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jax.sharding import PartitionSpec as P
+
+from fmjax.model.config import ModelConfig
+from fmjax.model.layers import SwiGLU, dense_param, project, swiglu
+from fmjax.model.splash import target_platform
+
+STATS = "router_stats"  # the sown entry in the intermediates collection
+
+
+def grouped_matmul(x_MxD: jax.Array, w_ExDxF: jax.Array, sizes_E: jax.Array, impl: str) -> jax.Array:
+  """Rows [sum(sizes[:e]), sum(sizes[:e+1])) of x times w[e]; rows past sum(sizes) give 0. `impl`: 'ragged_dot'
+  (jax.lax.ragged_dot), 'megablox' (the Pallas TPU kernel; interpret mode elsewhere, exact but slow) or 'auto'
+  (megablox when compiling for TPU)."""
+  if impl == "auto":
+    impl = "megablox" if target_platform() == "tpu" else "ragged_dot"
+  if impl == "ragged_dot":
+    return jax.lax.ragged_dot(x_MxD, w_ExDxF, sizes_E.astype(jnp.int32), preferred_element_type=x_MxD.dtype)
+  from jax.experimental.pallas.ops.tpu.megablox import ops  # optional Pallas kernel
+
+  M = x_MxD.shape[0]
+  tm = 512 if M >= 4096 else 128  # row tile (MaxText's default is 512)
+  rows = jnp.arange(M + (-M % tm)) < jnp.sum(sizes_E)
+  # the kernel takes whole row tiles and never visits rows past the groups, whose outputs (and, in the backward
+  # pass, input cotangents) it leaves unwritten: both sides are masked, so nothing unwritten flows on
+  x = jnp.where(rows[:, None], jnp.pad(x_MxD, ((0, rows.shape[0] - M), (0, 0))), 0)
+  dims = (tm, _tile(w_ExDxF.shape[1]), _tile(w_ExDxF.shape[2]))
+  out = ops.gmm(x, w_ExDxF, sizes_E.astype(jnp.int32), x_MxD.dtype, dims, None, None, False,
+                target_platform() != "tpu")
+  return jnp.where(rows[:M, None], out[:M], 0).astype(x_MxD.dtype)
+
+
+def _tile(n: int) -> int:
+  return next((t for t in (1024, 512, 256, 128) if n % t == 0), n)
+
+
+def _swiglu_experts(x_MxD, sizes_E, w_gate, w_up, w_down, impl):
+  h_MxF = swiglu(grouped_matmul(x_MxD, w_gate, sizes_E, impl), grouped_matmul(x_MxD, w_up, sizes_E, impl))
+  return grouped_matmul(h_MxF, w_down, sizes_E, impl)
+
+
+@dataclasses.dataclass(frozen=True)
+class Axes:
+  """Mesh axes (tuples, possibly empty) the shard_map body talks over."""
+  batch: tuple[str, ...] = ()  # tokens' leading dim
+  expert: tuple[str, ...] = ()  # the experts dim of the expert weights
+  embed: tuple[str, ...] = ()  # their model dim (FSDP): gathered before use
+  mlp: tuple[str, ...] = ()  # their hidden dim (tensor): partial outputs summed
+
+  @property
+  def split_tokens(self) -> bool:
+    """Whether each expert-parallel peer holds other tokens (the batch is split over the expert axes too)."""
+    return bool(self.expert) and set(self.expert) <= set(self.batch)
+
+
+def _gather(x, axes, axis):
+  return jax.lax.all_gather(x, axes, axis=axis, tiled=True) if axes else x
+
+
+def _local_dropless(x_NxD, idx_NxK, gate_NxK, w_gate, w_up, w_down, *, axes: Axes, impl: str):
+  """One device's dropless MoE: returns (y [N,D], dropped=0)."""
+  N, K = idx_NxK.shape
+  w_gate, w_up, w_down = _gather(w_gate, axes.embed, 1), _gather(w_up, axes.embed, 1), _gather(w_down, axes.embed, 2)
+  E_local = w_gate.shape[0]
+  if axes.split_tokens:  # every token of the expert-parallel group, routed to this device's experts only
+    x_NxD, idx_NxK, gate_NxK = (_gather(a, axes.expert, 0) for a in (x_NxD, idx_NxK, gate_NxK))
+  if axes.expert:
+    local_NxK = idx_NxK - jax.lax.axis_index(axes.expert) * E_local
+  else:
+    local_NxK = idx_NxK
+  mine_NxK = (local_NxK >= 0) & (local_NxK < E_local)
+  flat = jnp.where(mine_NxK, local_NxK, E_local).reshape(-1)  # other devices' experts sort last, in no group
+  order = jnp.argsort(flat, stable=True)
+  sizes_E = jnp.bincount(flat, length=E_local + 1)[:E_local]
+  ys_MxD = _swiglu_experts(x_NxD[order // K], sizes_E, w_gate, w_up, w_down, impl)
+  y_NxKxD = ys_MxD[jnp.argsort(order)].reshape(*idx_NxK.shape, -1)
+  y_NxD = jnp.einsum("NKD,NK->ND", y_NxKxD, jnp.where(mine_NxK, gate_NxK, 0).astype(y_NxKxD.dtype))
+  if axes.mlp:
+    y_NxD = jax.lax.psum(y_NxD, axes.mlp)
+  if axes.split_tokens:
+    y_NxD = jax.lax.psum_scatter(y_NxD, axes.expert, scatter_dimension=0, tiled=True)
+  elif axes.expert:  # the same tokens on every peer (a batch the axes do not divide): sum the experts' parts
+    y_NxD = jax.lax.psum(y_NxD, axes.expert)
+  return y_NxD, jnp.zeros((), jnp.float32)
+
+
+def capacity(tokens: int, k: int, experts: int, factor: float) -> int:
+  """Rows each expert takes per device: ceil(factor · tokens · k / experts), at least 1."""
+  return max(1, math.ceil(factor * tokens * k / experts))
+
+
+def _local_capacity(x_NxD, idx_NxK, gate_NxK, w_gate, w_up, w_down, *, axes: Axes, factor: float, experts: int):
+  """One device's capacity-factor MoE: returns (y [N,D], dropped assignments)."""
+  N, K = idx_NxK.shape
+  D = x_NxD.shape[1]
+  C = capacity(N, K, experts, factor)
+  w_gate, w_up, w_down = _gather(w_gate, axes.embed, 1), _gather(w_up, axes.embed, 1), _gather(w_down, axes.embed, 2)
+  flat = idx_NxK.reshape(-1)
+  order = jnp.argsort(flat, stable=True)  # by expert, earliest (token, choice) first
+  expert_M = flat[order]
+  sizes_E = jnp.bincount(flat, length=experts)
+  rank_M = jnp.arange(flat.shape[0]) - (jnp.cumsum(sizes_E) - sizes_E)[expert_M]
+  keep_M = rank_M < C
+  slot_M = jnp.where(keep_M, expert_M * C + rank_M, experts * C)  # dropped rows go to a discarded extra slot
+  buf = jnp.zeros((experts * C + 1, D), x_NxD.dtype).at[slot_M].set(x_NxD[order // K])[:-1]
+  buf_ExCxD = buf.reshape(experts, C, D)
+  E_local = w_gate.shape[0]
+  if axes.split_tokens:  # [E, C, D] -> this device's experts, the rows of every peer: [E_local, ep·C, D]
+    buf_ExCxD = jax.lax.all_to_all(buf_ExCxD, axes.expert, split_axis=0, concat_axis=1, tiled=True)
+  elif axes.expert:  # the same tokens on every peer: each takes its own experts' rows
+    buf_ExCxD = jax.lax.dynamic_slice_in_dim(buf_ExCxD, jax.lax.axis_index(axes.expert) * E_local, E_local)
+  h = swiglu(jnp.einsum("ECD,EDF->ECF", buf_ExCxD, w_gate), jnp.einsum("ECD,EDF->ECF", buf_ExCxD, w_up))
+  out_ExCxD = jnp.einsum("ECF,EFD->ECD", h, w_down)
+  if axes.mlp:
+    out_ExCxD = jax.lax.psum(out_ExCxD, axes.mlp)
+  if axes.split_tokens:
+    out_ExCxD = jax.lax.all_to_all(out_ExCxD, axes.expert, split_axis=1, concat_axis=0, tiled=True)
+  elif axes.expert:
+    out_ExCxD = _gather(out_ExCxD, axes.expert, 0)
+  out = jnp.concatenate([out_ExCxD.reshape(experts * C, D), jnp.zeros((1, D), out_ExCxD.dtype)])
+  ys_MxD = out[slot_M]  # dropped rows read the zero slot
+  y_NxKxD = ys_MxD[jnp.argsort(order)].reshape(N, K, D)
+  y_NxD = jnp.einsum("NKD,NK->ND", y_NxKxD, gate_NxK.astype(y_NxKxD.dtype))
+  return y_NxD, jnp.sum(~keep_M).astype(jnp.float32)
+
+
+def _mesh_axes(*logical: str) -> tuple[tuple[str, ...], ...]:
+  out = []
+  for axes in nn.logical_to_mesh_axes(logical):
+    out.append(tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a))
+  return tuple(out)
+
+
+def experts(x_BxTxD: jax.Array, idx_BxTxK: jax.Array, gate_BxTxK: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+            w_down: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """The routed experts' weighted sum [B,T,D] and the number of dropped (token, choice) pairs."""
+  B, T, D = x_BxTxD.shape
+  mesh = jax.sharding.get_abstract_mesh()
+  if cfg.moe_capacity_factor > 0:
+    local = lambda *a, axes: _local_capacity(*a, axes=axes, factor=cfg.moe_capacity_factor,  # noqa: E731
+                                             experts=cfg.num_experts)
+  else:
+    local = lambda *a, axes: _local_dropless(*a, axes=axes, impl=cfg.moe_matmul)  # noqa: E731
+
+  def run(x, idx, gate, wg, wu, wd, axes=Axes()):
+    b = x.shape[0]
+    y, dropped = local(x.reshape(b * T, D), idx.reshape(b * T, -1), gate.reshape(b * T, -1), wg, wu, wd, axes=axes)
+    return y.reshape(b, T, D), dropped
+
+  if mesh.empty:
+    return run(x_BxTxD, idx_BxTxK, gate_BxTxK, w_gate, w_up, w_down)
+  batch, exp, embed, mlp = _mesh_axes("act_batch", "exp", "embed", "mlp")
+  if B % math.prod(mesh.shape[a] for a in batch):
+    batch = ()  # rows the batch axes do not divide (a sampler's): every device holds them all
+  axes = Axes(batch=batch, expert=exp, embed=embed, mlp=mlp)
+  tok = P(batch or None)
+  w_in, w_out = P(exp or None, embed or None, mlp or None), P(exp or None, mlp or None, embed or None)
+
+  def body(x, idx, gate, wg, wu, wd):
+    y, dropped = run(x, idx, gate, wg, wu, wd, axes)
+    return y, jax.lax.psum(dropped, tuple(a for a in mesh.axis_names if a in batch))
+
+  y, dropped = jax.shard_map(body, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=(tok, P()))(
+                                 x_BxTxD, idx_BxTxK, gate_BxTxK, w_gate, w_up, w_down)
+  return y, dropped
+
+
+def route(logits_NxE: jax.Array, k: int, norm_topk: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(probs [N,E], top-k weights [N,K], top-k experts [N,K]) of float32 router logits."""
+  probs = jax.nn.softmax(logits_NxE.astype(jnp.float32), axis=-1)
+  weights, idx = jax.lax.top_k(probs, k)
+  if norm_topk:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return probs, weights, idx
+
+
+def router_stats(logits_BxTxE: jax.Array, probs_BxTxE: jax.Array, idx_BxTxK: jax.Array, valid_BxT: jax.Array,
+                 dropped: jax.Array) -> dict[str, jax.Array]:
+  """One layer's sums over its valid tokens: rows per expert, router probability per expert, tokens, Σ z², dropped."""
+  E = probs_BxTxE.shape[-1]
+  v = valid_BxT.astype(jnp.float32)
+  onehot = jax.nn.one_hot(idx_BxTxK, E, dtype=jnp.float32).sum(axis=-2)  # [B,T,E]
+  z = jax.nn.logsumexp(logits_BxTxE.astype(jnp.float32), axis=-1)
+  return {"rows": jnp.einsum("BTE,BT->E", onehot, v), "probs": jnp.einsum("BTE,BT->E", probs_BxTxE, v),
+          "tokens": jnp.sum(v), "z_sq": jnp.sum(z * z * v), "dropped": dropped}
+
+
+def stats(intermediates: Any) -> dict[str, jax.Array] | None:
+  """The sown router statistics of every MoE layer in an `intermediates` collection, each stacked with a leading
+  layers axis; None when the model has no MoE layer."""
+  found = []
+
+  def visit(tree):
+    if isinstance(tree, dict):
+      for key, value in tree.items():
+        if key == STATS:
+          found.extend(value)  # sow keeps a tuple per call
+        else:
+          visit(value)
+
+  visit(intermediates)
+  if not found:
+    return None
+  # under a layer scan each leaf already has a leading layers axis; unscanned layers sow one value each
+  layered = [s if s["tokens"].ndim else jax.tree.map(lambda a: a[None], s) for s in found]
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *layered)
+
+
+def aux_terms(layer_stats: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+  """From per-layer statistics [L, ...]: the load-balancing loss E · Σₑ fₑ · Pₑ with fₑ and Pₑ the fraction of
+  rows and the mean router probability of expert e over all layers' valid tokens (transformers'
+  `load_balancing_loss_func`), the router z-loss (mean logsumexp² of the router logits), the expert load (max rows
+  per expert over the mean, averaged over layers) and the fraction of rows dropped by a capacity."""
+  rows_LxE, probs_LxE, tokens_L = layer_stats["rows"], layer_stats["probs"], layer_stats["tokens"]
+  E = rows_LxE.shape[-1]
+  total = jnp.maximum(jnp.sum(tokens_L), 1.0)
+  balance = E * jnp.sum(jnp.sum(rows_LxE, 0) / total * jnp.sum(probs_LxE, 0) / total)
+  mean_rows = jnp.maximum(tokens_L * k / E, 1e-9)
+  return {"aux_loss": balance, "z_loss": jnp.sum(layer_stats["z_sq"]) / total,
+          "load_max": jnp.mean(jnp.max(rows_LxE, -1) / mean_rows),
+          "dropped": jnp.sum(layer_stats["dropped"]) / (total * k)}
+
+
+def loss_terms(collected: list[dict[str, jax.Array]], cfg: ModelConfig
+               ) -> tuple[jax.Array, dict[str, jax.Array]] | None:
+  """What the router adds to a head's per-token loss, and its metrics, from the statistics of the model's calls in
+  one loss evaluation (`stats` of each); None when there were none."""
+  if not collected:
+    return None
+  terms = aux_terms(jax.tree.map(lambda *a: jnp.concatenate(a), *collected), cfg.num_experts_per_tok)
+  loss = cfg.moe_aux_loss * terms["aux_loss"] + cfg.moe_z_loss * terms["z_loss"]
+  return loss, {f"moe/{k}": v for k, v in terms.items()}
+
+
+class MoE(nn.Module):
+  """Router + routed SwiGLU experts (+ shared experts): [B,T,D] -> [B,T,D]; sows this layer's router statistics."""
+
+  cfg: ModelConfig
+  adapter: Any = None
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, valid_BxT: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    D, F, E, K = cfg.d_model, cfg.mlp_dim, cfg.num_experts, cfg.num_experts_per_tok
+    w_router = dense_param(self, "router", (D, E), ("embed", None), cfg)
+    w_gate = dense_param(self, "expert_gate", (E, D, F), ("exp", "embed", "mlp"), cfg)
+    w_up = dense_param(self, "expert_up", (E, D, F), ("exp", "embed", "mlp"), cfg)
+    w_down = dense_param(self, "expert_down", (E, F, D), ("exp", "mlp", "embed"), cfg,
+                         std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
+    logits_BxTxE = project(self, None, "router", "BTD,DE->BTE", x_BxTxD, w_router, ("embed", None), jnp.float32)
+    probs_BxTxE, gate_BxTxK, idx_BxTxK = route(logits_BxTxE, K, cfg.moe_norm_topk)
+    y_BxTxD, dropped = experts(x_BxTxD, idx_BxTxK, gate_BxTxK, w_gate, w_up, w_down, cfg)
+    self.sow("intermediates", STATS, router_stats(logits_BxTxE, probs_BxTxE, idx_BxTxK, valid_BxT, dropped))
+    if cfg.moe_shared_experts:
+      shared = dataclasses.replace(cfg, mlp_dim=cfg.moe_shared_experts * F)
+      y_BxTxD = y_BxTxD + SwiGLU(shared, self.adapter, name="shared")(x_BxTxD)
+    return y_BxTxD.astype(x_BxTxD.dtype)
+
