@@ -1,7 +1,7 @@
 """Device mesh and logical-axis sharding.
 
-The mesh has axes (data, fsdp, tensor, expert); each has a within-slice (ICI) size and an across-slice (DCN) size, and one
-size per group may be -1 to take the remaining devices. Model code names logical axes only; `config.mesh.rules` maps
+The mesh has axes (data, fsdp, tensor, expert); each has a within-slice (ICI) size and an across-slice (DCN) size,
+and one size per group may be -1 to take the remaining devices. Model code names logical axes only; `config.mesh.rules` maps
 them to mesh axes, so a change of parallelism is a change of config.
 """
 

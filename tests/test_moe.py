@@ -171,14 +171,18 @@ def test_expert_parallel_step_matches_single_device(repo, moe_single, mesh, capa
   assert np.abs(grads1["layers"]["moe"]["router"]).max() > 1e-4
 
 
-@pytest.mark.parametrize("capacity", [0.0, 0.5])
-def test_rows_the_mesh_does_not_divide_run_replicated(capacity):
-  """A sampler's batch of 3 rows on fsdp 2 x expert 4: every device holds all rows, the result is the same."""
+@pytest.mark.parametrize("capacity,impl,rows", [(0.0, "ragged_dot", 3), (0.5, "ragged_dot", 3), (0.0, "megablox", 8)],
+                         ids=["dropless", "capacity", "megablox-expert-parallel"])
+def test_block_under_a_mesh(capacity, impl, rows):
+  """On fsdp 2 x expert 4: a sampler's batch of 3 rows (every device holds all rows) and, split over the devices,
+  the Pallas kernel per shard; the same outputs as one device's."""
   from fmjax import sharding
 
   cfg = dataclasses.replace(CFG, num_experts=8, moe_capacity_factor=capacity)
   params, x = block_inputs(cfg)
+  x = jnp.resize(x, (rows,) + x.shape[1:])
   want, _ = run_block(params, x, cfg)
+  cfg = dataclasses.replace(cfg, moe_matmul=impl)
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(1, 2, 1, 4), sharding.MESH_AXES)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     got, stats = jax.jit(lambda p, x: run_block(p, x, cfg))(params, x)

@@ -85,7 +85,8 @@ def layout(cfg: ModelConfig, fused: bool = False) -> list[Param]:
                for x in ("q", "k")]
   if cfg.num_experts:
     return params + _experts(cfg, fused)
-  params += [Param(("layers", "mlp", f"{x}_kernel"), mlp + f"{x}_proj.weight", *kernel((D,), F)) for x in ("gate", "up")]
+  params += [Param(("layers", "mlp", f"{x}_kernel"), mlp + f"{x}_proj.weight", *kernel((D,), F))
+             for x in ("gate", "up")]
   params.append(Param(("layers", "mlp", "down_kernel"), mlp + "down_proj.weight", *kernel((F,), D)))
   return params
 
