@@ -185,6 +185,11 @@ def test_block_under_a_mesh(capacity, impl, rows):
   cfg = dataclasses.replace(cfg, moe_matmul=impl)
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(1, 2, 1, 4), sharding.MESH_AXES)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-    got, stats = jax.jit(lambda p, x: run_block(p, x, cfg))(params, x)
+    assert moe.mesh_axes() == moe.Axes(batch=("data", "fsdp", "expert"), expert=("expert",), embed=("fsdp",),
+                                       mlp=("tensor",))
+    block = jax.jit(lambda p, x: run_block(p, x, cfg))
+    got, stats = block(params, x)
+    # each device holds 2 of the 8 experts, half of their model dim (fsdp 2), their full hidden dim: [2, 8, 8]
+    assert "tensor<2x8x8xf32>" in block.lower(params, x).as_text()
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   assert (int(stats["dropped"].sum()) > 0) == (capacity > 0)

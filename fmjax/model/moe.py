@@ -51,19 +51,22 @@ def grouped_matmul(x_MxD: jax.Array, w_ExDxF: jax.Array, sizes_E: jax.Array, imp
   from jax.experimental.pallas.ops.tpu.megablox import ops  # optional Pallas kernel
 
   M = x_MxD.shape[0]
-  tm = 512 if M >= 4096 else 128  # row tile (MaxText's default is 512)
-  rows = jnp.arange(M + (-M % tm)) < jnp.sum(sizes_E)
+  dims = tiling(M, w_ExDxF.shape[1], w_ExDxF.shape[2])
+  rows = jnp.arange(M + (-M % dims[0])) < jnp.sum(sizes_E)
   # the kernel takes whole row tiles and never visits rows past the groups, whose outputs (and, in the backward
   # pass, input cotangents) it leaves unwritten: both sides are masked, so nothing unwritten flows on
   x = jnp.where(rows[:, None], jnp.pad(x_MxD, ((0, rows.shape[0] - M), (0, 0))), 0)
-  dims = (tm, _tile(w_ExDxF.shape[1]), _tile(w_ExDxF.shape[2]))
   out = ops.gmm(x, w_ExDxF, sizes_E.astype(jnp.int32), x_MxD.dtype, dims, None, None, False,
                 target_platform() != "tpu")
   return jnp.where(rows[:M, None], out[:M], 0).astype(x_MxD.dtype)
 
 
-def _tile(n: int) -> int:
-  return next((t for t in (1024, 512, 256, 128) if n % t == 0), n)
+def tiling(rows: int, k: int, n: int) -> tuple[int, int, int]:
+  """Megablox's tiles for [rows, k] x [E, k, n]: 512 rows (128 for few rows), k and n the largest of 1024 / 512 /
+  256 / 128 that divides them (MaxText's defaults, 512 x 1024 x 1024: with 128-row tiles the weights stream once per
+  128 rows and the kernel is memory-bound, 2.3x the bytes per Mixtral layer)."""
+  edge = lambda d: next((t for t in (1024, 512, 256, 128) if d % t == 0), d)  # noqa: E731
+  return (512 if rows >= 4096 else 128), edge(k), edge(n)
 
 
 def _swiglu_experts(x_MxD, sizes_E, w_gate, w_up, w_down, impl):
@@ -156,11 +159,17 @@ def _local_capacity(x_NxD, idx_NxK, gate_NxK, w_gate, w_up, w_down, *, axes: Axe
   return y_NxD, jnp.sum(~keep_M).astype(jnp.float32)
 
 
-def _mesh_axes(*logical: str) -> tuple[tuple[str, ...], ...]:
-  out = []
-  for axes in nn.logical_to_mesh_axes(logical):
-    out.append(tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a))
-  return tuple(out)
+def _mesh_axes(logical: str) -> tuple[str, ...]:
+  """The mesh axes one logical axis maps to. Asked one name at a time: flax resolves the names of one call as one
+  array's dims, each mesh axis used once, and 'act_batch' already takes fsdp and expert."""
+  axes = nn.logical_to_mesh_axes((logical,))[0]
+  return tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a)
+
+
+def mesh_axes() -> Axes:
+  """The mesh axes of the tokens and the experts' weights under the current logical-axis rules."""
+  return Axes(batch=_mesh_axes("act_batch"), expert=_mesh_axes("exp"), embed=_mesh_axes("embed"),
+              mlp=_mesh_axes("mlp"))
 
 
 def experts(x_BxTxD: jax.Array, idx_BxTxK: jax.Array, gate_BxTxK: jax.Array, w_gate: jax.Array, w_up: jax.Array,
@@ -181,16 +190,16 @@ def experts(x_BxTxD: jax.Array, idx_BxTxK: jax.Array, gate_BxTxK: jax.Array, w_g
 
   if mesh.empty:
     return run(x_BxTxD, idx_BxTxK, gate_BxTxK, w_gate, w_up, w_down)
-  batch, exp, embed, mlp = _mesh_axes("act_batch", "exp", "embed", "mlp")
-  if B % math.prod(mesh.shape[a] for a in batch):
-    batch = ()  # rows the batch axes do not divide (a sampler's): every device holds them all
-  axes = Axes(batch=batch, expert=exp, embed=embed, mlp=mlp)
-  tok = P(batch or None)
-  w_in, w_out = P(exp or None, embed or None, mlp or None), P(exp or None, mlp or None, embed or None)
+  axes = mesh_axes()
+  if B % math.prod(mesh.shape[a] for a in axes.batch):
+    axes = dataclasses.replace(axes, batch=())  # rows the batch axes do not divide (a sampler's): on every device
+  batch, exp, embed, mlp = (getattr(axes, f) or None for f in ("batch", "expert", "embed", "mlp"))
+  tok = P(batch)
+  w_in, w_out = P(exp, embed, mlp), P(exp, mlp, embed)
 
   def body(x, idx, gate, wg, wu, wd):
     y, dropped = run(x, idx, gate, wg, wu, wd, axes)
-    return y, jax.lax.psum(dropped, tuple(a for a in mesh.axis_names if a in batch))
+    return y, jax.lax.psum(dropped, axes.batch)
 
   # check_vma=False: megablox's pallas_call declares no varying-axes type for its output, which the check requires
   # (as splash's shard_map does); the gradients are tested equal to one device's on every split
@@ -291,3 +300,7 @@ class MoE(nn.Module):
       y_BxTxD = y_BxTxD + SwiGLU(shared, self.adapter, name="shared")(x_BxTxD)
     return y_BxTxD.astype(x_BxTxD.dtype)
 
+
+
+def _tile(n: int) -> int:  # TEMPORARY alias for fmjax/train/aot.py until it calls tiling()
+  return tiling(n, n, n)[1]
