@@ -62,10 +62,11 @@ def grouped_matmul(x_MxD: jax.Array, w_ExDxF: jax.Array, sizes_E: jax.Array, imp
 
 
 def tiling(rows: int, k: int, n: int) -> tuple[int, int, int]:
-  """Megablox's tiles for [rows, k] x [E, k, n]: 512 rows (128 for few rows), k and n the largest of 1024 / 512 /
-  256 / 128 that divides them (MaxText's defaults, 512 x 1024 x 1024: with 128-row tiles the weights stream once per
-  128 rows and the kernel is memory-bound, 2.3x the bytes per Mixtral layer)."""
-  edge = lambda d: next((t for t in (1024, 512, 256, 128) if d % t == 0), d)  # noqa: E731
+  """Megablox's tiles for [rows, k] x [E, k, n]: 512 rows (128 for few rows); k and n whole up to 1024, else the
+  largest of 1024 / 512 / 256 / 128 that divides them. As MaxText's defaults (512 x 1024 x 1024): with 128-row
+  tiles the weights stream once per 128 rows and the kernel is memory-bound (2.3x the bytes per Mixtral layer), and
+  Qwen3-MoE's 768-wide experts in 256-wide tiles read each row three times."""
+  edge = lambda d: d if d <= 1024 else next((t for t in (1024, 512, 256, 128) if d % t == 0), d)  # noqa: E731
   return (512 if rows >= 4096 else 128), edge(k), edge(n)
 
 
@@ -301,6 +302,3 @@ class MoE(nn.Module):
     return y_BxTxD.astype(x_BxTxD.dtype)
 
 
-
-def _tile(n: int) -> int:  # TEMPORARY alias for fmjax/train/aot.py until it calls tiling()
-  return tiling(n, n, n)[1]

@@ -21,7 +21,7 @@ from fmjax import adapters, sharding, topology
 from fmjax import spec as spec_lib
 from fmjax.data import layout
 from fmjax.data.layout import Layout
-from fmjax.model import ModelConfig, splash
+from fmjax.model import ModelConfig, moe, splash
 from fmjax.spec import Spec
 from fmjax.train import checks, frozen, peak
 from fmjax.train import step as step_lib
@@ -59,6 +59,10 @@ class Cost:
   kernel_flops: float = 0.0  # per chip per step: Pallas kernels' analytic FLOPs, which the cost model leaves out
   kernel_bytes: float = 0.0  # and their HBM bytes
   kernel_seconds: float = 0.0  # their roofline time: per call the slower of FLOPs at peak and bytes at HBM bandwidth
+  # per kernel ('splash', 'grouped matmul'): analytic (FLOPs, bytes, roofline seconds) per chip per step, and whether
+  # the cost model already counts it (then it is not in kernel_*: megablox states its work to the compiler)
+  kernels: dict[str, tuple[float, float, float]] = dataclasses.field(default_factory=dict)
+  counted: tuple[str, ...] = ()
   note: str = ""
 
   @property
@@ -75,7 +79,7 @@ def plan(spec: Spec, devices: list, archs: dict[str, ModelConfig] | None) -> ste
   """The run's jitted step and abstract arguments on a mesh of `devices`: nothing allocated, no data read."""
   checks.check_spec(spec)
   mesh = sharding.make_mesh(spec.mesh, devices)
-  checks.check_batch(spec.train, mesh.shape["data"] * mesh.shape["fsdp"])
+  checks.check_batch(spec.train, sharding.batch_shards(mesh))
   return step_lib.plan(spec, mesh, batch_layout(spec), archs)
 
 
@@ -138,27 +142,93 @@ def _costs(compiled: Any) -> dict[str, float]:
           "bytes": float(ca.get("bytes accessed", 0.0))}
 
 
-def add_kernel_costs(cost: Cost, spec: Spec, archs: dict[str, ModelConfig], device_kind: str) -> None:
-  """Adds the splash kernels' analytic work (fmjax.model.splash.kernel_cost) of one step to `cost`, per chip, at
-  roofline: the trained model's forward, its recomputed forward under remat, its backward; the forward of each
-  frozen model the head reads (a reference copy, or another run's network from `archs`). The batch and heads split
-  evenly over the chips (data, fsdp and tensor axes all divide one or the other)."""
+def grouped_matmul_cost(rows: int, k: int, n: int, groups: int, tiling: tuple[int, int, int],
+                        itemsize: int) -> dict[str, tuple[float, float]]:
+  """Analytic work of megablox's grouped matmul [rows, k] x [groups, k, n] -> [rows, n]: {'forward' | 'backward':
+  (FLOPs, HBM bytes)}, counted as the kernels' own cost estimates state them (jax.experimental.pallas.ops.tpu.
+  megablox.gmm): every row the kernel is given costs 2·k·n FLOPs; the left operand is streamed once per column tile
+  of the output, the weights once per row tile (a row tile that straddles a group boundary is visited once per
+  group); the output is written once. The backward is a gmm against the transposed weights (d rows) and a tgmm
+  (d weights: rows streamed once per column tile, the output gradient once per row-of-weights tile)."""
+  tm, tk, tn = tiling
+  ceil = lambda a, b: -(-a // b)  # noqa: E731
+  row_tiles = ceil(rows, tm) + groups - 1
+  flops = 2.0 * rows * k * n
+  forward = rows * k * ceil(n, tn) + k * n * row_tiles + rows * n
+  d_rows = rows * n * ceil(k, tn) + k * n * row_tiles + rows * k
+  d_weights = rows * k * ceil(n, tn) + rows * n * ceil(k, tk) + groups * k * n
+  return {"forward": (flops, itemsize * forward), "backward": (2 * flops, itemsize * (d_rows + d_weights))}
+
+
+def grouped_matmul_work(cfg: ModelConfig, tokens: int, mesh_shape: dict[str, int]) -> dict[str, tuple[float, float]]:
+  """Megablox's work for one MoE layer of `cfg` over `tokens` (the global micro-batch), per chip: {'forward' |
+  'backward': (FLOPs, bytes)} of its three grouped matmuls (gate, up, down); {} where the model has no dropless
+  megablox layer. Rows: the tokens x k a dropless layer must compute, spread evenly over the chips (with expert
+  parallelism, the rows routed to a device's experts, balanced), padded to whole row tiles; groups: the experts a
+  device holds. A lower bound of what a kernel is given, which is what the cost-model check below needs."""
+  if not cfg.num_experts or cfg.moe_capacity_factor > 0 or cfg.moe_matmul not in ("auto", "megablox"):
+    return {}
+  ep, tp = mesh_shape.get("expert", 1), mesh_shape.get("tensor", 1)
+  shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1) * ep
+  rows = tokens // shards * cfg.num_experts_per_tok
+  groups, D, F = max(1, cfg.num_experts // ep), cfg.d_model, cfg.mlp_dim // tp
+  itemsize = np.dtype(cfg.dtype).itemsize
+  calls = [(D, F), (D, F), (F, D)]  # gate and up [rows, D] x [E, D, F]; down [rows, F] x [E, F, D]
+  out = {"forward": (0.0, 0.0), "backward": (0.0, 0.0)}
+  for k, n in calls:
+    tiles = moe.tiling(rows, k, n)
+    work = grouped_matmul_cost(rows + -rows % tiles[0], k, n, groups, tiles, itemsize)
+    out = {p: (out[p][0] + work[p][0], out[p][1] + work[p][1]) for p in out}
+  return out
+
+
+def add_kernel_costs(cost: Cost, spec: Spec, archs: dict[str, ModelConfig], device_kind: str,
+                     mesh_shape: dict[str, int] | None = None, layer_flops: float | None = None) -> None:
+  """Adds the Pallas kernels' analytic work of one step to `cost`, per chip, at roofline: the trained model's forward,
+  its recomputed forward under remat, its backward; the forward of each frozen model the head reads (a reference
+  copy, or another run's network from `archs`). Splash (fmjax.model.splash.kernel_cost) is always added: the cost
+  model counts its calls as almost free. Megablox's grouped matmuls (`grouped_matmul_work`, MoE layers on
+  `mesh_shape`) state their work to the compiler, and libtpu 0.0.52 counts it: they are added only when
+  `layer_flops` (the cost model's FLOPs of one more layer of the trained model, per chip) is below half their
+  FLOPs, i.e. the cost model left them out. The batch and heads split evenly over the chips (data, fsdp, expert and
+  tensor axes all divide one or the other)."""
   bandwidth = peak.hbm_bandwidth(device_kind)
   seq = spec.train.seq_len
   sequences = spec.train.batch_size * batch_layout(spec).rows_per_example
   trained = spec.model
   models = [(trained, ("forward", "backward") + (("forward",) if trained.remat != "none" else ()))]
   models += [(archs.get(f.role, trained), ("forward",)) for f in spec.head.frozen]
-  for cfg, passes in models:
-    if not splash.applies(cfg.attention_impl, seq, cfg.num_kv_heads, "tpu"):
-      continue
-    work = splash.kernel_cost(seq, cfg.head_dim, np.dtype(cfg.dtype).itemsize)
-    calls = sequences * cfg.num_heads * cfg.num_layers / cost.chips
-    for p in passes:
-      flops, moved = work[p]
-      cost.kernel_flops += calls * flops
-      cost.kernel_bytes += calls * moved
-      cost.kernel_seconds += calls * max(flops / cost.peak_flops, moved / bandwidth if bandwidth else 0.0)
+  mesh_shape = mesh_shape or {"fsdp": cost.chips}
+  k = spec.train.grad_accum
+  found: dict[str, list[float]] = {}
+
+  def add(name: str, calls: float, flops: float, moved: float) -> None:
+    total = found.setdefault(name, [0.0, 0.0, 0.0])
+    total[0] += calls * flops
+    total[1] += calls * moved
+    total[2] += calls * max(flops / cost.peak_flops, moved / bandwidth if bandwidth else 0.0)  # roofline
+
+  for i, (cfg, passes) in enumerate(models):
+    if splash.applies(cfg.attention_impl, seq, cfg.num_kv_heads, "tpu"):
+      work = splash.kernel_cost(seq, cfg.head_dim, np.dtype(cfg.dtype).itemsize)
+      calls = sequences * cfg.num_heads * cfg.num_layers / cost.chips
+      for p in passes:
+        add("splash", calls, *work[p])
+    gmm = grouped_matmul_work(cfg, sequences * seq // k, mesh_shape)
+    if gmm:
+      calls = cfg.num_layers * k
+      if i == 0 and layer_flops is not None:
+        layer = sum(gmm[p][0] for p in passes)
+        if layer_flops >= layer / 2:  # a layer the kernels dominate: counted, or the cost model's FLOPs fall far short
+          cost.counted += ("grouped matmul",)
+      for p in passes:
+        add("grouped matmul", calls, *gmm[p])
+  for name, (flops, moved, seconds) in found.items():
+    cost.kernels[name] = (flops, moved, seconds)
+    if name not in cost.counted:
+      cost.kernel_flops += flops
+      cost.kernel_bytes += moved
+      cost.kernel_seconds += seconds
 
 
 def model_flops(spec: Spec) -> float:
@@ -174,14 +244,18 @@ def estimate_cost(spec: Spec, devices: list, archs: dict[str, ModelConfig],
   """The cost model's FLOPs and step time. XLA's cost analysis counts a loop body once, so a step whose layers are
   scanned is measured on 1- and 2-layer copies compiled unrolled (one micro-batch) and extrapolated linearly to the
   full depth (and each frozen 'run' model, e.g. a teacher, to its depth); with gradient accumulation, k micro-batches
-  and one optimizer update (compiled apart) make the step."""
+  and one optimizer update (compiled apart) make the step. The chunked loss (`model.loss_chunk`: a `lax.map` over n
+  chunks of positions) is a loop too: one more 1-layer copy with chunks twice as long gives one chunk's cost, and the
+  n - 1 chunks the cost model left out are added (the unembedding matrix a chunk reads again is not)."""
   cost = Cost(model_flops(spec), peak.total_peak_flops(devices[:1])[0], len(devices))
   k = spec.train.grad_accum
   layers = spec.model.num_layers
+  chunk = spec.model.loss_chunk
+  chunks = -(-spec.train.seq_len // chunk) if chunk else 1
 
-  def probe(n: int, deeper_role: str = "") -> dict[str, float]:
+  def probe(n: int, deeper_role: str = "", loss_chunk: int = chunk) -> dict[str, float]:
     c = spec_lib.replace(spec, **{"model.scan_layers": False, "model.num_layers": n, "train.grad_accum": 1,
-                                  "train.batch_size": spec.train.batch_size // k})
+                                  "train.batch_size": spec.train.batch_size // k, "model.loss_chunk": loss_chunk})
     shallow = {r: dataclasses.replace(a, scan_layers=False, num_layers=2 if r == deeper_role else 1)
                for r, a in archs.items()}
     return _costs(compile_for_tpu(plan(c, devices, shallow).lower()))
@@ -189,6 +263,8 @@ def estimate_cost(spec: Spec, devices: list, archs: dict[str, ModelConfig],
   try:
     runs = {"base": probe(1), "deeper": probe(2)}
     runs.update({f"frozen {r}": probe(1, r) for r in archs})
+    if chunks > 1:
+      runs["longer chunks"] = probe(1, loss_chunk=2 * chunk)
     if k > 1:
       runs["update"] = _update_costs(step or plan(spec, devices, archs))
   except jax.errors.JaxRuntimeError as e:
@@ -202,25 +278,39 @@ def estimate_cost(spec: Spec, devices: list, archs: dict[str, ModelConfig],
     value = base + (layers - 1) * (runs["deeper"][key] - base)
     for r, a in archs.items():
       value += (a.num_layers - 1) * (runs[f"frozen {r}"][key] - base)
+    if chunks > 1:  # the cost model counted one chunk of the loss: one chunk's cost is about 2c's minus c's
+      value += (chunks - 1) * max(runs["longer chunks"][key] - base, 0.0)
     if k > 1:  # k micro-batches, one optimizer update
       value = k * (value - runs["update"][key]) + runs["update"][key]
     return value
 
   cost.compiler_flops = extrapolate("flops") or None
   untimed = [r["seconds"] for r in runs.values() if r["seconds"] <= 0]
-  if untimed:  # seen for multi-slice programs and, on v5e/v6e, for attention over 3072 tokens or more
+  # seen for multi-slice programs, on v5e/v6e for attention over 3072 tokens or more, and with libtpu 0.0.42 for any
+  # Pallas call that states a cost estimate (megablox's grouped matmul: about -6 s each; libtpu 0.0.52 times it)
+  if untimed:
     cost.note = (f"the compiler's cost model gives no step time for this program ('optimal_seconds' = {untimed[0]:g} "
-                 "< 0: some of its ops went untimed), so there is no projected MFU.")
+                 "< 0: some of its ops went untimed), so there is no projected MFU"
+                 + ("; libtpu 0.0.42 does this for megablox's grouped matmul, 0.0.52 times it."
+                    if grouped_matmul_work(spec.model, spec.train.seq_len, {}) else "."))
     return cost
   cost.compiler_seconds = extrapolate("seconds")
   cost.bytes_per_layer = runs["deeper"]["bytes"] - runs["base"]["bytes"] or None
-  add_kernel_costs(cost, spec, archs, devices[0].device_kind)
+  mesh_shape = dict(sharding.make_mesh(spec.mesh, devices).shape)
+  add_kernel_costs(cost, spec, archs, devices[0].device_kind, mesh_shape,
+                   layer_flops=runs["deeper"]["flops"] - runs["base"]["flops"])
   cost.note = ("libtpu's cost model, 'optimal_seconds': per op about the slower of its compute and its HBM traffic; "
                "collectives count as HBM traffic, not ICI/DCN time, and overlap is perfect, so the projected MFU is "
                "an upper bound. Scanned layers extrapolated from 1- and 2-layer unrolled compiles"
                + (f"; {k} micro-batches and one optimizer update" if k > 1 else "")
+               + (f"; the loss's {chunks} chunks from a 1-layer compile with chunks twice as long"
+                  if chunks > 1 else "")
                + ("; the splash kernels' analytic FLOPs and bytes added at roofline, as the cost model counts a "
-                  "Pallas call as almost free." if cost.kernel_seconds else "."))
+                  "Pallas call without a cost estimate as almost free" if "splash" in cost.kernels else "")
+               + ("; megablox's grouped matmuls are counted by the cost model (the kernel states its FLOPs and bytes; "
+                  "one layer's FLOPs include them), so they are not added" if "grouped matmul" in cost.counted else
+                  "; megablox's grouped matmuls added at roofline: the cost model's FLOPs of one layer fall short of "
+                  "theirs" if "grouped matmul" in cost.kernels else "") + ".")
   return cost
 
 
@@ -259,7 +349,7 @@ def suggestions(spec: Spec, memory: Memory, topo: topology.Topology, mesh_shape:
   elif cfg.remat != "full":
     out.append("--config.model.remat=full (recompute each block in the backward pass: the least activation memory)")
   micro = t.batch_size // t.grad_accum
-  shards = mesh_shape["data"] * mesh_shape["fsdp"]
+  shards = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape.get("expert", 1)
   if micro // shards > 1 and (micro // 2) % shards == 0:
     out.append(f"--config.train.grad_accum={2 * t.grad_accum}: micro-batches of {micro // 2} sequences "
                f"({micro // 2 // shards} per chip) with the global batch {t.batch_size} kept")
@@ -314,7 +404,7 @@ def analyse(config: ml_collections.ConfigDict, topo: topology.Topology, frozen_p
   memory, step, _ = compile_memory(spec, devices, archs, capacity)
   tried = [("as given", memory)]
   if search and not memory.fits:
-    shards = step.mesh.shape["data"] * step.mesh.shape["fsdp"]
+    shards = sharding.batch_shards(step.mesh)
     for label, spec in list(ladder(spec, shards))[1:]:  # if none fits, the report is of the last one tried
       memory, step, _ = compile_memory(spec, devices, archs, capacity)
       tried.append((label, memory))
