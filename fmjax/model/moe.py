@@ -10,13 +10,14 @@ Dispatch, per device (`jax.shard_map` under a mesh, so the sort never spans the 
 - dropless (default): the (token, choice) pairs are sorted by expert and each expert's rows go through one grouped
   matmul (`grouped_matmul`: `jax.lax.ragged_dot`, or megablox's Pallas kernel on TPU). With expert parallelism (the
   logical axis `exp` on a mesh axis) each device gathers the tokens of its expert-parallel peers, runs its own
-  experts on the rows routed to them, and the partial outputs are summed and scattered back (one all-gather and one
-  reduce-scatter over the expert axis): exact, dropless, and the same on every platform.
+  experts on the rows routed to them (the grouped matmul visits only those), and the partial outputs are summed and
+  scattered back (one all-gather and one reduce-scatter over the expert axis): exact, dropless, and the same on
+  every platform (XLA:CPU has no ragged all-to-all); its buffers hold every peer's rows.
 - capacity (`moe_capacity_factor > 0`): each expert takes at most C = ceil(factor · tokens · k / experts) rows per
   device, earliest tokens first; the rest are dropped (they contribute 0 and pass through the residual). Rows travel
   in fixed [experts, C, D] buffers, exchanged over the expert axis by all-to-all (GShard / Switch).
 
-Each layer sows its router statistics (`intermediates/moe`); `stats` sums them over layers and `aux_terms` gives the
+Each layer sows its router statistics (`intermediates/.../router_stats`); `stats` stacks them over layers and `aux_terms` gives the
 load-balancing loss as Hugging Face's `load_balancing_loss_func` computes it (over all layers' tokens at once), the
 router z-loss, the expert load (max / mean rows per expert) and the dropped fraction.
 """
@@ -30,7 +31,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import PartitionSpec as P
 
 from fmjax.model.config import ModelConfig
