@@ -156,20 +156,26 @@ def test_hf_tokenizer_matches_transformers(imported):
   assert config["data"]["chat_template"] == ("llama3" if family in ("llama", "mistral") else "chatml")
 
 
+def assert_greedy_generation_equal(source: str, run: str, tokens: np.ndarray, new_tokens: int) -> None:
+  """fmjax's KV-cache greedy decoding of imported run `run` equals transformers' generate on `source`, for three
+  prompts of different lengths cut from `tokens`."""
+  from fmjax import sample
+
+  model = fmjax.load(run)
+  hf_model_ = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+  prompts = [tokens[0, :5], tokens[1, :17], tokens[0, 3:12]]
+  ours = sample.generate(model.config, None, model.params, prompts, new_tokens)
+  for prompt, got in zip(prompts, ours):
+    with torch.no_grad():
+      out = hf_model_.generate(torch.from_numpy(prompt[None]).long(), max_new_tokens=new_tokens, do_sample=False,
+                               eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, len(prompt)).long())
+    assert got.tolist() == out[0, len(prompt):].tolist()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_equals_transformers_generate(importer, family):
   _, source, run, _ = importer(family)
-  model = fmjax.load(run)
-  hf_model_ = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
-  prompts = [TOKENS[0, :5], TOKENS[1, :17], TOKENS[0, 3:12]]
-  from fmjax import sample
-
-  ours = sample.generate(model.config, None, model.params, prompts, 12)
-  for prompt, got in zip(prompts, ours):
-    with torch.no_grad():
-      out = hf_model_.generate(torch.from_numpy(prompt[None]).long(), max_new_tokens=12, do_sample=False,
-                               eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, len(prompt)).long())
-    assert got.tolist() == out[0, len(prompt):].tolist()
+  assert_greedy_generation_equal(source, run, TOKENS, 12)
 
 
 @pytest.mark.slow

@@ -19,7 +19,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import fmjax  # noqa: E402
-from fmjax import sample  # noqa: E402
 from fmjax.errors import UserError  # noqa: E402
 from fmjax.interop import hf, hf_config, safetensors_io  # noqa: E402
 from fmjax.model import ModelConfig, init_params  # noqa: E402
@@ -141,15 +140,7 @@ def test_export_reloads_in_transformers_and_round_trips_bitwise(imported, tmp_pa
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_equals_transformers_generate(importer, family):
   _, source, run, _ = importer(family)
-  model = fmjax.load(run)
-  hf_model_ = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
-  prompts = [TOKENS[0, :5], TOKENS[1, :17], TOKENS[0, 3:12]]
-  ours = sample.generate(model.config, None, model.params, prompts, 8)
-  for prompt, got in zip(prompts, ours):
-    with torch.no_grad():
-      out = hf_model_.generate(torch.from_numpy(prompt[None]).long(), max_new_tokens=8, do_sample=False,
-                               eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, len(prompt)).long())
-    assert got.tolist() == out[0, len(prompt):].tolist()
+  interop_tests.assert_greedy_generation_equal(source, run, TOKENS, 8)
 
 
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["mixtral", "qwen3_moe"])
