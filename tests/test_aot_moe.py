@@ -7,18 +7,19 @@ import pytest
 
 from fmjax import config_lib, spec
 from fmjax.model import config as model_config
+from fmjax.model import moe
 from fmjax.train import aot
 
 
 def test_grouped_matmul_cost_counts_every_row_and_streams_by_tiles():
   rows, k, n, groups, tiles = 1024, 512, 1024, 4, (128, 512, 512)
-  work = aot.grouped_matmul_cost(rows, k, n, groups, tiles, itemsize=2)
+  work = moe.grouped_matmul_cost(rows, k, n, groups, tiles, itemsize=2)
   assert work["forward"][0] == 2 * rows * k * n
   assert work["backward"][0] == 2 * work["forward"][0]  # d rows (a gmm) and d weights (a tgmm)
   # forward: rows streamed once per column tile (2), weights once per row tile (8 + 3 at group boundaries), output
   assert work["forward"][1] == 2 * (rows * k * 2 + k * n * (8 + 3) + rows * n)
   # bigger row tiles stream the weights fewer times
-  assert aot.grouped_matmul_cost(rows, k, n, groups, (512, 512, 512), 2)["forward"][1] < work["forward"][1]
+  assert moe.grouped_matmul_cost(rows, k, n, groups, (512, 512, 512), 2)["forward"][1] < work["forward"][1]
 
 
 def test_grouped_matmul_work_of_an_moe_layer_per_chip():

@@ -75,6 +75,35 @@ def _swiglu_experts(x_MxD, sizes_E, w_gate, w_up, w_down, impl):
   return grouped_matmul(h_MxF, w_down, sizes_E, impl)
 
 
+def grouped_matmul_cost(rows: int, k: int, n: int, groups: int, tiling: tuple[int, int, int],
+                        itemsize: int) -> dict[str, tuple[float, float]]:
+  """Analytic work of megablox's grouped matmul [rows, k] x [groups, k, n] -> [rows, n]: {'forward' | 'backward':
+  (FLOPs, HBM bytes)}, counted as the kernels' own cost estimates state them (jax.experimental.pallas.ops.tpu.
+  megablox.gmm): every row the kernel is given costs 2·k·n FLOPs; the left operand is streamed once per column tile
+  of the output, the weights once per row tile (a row tile that straddles a group boundary is visited once per
+  group); the output is written once. The backward is a gmm against the transposed weights (d rows) and a tgmm
+  (d weights: rows streamed once per column tile, the output gradient once per row-of-weights tile)."""
+  tm, tk, tn = tiling
+  ceil = lambda a, b: -(-a // b)  # noqa: E731
+  row_tiles = ceil(rows, tm) + groups - 1
+  flops = 2.0 * rows * k * n
+  forward = rows * k * ceil(n, tn) + k * n * row_tiles + rows * n
+  d_rows = rows * n * ceil(k, tn) + k * n * row_tiles + rows * k
+  d_weights = rows * k * ceil(n, tn) + rows * n * ceil(k, tk) + groups * k * n
+  return {"forward": (flops, itemsize * forward), "backward": (2 * flops, itemsize * (d_rows + d_weights))}
+
+
+def layer_kernel_cost(cfg: ModelConfig, rows: int, groups: int, width: int) -> dict[str, tuple[float, float]]:
+  """One MoE layer's three grouped matmuls (gate and up [rows, D] x [groups, D, width], down back) as `tiling` gives
+  them to megablox, rows padded to whole row tiles: {'forward' | 'backward': (FLOPs, HBM bytes)}."""
+  itemsize = jnp.dtype(cfg.dtype).itemsize
+  out = {"forward": (0.0, 0.0), "backward": (0.0, 0.0)}
+  for k, n in ((cfg.d_model, width), (cfg.d_model, width), (width, cfg.d_model)):
+    tiles = tiling(rows, k, n)
+    work = grouped_matmul_cost(rows + -rows % tiles[0], k, n, groups, tiles, itemsize)
+    out = {p: (out[p][0] + work[p][0], out[p][1] + work[p][1]) for p in out}
+  return out
+
 @dataclasses.dataclass(frozen=True)
 class Axes:
   """Mesh axes (tuples, possibly empty) the shard_map body talks over."""
@@ -96,7 +125,6 @@ def _gather(x, axes, axis):
 def _local_dropless(x_NxD, idx_NxK, gate_NxK, w_gate, w_up, w_down, *, axes: Axes, impl: str):
   """One device's dropless MoE: returns (y [N,D], dropped=0)."""
   N, K = idx_NxK.shape
-  w_gate, w_up, w_down = _gather(w_gate, axes.embed, 1), _gather(w_up, axes.embed, 1), _gather(w_down, axes.embed, 2)
   E_local = w_gate.shape[0]
   if axes.split_tokens:  # every token of the expert-parallel group, routed to this device's experts only
     x_NxD, idx_NxK, gate_NxK = (_gather(a, axes.expert, 0) for a in (x_NxD, idx_NxK, gate_NxK))
@@ -130,7 +158,6 @@ def _local_capacity(x_NxD, idx_NxK, gate_NxK, w_gate, w_up, w_down, *, axes: Axe
   N, K = idx_NxK.shape
   D = x_NxD.shape[1]
   C = capacity(N, K, experts, factor)
-  w_gate, w_up, w_down = _gather(w_gate, axes.embed, 1), _gather(w_up, axes.embed, 1), _gather(w_down, axes.embed, 2)
   flat = idx_NxK.reshape(-1)
   order = jnp.argsort(flat, stable=True)  # by expert, earliest (token, choice) first
   expert_M = flat[order]
@@ -186,6 +213,7 @@ def experts(x_BxTxD: jax.Array, idx_BxTxK: jax.Array, gate_BxTxK: jax.Array, w_g
 
   def run(x, idx, gate, wg, wu, wd, axes=Axes()):
     b = x.shape[0]
+    wg, wu, wd = _gather(wg, axes.embed, 1), _gather(wu, axes.embed, 1), _gather(wd, axes.embed, 2)  # FSDP
     y, dropped = local(x.reshape(b * T, D), idx.reshape(b * T, -1), gate.reshape(b * T, -1), wg, wu, wd, axes=axes)
     return y.reshape(b, T, D), dropped
 

@@ -142,24 +142,6 @@ def _costs(compiled: Any) -> dict[str, float]:
           "bytes": float(ca.get("bytes accessed", 0.0))}
 
 
-def grouped_matmul_cost(rows: int, k: int, n: int, groups: int, tiling: tuple[int, int, int],
-                        itemsize: int) -> dict[str, tuple[float, float]]:
-  """Analytic work of megablox's grouped matmul [rows, k] x [groups, k, n] -> [rows, n]: {'forward' | 'backward':
-  (FLOPs, HBM bytes)}, counted as the kernels' own cost estimates state them (jax.experimental.pallas.ops.tpu.
-  megablox.gmm): every row the kernel is given costs 2·k·n FLOPs; the left operand is streamed once per column tile
-  of the output, the weights once per row tile (a row tile that straddles a group boundary is visited once per
-  group); the output is written once. The backward is a gmm against the transposed weights (d rows) and a tgmm
-  (d weights: rows streamed once per column tile, the output gradient once per row-of-weights tile)."""
-  tm, tk, tn = tiling
-  ceil = lambda a, b: -(-a // b)  # noqa: E731
-  row_tiles = ceil(rows, tm) + groups - 1
-  flops = 2.0 * rows * k * n
-  forward = rows * k * ceil(n, tn) + k * n * row_tiles + rows * n
-  d_rows = rows * n * ceil(k, tn) + k * n * row_tiles + rows * k
-  d_weights = rows * k * ceil(n, tn) + rows * n * ceil(k, tk) + groups * k * n
-  return {"forward": (flops, itemsize * forward), "backward": (2 * flops, itemsize * (d_rows + d_weights))}
-
-
 def grouped_matmul_work(cfg: ModelConfig, tokens: int, mesh_shape: dict[str, int]) -> dict[str, tuple[float, float]]:
   """Megablox's work for one MoE layer of `cfg` over `tokens` (the global micro-batch), per chip: {'forward' |
   'backward': (FLOPs, bytes)} of its three grouped matmuls (gate, up, down); {} where the model has no dropless
@@ -171,15 +153,7 @@ def grouped_matmul_work(cfg: ModelConfig, tokens: int, mesh_shape: dict[str, int
   ep, tp = mesh_shape.get("expert", 1), mesh_shape.get("tensor", 1)
   shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1) * ep
   rows = tokens // shards * cfg.num_experts_per_tok
-  groups, D, F = max(1, cfg.num_experts // ep), cfg.d_model, cfg.mlp_dim // tp
-  itemsize = np.dtype(cfg.dtype).itemsize
-  calls = [(D, F), (D, F), (F, D)]  # gate and up [rows, D] x [E, D, F]; down [rows, F] x [E, F, D]
-  out = {"forward": (0.0, 0.0), "backward": (0.0, 0.0)}
-  for k, n in calls:
-    tiles = moe.tiling(rows, k, n)
-    work = grouped_matmul_cost(rows + -rows % tiles[0], k, n, groups, tiles, itemsize)
-    out = {p: (out[p][0] + work[p][0], out[p][1] + work[p][1]) for p in out}
-  return out
+  return moe.layer_kernel_cost(cfg, rows, max(1, cfg.num_experts // ep), cfg.mlp_dim // tp)
 
 
 def add_kernel_costs(cost: Cost, spec: Spec, archs: dict[str, ModelConfig], device_kind: str,
