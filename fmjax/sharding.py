@@ -1,8 +1,8 @@
 """Device mesh and logical-axis sharding.
 
-The mesh has axes (data, fsdp, tensor, expert); each has a within-slice (ICI) size and an across-slice (DCN) size,
-and one size per group may be -1 to take the remaining devices. Model code names logical axes only; `config.mesh.rules` maps
-them to mesh axes, so a change of parallelism is a change of config.
+The mesh has axes (data, fsdp, context, tensor, expert); each has a within-slice (ICI) size and an across-slice (DCN)
+size, and one size per group may be -1 to take the remaining devices. Model code names logical axes only;
+`config.mesh.rules` maps them to mesh axes, so a change of parallelism is a change of config.
 """
 
 from __future__ import annotations
@@ -18,21 +18,22 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fmjax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")
 
-# Parameters: FSDP over the embedding dimension, tensor parallelism over heads / MLP / vocabulary, the experts of an
-# MoE layer over expert. Activations: batch over data × fsdp × expert (outside the experts, the expert axis is one
-# more batch axis, as in MaxText), the tensor-parallel dimension over tensor.
+# Parameters: FSDP over the embedding dimension (over fsdp and context: the context axis holds shards of the weights
+# as well, as in MaxText), tensor parallelism over heads / MLP / vocabulary, the experts of an MoE layer over expert.
+# Activations: batch over data × fsdp × expert (outside the experts, the expert axis is one more batch axis, as in
+# MaxText), the sequence over context (fmjax/model/context.py), the tensor-parallel dimension over tensor.
 DEFAULT_RULES = (
     ("act_batch", BATCH_AXES),
-    ("act_len", None),
+    ("act_len", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "context")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
@@ -64,7 +65,7 @@ def _fill(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (data, fsdp, tensor, expert) mesh from `mesh_cfg` (ICI sizes and dcn_* sizes)."""
+  """Builds the (data, fsdp, context, tensor, expert) mesh from `mesh_cfg` (ICI sizes and dcn_* sizes)."""
   devices = list(devices if devices is not None else jax.devices())
   num_slices = len({getattr(d, "slice_index", 0) for d in devices})
   dcn = _fill([getattr(mesh_cfg, "dcn_" + a) for a in MESH_AXES], num_slices, "dcn")
@@ -101,6 +102,16 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str
       shapes, specs)
 
 
+def logical_ways(name: str) -> int:
+  """Devices the logical axis `name` splits over under the current mesh and rules (1 outside a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  axes = nn.logical_to_mesh_axes((name,))[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(mesh.shape[a] for a in axes if a)
+
+
 def batch_shards(mesh: Mesh) -> int:
   """Devices the global batch is split over."""
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
@@ -115,7 +126,25 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def data_shard(mesh: Mesh, process: int | None = None) -> tuple[int, int]:
+  """(index, count): which of the `count` distinct row sets this process's devices hold. Processes whose devices
+  hold the same batch shards (a context or tensor group spanning hosts) read the same rows; otherwise each process
+  is its own set, as (process_index, process_count) would give."""
+  names = list(mesh.axis_names)
+  devices = np.moveaxis(mesh.devices, [names.index(a) for a in BATCH_AXES], range(len(BATCH_AXES)))
+  holders = devices.reshape(math.prod(mesh.shape[a] for a in BATCH_AXES), -1)  # row r: the devices of batch shard r
+  rows: dict[int, set[int]] = {}
+  for r, group in enumerate(holders):
+    for d in group:
+      rows.setdefault(d.process_index, set()).add(r)
+  sets = sorted({tuple(sorted(s)) for s in rows.values()})
+  mine = tuple(sorted(rows[jax.process_index() if process is None else process]))
+  return sets.index(mine), len(sets)
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles each process's rows into global arrays sharded over the batch axes."""
+  """Assembles each process's rows (its `data_shard`'s) into global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+  count = data_shard(mesh)[1]
+  return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * count,) + v.shape[1:])
+          for k, v in local_batch.items()}

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from fmjax import adapters, checks, objectives, sharding
 from fmjax.checks import non_negative, one_of, option, positive
-from fmjax.data import chat, formats, sp_tokenizer
+from fmjax.data import chat, formats, pipeline, sp_tokenizer
 from fmjax.errors import UserError
 from fmjax.model import config as model_config
 from fmjax.model import splash
@@ -46,6 +46,9 @@ class Data:
   tfds_data_dir: str = option("", "where tfds datasets are prepared; empty = tfds's default")
   workers: int = option(0, "tokenizing processes per source; 0 = in the training process",
                         non_negative("0 = in the training process"))
+  text_packing: str = option("documents", "how `text` documents fill rows: documents (each its own segment; "
+                             "attention stays inside it) | stream (joined into one stream, every row one segment: "
+                             "long-context training)", one_of(pipeline.TEXT_PACKING))
   packing_bins: int = option(16, "first-fit bins open at once when packing whole examples (non-text formats)",
                              positive())
   overlong: str = option("error", "an example longer than train.seq_len (non-text formats): error | truncate | drop",
@@ -115,10 +118,13 @@ _MESH_SIZE = checks.Rule(lambda v: v == -1 or v >= 1, "-1 (fill) or >= 1")
 class Mesh:
   data: int = option(1, "within-slice data parallelism; -1 = fill", _MESH_SIZE)
   fsdp: int = option(-1, "within-slice FSDP; -1 = fill", _MESH_SIZE)
+  context: int = option(1, "within-slice context parallelism: each sequence split over this many devices "
+                       "(long context; docs/tpu-pods.md); -1 = fill", _MESH_SIZE)
   tensor: int = option(1, "within-slice tensor parallelism; -1 = fill", _MESH_SIZE)
   expert: int = option(1, "within-slice expert parallelism (the experts of MoE layers); -1 = fill", _MESH_SIZE)
   dcn_data: int = option(-1, "across-slice data parallelism; -1 = fill", _MESH_SIZE)
   dcn_fsdp: int = option(1, "across-slice FSDP", _MESH_SIZE)
+  dcn_context: int = option(1, "across-slice context parallelism", _MESH_SIZE)
   dcn_tensor: int = option(1, "across-slice tensor parallelism", _MESH_SIZE)
   dcn_expert: int = option(1, "across-slice expert parallelism", _MESH_SIZE)
   rules: tuple = option(sharding.DEFAULT_RULES, "logical axis -> mesh axes; first match wins")
@@ -150,6 +156,8 @@ class Eval:
   batches: int = option(4, "fixed held-out batches of train.batch_size × train.seq_len, per eval source", positive())
   at_start: bool = option(False, "also evaluate the starting params (step 0), e.g. the base of a fine-tuning run")
   sources: dict = option({}, "name -> source spec (read whole); empty = held-out training data")
+  position_buckets: int = option(0, "also log the held-out NLL in this many equal buckets of token position "
+                                 "(eval_loss_pos/<lo>-<hi>); 0 = off", non_negative("0 = off"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +262,10 @@ def resolve(config: Any) -> Spec:
   if opt.warmup_steps >= train.steps > 1:
     raise UserError(f"optimizer.warmup_steps={opt.warmup_steps} must be smaller than train.steps={train.steps}; lower "
                     "it or train longer.")
+  buckets = sections["eval"].position_buckets
+  if buckets > train.seq_len:
+    raise UserError(f"eval.position_buckets={buckets} must be at most train.seq_len={train.seq_len} (each bucket "
+                    "holds at least one position); lower it.")
   model = model_config.resolve(config.model.name, {k: v for k, v in config.model.items() if k != "name"})
   if model.attention_impl == "splash":
     splash.block_size(train.seq_len)

@@ -41,7 +41,7 @@ def test_smoke_fits_on_v5p_8_with_memory_by_category_and_a_projected_mfu(v5p_8):
   report = aot.analyse(config_lib.load("configs/pretrain.py:smoke"), topo, devices=devices)
   m = report.memory
   assert report.verdict == "fits" and report.device_kind == "TPU v5" and len(devices) == 4
-  assert report.mesh == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
+  assert report.mesh == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1, "expert": 1}
   assert 90 * GiB < m.capacity < 96 * GiB  # v5p: 95 GB per chip, as the compiler states what a program may use
   for category in ("params (trained)", "optimizer state", "batch"):
     assert m.arguments[category] > 0, category
@@ -78,8 +78,9 @@ def test_smoke_compiles_for_v5p_8_with_splash_attention_by_default(v5p_8, monkey
   """attention_impl=auto: the Pallas kernel lowers through Mosaic for the TPU (not interpret mode) and the step fits."""
   from fmjax.model import splash
 
-  modes, local = [], splash._local
-  monkeypatch.setattr(splash, "_local", lambda *a, interpret: modes.append(interpret) or local(*a, interpret=interpret))
+  modes, kernel = [], splash._kernel
+  monkeypatch.setattr(splash, "_kernel", lambda heads, seq_len, interpret, split=None: modes.append(interpret)
+                      or kernel(heads, seq_len, interpret, split))
   topo, devices = v5p_8
   c = config_lib.load("configs/pretrain.py:smoke")
   assert c.model.get("attention_impl") is None and config_lib.resolved_model(c).attention_impl == "auto"

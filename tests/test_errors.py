@@ -210,10 +210,10 @@ VALUES = [
     ("optimizer.no_decay_regex", "(norm", "regular expression"), ("optimizer.clip_norm", -1.0, ">= 0"),
     ("checkpoint.every_steps", -1, ">= 0"), ("checkpoint.every_minutes", -1.0, ">= 0"), ("checkpoint.keep", 0, ">= 1"),
     ("checkpoint.keep_every", -1, ">= 0"),
-    ("eval.every_steps", -1, ">= 0"), ("eval.batches", 0, "> 0"),
+    ("eval.every_steps", -1, ">= 0"), ("eval.batches", 0, "> 0"), ("eval.position_buckets", -1, ">= 0"),
     ("log.every_steps", 0, "> 0"), ("log.peak_flops", -1.0, ">= 0"),
     ("data.format", "csv", "prompt_completion"), ("data.holdout", 1.5, "[0, 1)"), ("data.workers", -1, ">= 0"),
-    ("data.packing_bins", 0, "> 0"), ("data.overlong", "cut", "truncate"),
+    ("data.packing_bins", 0, "> 0"), ("data.overlong", "cut", "truncate"), ("data.text_packing", "pack", "stream"),
     ("data.chat_template", "{content}", "{role}"),
     ("data.tokenizer", "wordpiece", "sentencepiece"), ("data.tokenizer_train_chars", 0, "> 0"),
     ("data.vocab_size", 100, "> 264"), ("data.shards", -1, ">= 0"),
@@ -235,7 +235,8 @@ VALUES = [
     ("lora.targets", "(q", "regular expression"),
     ("reft.rank", -1, ">= 0"), ("reft.method", "reft", "loreft"), ("reft.layers", "1-3", "comma-separated"),
     ("reft.positions", "first5", "f<k>+l<k>"), ("reft.dropout", 1.0, "[0, 1)"),
-    *((f"mesh.{axis}", 0, "-1 (fill)") for axis in ("data", "fsdp", "tensor", "expert", "dcn_data", "dcn_fsdp", "dcn_tensor", "dcn_expert")),
+    *((f"mesh.{axis}", 0, "-1 (fill)") for axis in ("data", "fsdp", "context", "tensor", "expert", "dcn_data",
+                                                     "dcn_fsdp", "dcn_context", "dcn_tensor", "dcn_expert")),
 ]
 
 

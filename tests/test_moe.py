@@ -144,22 +144,22 @@ def moe_config(repo, mesh, capacity=0.0):
   c.model.name = "small_moe"
   c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=32, num_experts=8,
                  moe_capacity_factor=capacity)
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.expert = mesh
+  c.mesh.data, c.mesh.fsdp, c.mesh.context, c.mesh.tensor, c.mesh.expert = mesh
   return c
 
 
 @pytest.fixture(scope="module")
 def moe_single(repo):
-  return {cap: one_step(moe_config(repo, (1, 1, 1, 1), cap), jax.devices()[:1]) for cap in (0.0, 8.0)}
+  return {cap: one_step(moe_config(repo, (1, 1, 1, 1, 1), cap), jax.devices()[:1]) for cap in (0.0, 8.0)}
 
 
-@pytest.mark.parametrize("mesh,capacity", [((1, 2, 1, 4), 0.0), ((1, 2, 2, 2), 0.0), ((1, 2, 1, 4), 8.0)],
-                         ids=["fsdp2xexpert4", "fsdp2xtensor2xexpert2", "capacity-fsdp2xexpert4"])
+@pytest.mark.parametrize("mesh,capacity", [((1, 2, 1, 1, 4), 0.0), ((1, 2, 1, 2, 2), 0.0), ((1, 1, 2, 1, 4), 8.0)],
+                         ids=["fsdp2xexpert4", "fsdp2xtensor2xexpert2", "capacity-context2xexpert4"])
 def test_expert_parallel_step_matches_single_device(repo, moe_single, mesh, capacity):
   before1, after1, m1, _ = moe_single[capacity]
   before8, after8, m8, state8 = one_step(moe_config(repo, mesh, capacity), jax.devices())
   experts = state8.params["layers"]["moe"]["expert_gate"]
-  assert experts.sharding.shard_shape(experts.shape)[1] == 8 // mesh[3]  # the experts are split over the axis
+  assert experts.sharding.shard_shape(experts.shape)[1] == 8 // mesh[4]  # the experts are split over the axis
   assert abs(m8["loss"] - m1["loss"]) <= 1e-5 * abs(m1["loss"])
   for key in ("moe/aux_loss", "moe/z_loss", "moe/load_max"):
     np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5)
@@ -183,9 +183,9 @@ def test_block_under_a_mesh(capacity, impl, rows):
   x = jnp.resize(x, (rows,) + x.shape[1:])
   want, _ = run_block(params, x, cfg)
   cfg = dataclasses.replace(cfg, moe_matmul=impl)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(1, 2, 1, 4), sharding.MESH_AXES)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(1, 2, 1, 1, 4), sharding.MESH_AXES)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-    assert moe.mesh_axes() == moe.Axes(batch=("data", "fsdp", "expert"), expert=("expert",), embed=("fsdp",),
+    assert moe.mesh_axes() == moe.Axes(batch=("data", "fsdp", "expert"), expert=("expert",), embed=("fsdp", "context"),
                                        mlp=("tensor",))
     block = jax.jit(lambda p, x: run_block(p, x, cfg))
     got, stats = block(params, x)

@@ -141,6 +141,14 @@ def test_two_processes_train_save_and_resume_exactly_like_one(repo, tmp_path, cp
   assert not rows0 & rows1, "the processes read the same rows"
   assert len(rows0) == len(rows1) == 4 * STEPS  # and never a row twice
 
+  # (d) a context axis spanning the two processes: both read the same rows (the whole batch), each device holds an
+  # eighth of every sequence, and the losses are the one-process run's
+  ctx = tmp_path / "context"
+  finish(launch(repo, ctx, cpu_env(4), 2, *RUN, "--config.mesh.context=8", "--config.mesh.fsdp=1"))
+  for w, g in zip(want, metrics(ctx)):
+    assert g["loss"] == pytest.approx(w["loss"], rel=RTOL, abs=0), (w["step"], g["loss"], w["loss"])
+  assert digests(ctx, 0) == digests(ctx, 1) == {step: whole[step] for step in range(1, STEPS + 1)}
+
 
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_every_process_at_one_step(repo, tmp_path, cpu_env):

@@ -317,3 +317,17 @@ def test_read_only_checkpoints_are_refused_at_start(run, tmp_path):
     assert time.monotonic() - started < 30
   finally:
     subprocess.run(["umount", mount])
+
+
+def test_a_key_added_since_a_run_started_counts_as_its_default():
+  """An identity.json written before a model or data key existed resumes when the key is at its default, and is
+  refused, naming the key, when it is not."""
+  from fmjax.errors import UserError
+  from fmjax.train import identity
+
+  stored = {"model": {"d_model": 64}, "data": {"source": "embedded:prose"}}
+  identity.check("/w", stored, {"model": {"d_model": 64, "num_experts": 0},
+                                "data": {"source": "embedded:prose", "text_packing": "documents"}})
+  with pytest.raises(UserError, match=r"holds another run: data.text_packing: \(unset\) -> 'stream'"):
+    identity.check("/w", stored, {"model": {"d_model": 64}, "data": {"source": "embedded:prose",
+                                                                     "text_packing": "stream"}})

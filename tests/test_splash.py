@@ -76,7 +76,7 @@ def test_splash_matches_xla_in_float32_with_packing_and_gqa(setup):
 
 def test_splash_sharded_over_batch_and_heads_matches_one_device(setup):
   cfg, params, batch, (ref_loss, ref_grads) = setup
-  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 1, 2, 1), sharding.MESH_AXES)  # batch 4-way, heads 2-way
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 1, 1, 2, 1), sharding.MESH_AXES)  # batch 4, heads 2
   loss, grads = loss_and_grads(dataclasses.replace(cfg, attention_impl="splash"), params, batch, mesh)
   assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
   assert max(jax.tree.leaves(jax.tree.map(relative, grads, ref_grads))) <= 1e-5

@@ -35,6 +35,16 @@ def test_one_tile_costs_the_dense_matmuls_xla_counts():
   assert cost["backward"][0] == xla_flops(backward, q, k, v, do) == 5 * xla_flops(scores, q, k)
 
 
+def test_long_sequences_take_the_separate_backward_kernels():
+  """Past FUSED_MAX_KV_BLOCKS key blocks the fused backward's partial-dQ buffer (one per key block) is too large:
+  the dq and dkv kernels run instead, 3 + 4 tile matmuls per kept tile against the forward's 2."""
+  short, long = 512 * splash.FUSED_MAX_KV_BLOCKS, 512 * (splash.FUSED_MAX_KV_BLOCKS + 1)
+  assert splash.fused_backward(short, 512) and not splash.fused_backward(long, 512)
+  for T, matmuls in ((short, 5), (long, 7)):
+    cost = splash.kernel_cost(T, HD, 2)
+    assert cost["backward"][0] * 2 == cost["forward"][0] * matmuls
+
+
 def test_tiles_are_those_the_causal_mask_keeps():
   """A block is computed iff the causal mask keeps any of its entries; the count is read off the mask."""
   for T in (512, 1024, 4096, 3 * 128):

@@ -157,7 +157,7 @@ def test_dpo_with_a_reference_matches_the_materialised_logits_path(params):
 def test_chunked_loss_sharded_over_batch_and_vocabulary_matches_one_device(params):
   head = objectives.get(objective("lm"))
   batch = packed(8, 7)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 1, 2, 1), sharding.MESH_AXES)  # batch 4, vocab 2
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 1, 1, 2, 1), sharding.MESH_AXES)  # batch 4, vocab 2
   want = head_value_and_grads(CFG, head, params, batch)
   assert_same(head_value_and_grads(dataclasses.replace(CFG, loss_chunk=16), head, params, batch, mesh=mesh), want)
 

@@ -7,7 +7,9 @@ Training, per data shard (data.shards of them; process p of P reads shards p·S/
   batches depend on S, not on how many processes read them: the same config on any number of hosts that divides S
   trains on the same batches (S = 0 means one shard per process).
 Packing: `text` examples are concatenated in order and cut into rows of train.seq_len (concat-then-split); a
-document cut at a row's end continues at position 0 of the next row, so no token is dropped or repeated. Other formats
+document cut at a row's end continues at position 0 of the next row, so no token is dropped or repeated. With
+data.text_packing='stream' the same stream fills each row as ONE segment (positions 0..T-1, attention across the
+documents' BOS/EOS boundaries): documents joined into long ones, for long-context training. Other formats
 (prompt/completion, chat, preference) are never cut: first-fit packs whole examples into data.packing_bins open rows
 at a time and pads the rest (an example longer than a row is handled by data.overlong). In every row `segment_ids`
 number the examples 1..k (0 = padding) and `positions` restart at 0 per example; attention never crosses segments and
@@ -38,6 +40,7 @@ from fmjax.data.sources import DataError, PreparedSource, open_source
 from fmjax.errors import UserError
 
 MIXTURE_KEYS = ("source", "weight", "format", "field")
+TEXT_PACKING = ("documents", "stream")  # data.text_packing (see the module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +85,10 @@ def _open(spec: SourceSpec, data_cfg: Any, split: str, tokenizer: Any, seq_len: 
                     "eval.sources explicitly, or set eval.every_steps=0.")
   if isinstance(base, PreparedSource):
     base.check_tokenizer(tokenizer)
-    fmt = base.format
+    fmt = _stream_ok(base.format, spec, data_cfg)
     encode = _Fit(seq_len if fmt != "text" else 0, data_cfg.overlong)
   else:
-    fmt = spec.format if spec.format != "auto" else formats.detect(records[0], spec.field)
+    fmt = _stream_ok(spec.format if spec.format != "auto" else formats.detect(records[0], spec.field), spec, data_cfg)
     encode = formats.Encoder(fmt, tokenizer, spec.field, seq_len if fmt != "text" else 0, data_cfg.overlong,
                              data_cfg.chat_template, num_labels)
     encode(base[0])  # a missing field or bad record shows up now (the file's first, held out or not), not later
@@ -93,6 +96,14 @@ def _open(spec: SourceSpec, data_cfg: Any, split: str, tokenizer: Any, seq_len: 
   if fmt == "preference" and (all(k in records[0] for k in formats.REF_KEYS) or "chosen_ref_logps" in records[0]):
     fmt = "preference+ref"  # precomputed reference log-probs travel with the pairs
   return records, encode, fmt
+
+
+def _stream_ok(fmt: str, spec: SourceSpec, data_cfg: Any) -> str:
+  """`fmt`, which data.text_packing='stream' requires to be `text` (other examples are never cut)."""
+  if data_cfg.text_packing == "stream" and fmt != "text":
+    raise UserError(f"data.text_packing='stream' joins text documents, but source {spec.name!r} ({spec.source}) holds "
+                    f"{fmt} records, which are never cut; set data.text_packing='documents'.")
+  return fmt
 
 
 class _Fit:
@@ -106,7 +117,8 @@ class _Fit:
     return formats.fit(record, self.max_len, self.overlong, where)
 
 
-def _pack(ds: grain.IterDataset, fmt: str, seq_len: int, bins: int, seed: int, columns=None) -> grain.IterDataset:
+def _pack(ds: grain.IterDataset, fmt: str, seq_len: int, bins: int, seed: int, columns=None,
+          stream: bool = False) -> grain.IterDataset:
   keys = [p + k for p in formats.sequence_keys(fmt) for k in formats.features(fmt)]
   lengths = {k: seq_len for k in keys}
   if fmt == "text":
@@ -114,7 +126,7 @@ def _pack(ds: grain.IterDataset, fmt: str, seq_len: int, bins: int, seed: int, c
   else:
     packed = FirstFitPackIterDataset(ds, length_struct=lengths, num_packing_bins=bins, seed=seed,
                                      shuffle_bins=False)
-  return packed.map(_Contract(formats.sequence_keys(fmt), columns))
+  return packed.map(_Contract(formats.sequence_keys(fmt), columns, stream))
 
 
 class _JsonRestorable(grain.IterDataset):
@@ -141,20 +153,25 @@ class _JsonRestorableIterator(grain.DatasetIterator):
 
 class _Contract:
   """Renames grain's packing outputs to the batch contract's keys and dtypes, and adds the per-token columns of the
-  run's parameterisation (`columns(row) -> dict`, from each packed row's own segments)."""
+  run's parameterisation (`columns(row) -> dict`, from each packed row's own segments). `stream`: the row's tokens
+  (concat-then-split, so padding only ends a stream's last row) become one segment at positions 0..T-1."""
 
-  def __init__(self, prefixes: tuple[str, ...], columns=None):
-    self.prefixes, self.columns = prefixes, columns
+  def __init__(self, prefixes: tuple[str, ...], columns=None, stream: bool = False):
+    self.prefixes, self.columns, self.stream = prefixes, columns, stream
 
   def __call__(self, row: dict) -> dict[str, np.ndarray]:
     out = {}
     for p in self.prefixes:
       seg = row[p + "tokens_segment_ids"].astype(np.int32)
+      positions = row[p + "tokens_positions"].astype(np.int32)
+      if self.stream:
+        seg = (seg > 0).astype(np.int32)
+        positions = np.arange(len(seg), dtype=np.int32) * seg
       out[p + "tokens"] = row[p + "tokens"].astype(np.int32)
       out[p + "targets"] = row[p + "targets"].astype(np.int32)
       out[p + "loss_mask"] = (row[p + "loss_mask"] * (seg > 0)).astype(np.float32)
       out[p + "segment_ids"] = seg
-      out[p + "positions"] = row[p + "tokens_positions"].astype(np.int32)
+      out[p + "positions"] = positions
       for extra in formats.PER_EXAMPLE:
         if p + extra in row:
           out[p + extra] = (row[p + extra] * (seg > 0)).astype(np.float32)
@@ -180,7 +197,8 @@ def _rows(records, encode, fmt: str, data_cfg: Any, seq_len: int, seed: int, sha
       flags.FLAGS.mark_as_parsed()
     examples = examples.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers),
                                     worker_init_fn=functools.partial(exit_with_parent, os.getpid()))
-  return _pack(examples, fmt, seq_len, data_cfg.packing_bins, seed, columns)
+  stream = fmt == "text" and data_cfg.text_packing == "stream"
+  return _pack(examples, fmt, seq_len, data_cfg.packing_bins, seed, columns, stream)
 
 
 def exit_with_parent(parent: int, worker_index: int = 0, worker_count: int = 1) -> None:

@@ -42,6 +42,9 @@ class ModelConfig:
   # auto (splash on TPU where it applies, else xla) | xla | cudnn (GPU; jax.nn.dot_product_attention) | splash (TPU
   # Pallas kernel; Pallas's interpret mode elsewhere, exact but slow)
   attention_impl: str = "auto"
+  # under a context mesh axis: give each device a front and a back chunk of the sequence, so causal attention's work
+  # is even (fmjax/model/context.py)
+  context_load_balance: bool = True
   # output head: 0 = logits over the vocabulary (a language model); N > 0 = a score head, N float32 values per token
   # read at each sequence's last token (a reward model: 1; a classifier: the number of labels)
   num_labels: int = 0

@@ -1,12 +1,12 @@
 """Analytical training FLOPs per token, the convention behind every MFU figure fmjax prints.
 
 Convention (as MaxText): count matmul FLOPs only (2 per multiply-add) of the forward pass — attention projections,
-SwiGLU, the unembedding or a score head's projection (the embedding lookup is a gather, not a matmul) and the two attention matmuls QKᵀ and AV —
-then ×3 for forward + backward. Causal attention computes half of the T×T score matrix, so its FLOPs are halved.
-A mixture-of-experts layer counts what one token uses: the router (D·E) and its k routed experts plus the shared
-ones (3·D·mlp_dim each), not the idle experts; MFU of an MoE model is by active parameters, as MaxText and the
-Mixtral / Qwen3-MoE reports count it. Recomputation from remat is NOT counted: this is model FLOPs utilisation,
-not hardware FLOPs utilisation.
+SwiGLU, the unembedding or a score head's projection (the embedding lookup is a gather, not a matmul) and the two
+attention matmuls QKᵀ and AV — then ×3 for forward + backward. Causal attention computes half of the T×T score
+matrix, so its FLOPs are halved. A mixture-of-experts layer counts what one token uses: the router (D·E) and its k
+routed experts plus the shared ones (3·D·mlp_dim each), not the idle experts; MFU of an MoE model is by active
+parameters, as MaxText and the Mixtral / Qwen3-MoE reports count it. Recomputation from remat is NOT counted: this
+is model FLOPs utilisation, not hardware FLOPs utilisation.
 Over a frozen base (a parameterisation, fmjax/adapters) the base weights get no gradient, so the weight-gradient
 third of the backward pass is not done: 4·N instead of 6·N; the parameterisation adds its own FLOPs
 (`fmjax.adapters.train_flops_per_token`).

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from fmjax.model import projection, splash, xla_attention
+from fmjax.model import context, projection, splash, xla_attention
 from fmjax.model.config import ModelConfig
 from fmjax.adapters.base import Adapter
 
@@ -79,12 +79,16 @@ def apply_rope(x_BxTxNxH: jax.Array, sin_BxTxF: jax.Array, cos_BxTxF: jax.Array)
   return out.astype(x_BxTxNxH.dtype)
 
 
-def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
-  """[B,1,T,T] bool: query t sees key s iff s <= t and both lie in the same segment."""
+def attention_mask(segment_ids_BxT: jax.Array, index_T=None) -> jax.Array:
+  """[B,1,T,T] bool: query t sees key s iff s <= t and both lie in the same segment. `index_T`: each position's
+  original index when they are reordered (context.balance), which the causal order follows."""
   T = segment_ids_BxT.shape[1]
-  causal_TxT = jnp.tril(jnp.ones((T, T), dtype=jnp.bool_))
+  if index_T is None:
+    causal_TxT = jnp.tril(jnp.ones((T, T), dtype=jnp.bool_))
+  else:
+    causal_TxT = index_T[:, None] >= index_T[None, :]
   same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  return (same_BxTxT & causal_TxT)[:, None, :, :]
+  return constrain((same_BxTxT & causal_TxT)[:, None, :, :], ("act_batch", None, "act_len", None))
 
 
 def cache_mask(positions_BxT: jax.Array, cache_len: int) -> jax.Array:
@@ -145,16 +149,19 @@ class Attention(nn.Module):
     k_BxTxKxH = constrain(apply_rope(k_BxTxKxH, sin, cos), ("act_batch", "act_len", "act_kv_heads", None))
     v_BxTxKxH = constrain(v_BxTxKxH, ("act_batch", "act_len", "act_kv_heads", None))
     k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+    split = None if cache is not None else context.plan(x_BxTxD.shape[1], cfg.context_load_balance)
     if cache is not None:
       cache = {"k": write_cache(cache["k"], k_BxTxKxH, positions_BxT),
                "v": write_cache(cache["v"], v_BxTxKxH, positions_BxT)}
       k_BxSxKxH, v_BxSxKxH = cache["k"].astype(q_BxTxNxH.dtype), cache["v"].astype(q_BxTxNxH.dtype)
     if mask_Bx1xTxS.ndim == 2:  # splash: the [B,T] segment ids stand for the causal, per-segment mask
-      out_BxTxNxH = splash.attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS)
+      out_BxTxNxH = splash.attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, split)
     else:
       impl = "cudnn" if cfg.attention_impl == "cudnn" else "xla"  # decoding with a cache; lengths splash skips
-      out_BxTxNxH = xla_attention.attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, causal=cache is None,
-                                            implementation=impl)
+      if split:  # every key on each device of the context group, the queries stay split (context.py)
+        k_BxSxKxH, v_BxSxKxH = (constrain(a, ("act_batch", None, "act_kv_heads", None)) for a in (k_BxSxKxH, v_BxSxKxH))
+      out_BxTxNxH = xla_attention.attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS,
+                                            causal=cache is None and not split, implementation=impl)
     out_BxTxD = proj("o_kernel", "BTNH,NHD->BTD", out_BxTxNxH, wo, ("heads", "head_dim", "embed"))
     return constrain(out_BxTxD, ACT_BTD), cache
 

@@ -17,9 +17,9 @@ Dispatch, per device (`jax.shard_map` under a mesh, so the sort never spans the 
   device, earliest tokens first; the rest are dropped (they contribute 0 and pass through the residual). Rows travel
   in fixed [experts, C, D] buffers, exchanged over the expert axis by all-to-all (GShard / Switch).
 
-Each layer sows its router statistics (`intermediates/.../router_stats`); `stats` stacks them over layers and `aux_terms` gives the
-load-balancing loss as Hugging Face's `load_balancing_loss_func` computes it (over all layers' tokens at once), the
-router z-loss, the expert load (max / mean rows per expert) and the dropped fraction.
+Each layer sows its router statistics (`intermediates/.../router_stats`); `stats` stacks them over layers and
+`aux_terms` gives the load-balancing loss as Hugging Face's `load_balancing_loss_func` computes it (over all layers'
+tokens at once), the router z-loss, the expert load (max / mean rows per expert) and the dropped fraction.
 """
 
 from __future__ import annotations
@@ -212,23 +212,26 @@ def experts(x_BxTxD: jax.Array, idx_BxTxK: jax.Array, gate_BxTxK: jax.Array, w_g
     local = lambda *a, axes: _local_dropless(*a, axes=axes, impl=cfg.moe_matmul)  # noqa: E731
 
   def run(x, idx, gate, wg, wu, wd, axes=Axes()):
-    b = x.shape[0]
+    b, t = x.shape[:2]
     wg, wu, wd = _gather(wg, axes.embed, 1), _gather(wu, axes.embed, 1), _gather(wd, axes.embed, 2)  # FSDP
-    y, dropped = local(x.reshape(b * T, D), idx.reshape(b * T, -1), gate.reshape(b * T, -1), wg, wu, wd, axes=axes)
-    return y.reshape(b, T, D), dropped
+    y, dropped = local(x.reshape(b * t, D), idx.reshape(b * t, -1), gate.reshape(b * t, -1), wg, wu, wd, axes=axes)
+    return y.reshape(b, t, D), dropped
 
   if mesh.empty:
     return run(x_BxTxD, idx_BxTxK, gate_BxTxK, w_gate, w_up, w_down)
   axes = mesh_axes()
   if B % math.prod(mesh.shape[a] for a in axes.batch):
     axes = dataclasses.replace(axes, batch=())  # rows the batch axes do not divide (a sampler's): on every device
+  length = _mesh_axes("act_len")  # a sequence split over context devices: more tokens each device routes alone
+  if T % math.prod(mesh.shape[a] for a in length):
+    length = ()
   batch, exp, embed, mlp = (getattr(axes, f) or None for f in ("batch", "expert", "embed", "mlp"))
-  tok = P(batch)
+  tok = P(batch, length or None)
   w_in, w_out = P(exp, embed, mlp), P(exp, mlp, embed)
 
   def body(x, idx, gate, wg, wu, wd):
     y, dropped = run(x, idx, gate, wg, wu, wd, axes)
-    return y, jax.lax.psum(dropped, axes.batch)
+    return y, jax.lax.psum(dropped, axes.batch + length)
 
   # check_vma=False: megablox's pallas_call declares no varying-axes type for its output, which the check requires
   # (as splash's shard_map does); the gradients are tested equal to one device's on every split

@@ -67,12 +67,14 @@ def unembed_stats(h_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array, 
   h_BxTxD = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
   targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
   n = (T + pad) // chunk
-  h_NxBxCxD = h_BxTxD.reshape(B, n, chunk, D).swapaxes(0, 1)
-  t_NxBxC = targets_BxT.reshape(B, n, chunk).swapaxes(0, 1)
+  # chunk j holds positions j, j + n, j + 2n, ...: a sequence split over devices (context parallelism) keeps its split
+  # within every chunk, so each device works on its own positions at each step instead of waiting its turn
+  h_NxBxCxD = jnp.moveaxis(h_BxTxD.reshape(B, chunk, n, D), 2, 0)
+  t_NxBxC = jnp.moveaxis(targets_BxT.reshape(B, chunk, n), 2, 0)
 
   @jax.checkpoint  # keep only the chunk's inputs; its logits are recomputed in the backward pass
   def one(h_BxCxD, t_BxC):
     return from_logits(unembed(h_BxCxD, w_DxV, dtype), t_BxC, temperature, extra)
 
   stats = jax.lax.map(lambda args: one(*args), (h_NxBxCxD, t_NxBxC))
-  return TokenStats(*(None if x is None else x.swapaxes(0, 1).reshape(B, n * chunk)[:, :T] for x in stats))
+  return TokenStats(*(None if x is None else jnp.moveaxis(x, 0, 2).reshape(B, n * chunk)[:, :T] for x in stats))

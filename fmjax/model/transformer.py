@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from fmjax.model.config import ModelConfig
 from fmjax.adapters.base import Adapter, combine, split
-from fmjax.model import projection, splash, token_stats
+from fmjax.model import context, projection, splash, token_stats
 from fmjax.model.moe import MoE
 from fmjax.model.layers import (ACT_BTD, Attention, RMSNorm, SwiGLU, attention_mask, cache_mask, constrain, project,
                                 rope_tables)
@@ -67,10 +67,23 @@ class Transformer(nn.Module):
   cfg: ModelConfig
   adapter: Adapter | None = None
 
-  @nn.compact
   def __call__(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array, positions_BxT: jax.Array,
                return_hidden: bool = False, cache: dict | None = None, adapter_inputs: dict | None = None,
                targets_BxT: jax.Array | None = None, temperature: float = 1.0, extra_stats: tuple[str, ...] = ()):
+    split = None if cache is not None else context.plan(tokens_BxT.shape[1], self.cfg.context_load_balance)
+    balanced = bool(split and split.balanced)
+    if balanced:  # each context device a front and a back chunk (context.py); undone on the way out
+      order = lambda a: None if a is None else context.balance(a, split.shards)  # noqa: E731
+      tokens_BxT, segment_ids_BxT, positions_BxT, targets_BxT = map(
+          order, (tokens_BxT, segment_ids_BxT, positions_BxT, targets_BxT))
+      adapter_inputs = jax.tree.map(order, adapter_inputs)
+    out = self._forward(tokens_BxT, segment_ids_BxT, positions_BxT, return_hidden, cache, adapter_inputs,
+                        targets_BxT, temperature, extra_stats, split)
+    return jax.tree.map(lambda a: context.unbalance(a, split.shards), out) if balanced else out
+
+  @nn.compact
+  def _forward(self, tokens_BxT, segment_ids_BxT, positions_BxT, return_hidden, cache, adapter_inputs, targets_BxT,
+               temperature, extra_stats, split):
     cfg = self.cfg
     embedding_VxD = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                          ("vocab", "embed")),
@@ -78,10 +91,11 @@ class Transformer(nn.Module):
     x_BxTxD = constrain(jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(cfg.dtype), ACT_BTD)
     if cache is not None:
       mask = cache_mask(positions_BxT, cache["k"].shape[2])
-    elif splash.applies(cfg.attention_impl, tokens_BxT.shape[1], cfg.num_kv_heads):  # the kernel applies the mask
-      mask = segment_ids_BxT
+    elif splash.applies(cfg.attention_impl, tokens_BxT.shape[1], cfg.num_kv_heads, split=split):
+      mask = segment_ids_BxT  # the kernel applies the mask
     else:  # other lengths (e.g. scoring a prompt) take the XLA path
-      mask = attention_mask(segment_ids_BxT)
+      index = context.original_index(tokens_BxT.shape[1], split.shards) if split and split.balanced else None
+      mask = attention_mask(segment_ids_BxT, index)
     sin, cos = rope_tables(positions_BxT, cfg)
     valid_BxT = segment_ids_BxT > 0  # the tokens MoE router statistics count (padding is not routed load)
     extra = () if cache is None else (cache, positions_BxT)  # the training forward keeps its exact signature
@@ -92,8 +106,9 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       in_axes = (nn.broadcast,) * 5 + (0,) + (() if cache is None else (0, nn.broadcast))
-      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=in_axes, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                      split_rngs={"params": True, "dropout": True}, in_axes=in_axes, length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
       x_BxTxD, cache = stack(cfg, self.adapter, name="layers")(x_BxTxD, mask, sin, cos, valid_BxT, adapter_inputs,
                                                                layer_params, *extra)
     else:

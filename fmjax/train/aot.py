@@ -21,7 +21,7 @@ from fmjax import adapters, sharding, topology
 from fmjax import spec as spec_lib
 from fmjax.data import layout
 from fmjax.data.layout import Layout
-from fmjax.model import ModelConfig, moe, splash
+from fmjax.model import ModelConfig, context, moe, splash
 from fmjax.spec import Spec
 from fmjax.train import checks, frozen, peak
 from fmjax.train import step as step_lib
@@ -79,7 +79,7 @@ def plan(spec: Spec, devices: list, archs: dict[str, ModelConfig] | None) -> ste
   """The run's jitted step and abstract arguments on a mesh of `devices`: nothing allocated, no data read."""
   checks.check_spec(spec)
   mesh = sharding.make_mesh(spec.mesh, devices)
-  checks.check_batch(spec.train, sharding.batch_shards(mesh))
+  checks.check_mesh(spec, mesh)
   return step_lib.plan(spec, mesh, batch_layout(spec), archs)
 
 
@@ -151,7 +151,7 @@ def grouped_matmul_work(cfg: ModelConfig, tokens: int, mesh_shape: dict[str, int
   if not cfg.num_experts or cfg.moe_capacity_factor > 0 or cfg.moe_matmul not in ("auto", "megablox"):
     return {}
   ep, tp = mesh_shape.get("expert", 1), mesh_shape.get("tensor", 1)
-  shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1) * ep
+  shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1) * mesh_shape.get("context", 1) * ep
   rows = tokens // shards * cfg.num_experts_per_tok
   return moe.layer_kernel_cost(cfg, rows, max(1, cfg.num_experts // ep), cfg.mlp_dim // tp)
 
@@ -164,8 +164,8 @@ def add_kernel_costs(cost: Cost, spec: Spec, archs: dict[str, ModelConfig], devi
   model counts its calls as almost free. Megablox's grouped matmuls (`grouped_matmul_work`, MoE layers on
   `mesh_shape`) state their work to the compiler, and libtpu 0.0.52 counts it: they are added only when
   `layer_flops` (the cost model's FLOPs of one more layer of the trained model, per chip) is below half their
-  FLOPs, i.e. the cost model left them out. The batch and heads split evenly over the chips (data, fsdp, expert and
-  tensor axes all divide one or the other)."""
+  FLOPs, i.e. the cost model left them out. The batch, sequence and heads split evenly over the chips (data, fsdp,
+  expert, context and tensor axes all divide one or the other)."""
   bandwidth = peak.hbm_bandwidth(device_kind)
   seq = spec.train.seq_len
   sequences = spec.train.batch_size * batch_layout(spec).rows_per_example
@@ -183,9 +183,10 @@ def add_kernel_costs(cost: Cost, spec: Spec, archs: dict[str, ModelConfig], devi
     total[2] += calls * max(flops / cost.peak_flops, moved / bandwidth if bandwidth else 0.0)  # roofline
 
   for i, (cfg, passes) in enumerate(models):
-    if splash.applies(cfg.attention_impl, seq, cfg.num_kv_heads, "tpu"):
-      work = splash.kernel_cost(seq, cfg.head_dim, np.dtype(cfg.dtype).itemsize)
-      calls = sequences * cfg.num_heads * cfg.num_layers / cost.chips
+    split = context.plan(seq, cfg.context_load_balance, mesh_shape.get("context", 1))
+    if splash.applies(cfg.attention_impl, seq, cfg.num_kv_heads, "tpu", split):
+      work = splash.kernel_cost(seq, cfg.head_dim, np.dtype(cfg.dtype).itemsize, split)
+      calls = sequences * cfg.num_heads * cfg.num_layers * (split.shards if split else 1) / cost.chips
       for p in passes:
         add("splash", calls, *work[p])
     gmm = grouped_matmul_work(cfg, sequences * seq // k, mesh_shape)

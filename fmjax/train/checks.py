@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from fmjax import data as data_lib
+from fmjax import sharding
 from fmjax.data import prompts, sources
 from fmjax.errors import UserError
+from fmjax.model import context
 from fmjax.rl import rewards
-from fmjax.spec import Spec, Train
+from fmjax.spec import Spec
 from fmjax.train import frozen, init_from, rollout
 
 
@@ -107,9 +111,12 @@ def check_run(spec: Spec, workdir: str) -> None:
   check_inputs(spec)
 
 
-def check_batch(train: Train, batch_shards: int) -> None:
-  """The micro-batch must split evenly over the data × fsdp × expert devices."""
+def check_mesh(spec: Spec, mesh: jax.sharding.Mesh) -> None:
+  """The micro-batch must split evenly over the data × fsdp × expert devices, and each sequence over the context
+  devices (in twice as many chunks when load-balanced)."""
+  train, batch_shards = spec.train, sharding.batch_shards(mesh)
   micro = train.batch_size // train.grad_accum
   if micro % batch_shards:
     raise UserError(f"the micro-batch train.batch_size/train.grad_accum = {micro} must be divisible by the "
                     f"data×fsdp×expert mesh size {batch_shards}; change train.batch_size, train.grad_accum or mesh.*.")
+  context.check_length(train.seq_len, mesh.shape["context"], spec.model.context_load_balance)

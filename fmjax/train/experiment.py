@@ -18,6 +18,7 @@ from fmjax.spec import Spec
 from fmjax.data import prompts
 from fmjax.train import checks
 from fmjax.train import frozen as frozen_lib
+from fmjax.train import position_loss
 from fmjax.train import rollout as rollout_lib
 from fmjax.train import state as train_state
 from fmjax.train import step as step_lib
@@ -41,13 +42,15 @@ class Run:
   compile_seconds: float  # of the train step
   num_params: int  # trained parameters (under a parameterisation: its tree)
   flops_per_token: float
-  eval_fn: Callable | None = None  # compiled (state, batch) -> (loss_sum, weight, metric_sums)
+  # compiled (state, batch) -> (loss_sum, weight, metric_sums, position buckets: (NLL sums, weights) or ())
+  eval_fn: Callable | None = None
   eval_batches: Mapping[str, list] = dataclasses.field(default_factory=dict)  # eval source -> fixed global batches
 
   def evaluate(self, state: train_state.TrainState) -> dict[str, jax.Array]:
     """Token-mean held-out loss and head metrics over each eval source's fixed batches, plus perplexity where the
-    head reports an NLL; with several sources, per source as `eval_<metric>/<name>` and over all tokens as
-    `eval_<metric>`. Returns device scalars, so the caller need not wait for them."""
+    head reports an NLL, and the NLL by position bucket (eval.position_buckets; fmjax/train/position_loss.py);
+    with several sources, per source as `eval_<metric>/<name>` and over all tokens as `eval_<metric>`. Returns
+    device scalars, so the caller need not wait for them."""
     sums = {name: [self.eval_fn(state, b) for b in batches] for name, batches in self.eval_batches.items()}
     groups = {"": [o for outs in sums.values() for o in outs]}
     if len(sums) > 1:
@@ -60,6 +63,7 @@ class Run:
         result[f"eval_{k}{suffix}"] = sum(o[2][k] for o in outs) / weight
       if self.head.reports_nll:
         result[f"eval_perplexity{suffix}"] = jnp.exp(result[f"eval_nll{suffix}"])
+      result.update(position_loss.metrics(outs, self.spec.train.seq_len, suffix))
     return result
 
 
@@ -89,7 +93,7 @@ def build(spec: Spec, devices: list | None = None) -> Experiment:
   models the head declares ('policy' copies of the initial params, 'run' models read from their directories)."""
   model_cfg, head, t = spec.model, spec.head, spec.train
   mesh = sharding.make_mesh(spec.mesh, devices)
-  checks.check_batch(t, sharding.batch_shards(mesh))
+  checks.check_mesh(spec, mesh)
 
   tokenizer = data.make_tokenizer(spec.data)
   data.check_vocab(tokenizer, model_cfg.vocab_size)
@@ -98,8 +102,8 @@ def build(spec: Spec, devices: list | None = None) -> Experiment:
     dataset = prompts.dataset(spec.data, t.batch_size, t.seq_len, head.rollout, tokenizer, records)
     batch_layout = layout_lib.with_adapter(layout_lib.for_head(head.layouts, head.columns), spec.adapter)
   else:
-    dataset, batch_layout = data.train_dataset(spec.data, t, tokenizer, jax.process_index(), jax.process_count(),
-                                               spec.adapter, model_cfg.num_labels)
+    dataset, batch_layout = data.train_dataset(spec.data, t, tokenizer, *sharding.data_shard(mesh), spec.adapter,
+                                               model_cfg.num_labels)
   layout_lib.check(batch_layout, spec.head_name, head.layouts, head.columns)
 
   plan = step_lib.plan(spec, mesh, batch_layout)
@@ -114,10 +118,10 @@ def build(spec: Spec, devices: list | None = None) -> Experiment:
   eval_fn, eval_batches = None, {}
   if spec.eval.every_steps:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      local = data.eval_batches(spec.eval, spec.data, t, tokenizer, jax.process_index(), jax.process_count(),
-                                spec.adapter, model_cfg.num_labels)
+      local = data.eval_batches(spec.eval, spec.data, t, tokenizer, *sharding.data_shard(mesh), spec.adapter,
+                                model_cfg.num_labels)
       eval_batches = {name: [sharding.global_batch(b, mesh) for b in batches] for name, batches in local.items()}
-      eval_step = lambda st, b: head.loss(st.params, b, plan.context(st.base, st.frozen))  # noqa: E731
+      eval_step = position_loss.eval_step(head.loss, plan.context, t.seq_len, spec.eval.position_buckets)
       eval_fn = jax.jit(eval_step, in_shardings=(plan.shardings, sharding.batch_sharding(mesh)),
                         out_shardings=sharding.replicated(mesh)).lower(plan.state, plan.batch).compile()
   trained = train_state.count_params(state.params)

@@ -14,13 +14,17 @@ import json
 import os
 from typing import Any
 
+from fmjax import checks
+from fmjax import spec as spec_lib
 from fmjax.errors import UserError
+from fmjax.model.config import ModelConfig
 from fmjax.spec import Spec, replace
 from fmjax.train import init_from
 
 FILE = "identity.json"
 # Keys that change how a run computes or reads, not what it trains.
-_MODEL_FREE = {"name", "remat", "attention_impl", "loss_chunk", "dtype", "moe_matmul", "moe_aux_loss", "moe_z_loss"}
+_MODEL_FREE = {"name", "remat", "attention_impl", "context_load_balance", "loss_chunk", "dtype", "moe_matmul",
+               "moe_aux_loss", "moe_z_loss"}
 _DATA_FREE = {"workers", "tfds_data_dir", "tokenizer_path"}
 _OBJECTIVE_FREE = {"reward_timeout"}
 
@@ -117,15 +121,28 @@ def _key(name: str) -> str:
   return rest if section in ("pins", "adapter") else name
 
 
+_UNSET = object()
+
+
+def _default(key: str) -> Any:
+  """The default of a model or data key, as identity.json holds it; _UNSET for others. A key that a later version of
+  fmjax adds is absent from an older run's record: at its default it changes nothing that run trained."""
+  section, _, name = key.partition(".")
+  keys = checks.docs({"model": ModelConfig, "data": spec_lib.Data}[section]) if section in ("model", "data") else {}
+  return json.loads(json.dumps(keys[name][0])) if name in keys else _UNSET
+
+
 def check(workdir: str, stored: dict, current: dict) -> None:
   """Exits with one line naming what changed since the run's first start, and the ways out. A `current` without
-  tokenizer and pins (`of` before the build) is compared on what it has."""
+  tokenizer and pins (`of` before the build) is compared on what it has; a key only one side records counts as its
+  default there."""
   old, new = _flat(stored), _flat(current)
   if "tokenizer" not in current:
     old = {k: v for k, v in old.items() if k in new or not k.startswith(("tokenizer", "pins."))}
   shown = lambda d, k: repr(d[k]) if k in d else "(unset)"  # noqa: E731
+  value = lambda d, k: d[k] if k in d else _default(k)  # noqa: E731
   changed = [f"{_key(k)}: {shown(old, k)} -> {shown(new, k)}"
-             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+             for k in sorted(set(old) | set(new)) if value(old, k) != value(new, k)]
   if not changed:
     return
   shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")

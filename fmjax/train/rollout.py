@@ -137,7 +137,7 @@ class Driver:
         "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()), "completions/terminated": float(terminated.mean()),
         "rollout_seconds": seconds, "rollout_tokens_per_sec": float(lengths.sum()) / max(seconds, 1e-9)})
-    n, pi, pc = len(ids), jax.process_index(), jax.process_count()
+    n, (pi, pc) = len(ids), sharding.data_shard(self.mesh)
     mine = {k: v[pi * n // pc:(pi + 1) * n // pc] for k, v in out.items()}
     self.cached = (sharding.global_batch(mine, self.mesh), metrics)
     return self.cached
