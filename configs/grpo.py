@@ -11,7 +11,9 @@ Tasks: `sort` (embedded:sort, rewarded by Python: sort_digits, sort_exact; the b
 records, `configs/sft.py:data=embedded:sort`), `rlhf` (the prompts of embedded:preference, rewarded by the reward
 model of `reward_model=DIR`, configs/reward.py). train.batch_size rows = prompts × G per rollout.
 
-Variants (`:k=v,flag`): smoke, rlhf, init_from=<workdir>, reward_model=<workdir>, rewards=<spec>, loss=<type>,
+GSPO (`gspo`): sequence-level importance ratios, the per-sequence normaliser and GSPO's tight clip (3e-4, 4e-4).
+
+Variants (`:k=v,flag`): smoke, rlhf, gspo, init_from=<workdir>, reward_model=<workdir>, rewards=<spec>, loss=<type>,
 scale=group|batch|none|rloo, G=N, mu=N (optimizer steps per rollout), beta=F (KL), rank=N (LoRA), temperature=F,
 completion=N (max tokens), steps=N, lr=F, model=<preset>.
 """
@@ -20,7 +22,8 @@ from fmjax import config_lib
 
 
 def get_config(arg: str | None = None):
-  a = config_lib.parse_arg(arg, smoke=False, rlhf=False, init_from="", reward_model="", rewards="", loss="dapo",
+  a = config_lib.parse_arg(arg, smoke=False, rlhf=False, gspo=False, init_from="", reward_model="", rewards="",
+                           loss="",
                            scale="group", G=8, mu=1, beta=0.0, rank=0, temperature=1.0, completion=0, steps=200,
                            lr=1e-5, model="small")
   data = "embedded:preference" if a.rlhf else "embedded:sort"
@@ -30,7 +33,9 @@ def get_config(arg: str | None = None):
     if not a.rlhf:
       c.init_from.bootstrap += (",data=embedded:sort" if a.smoke else ":data=embedded:sort")
   o = config_lib.use_head(c, "grpo")
-  o.loss_type, o.scale_rewards, o.kl_coef = a.loss, a.scale, a.beta
+  o.loss_type, o.scale_rewards, o.kl_coef = a.loss or ("grpo" if a.gspo else "dapo"), a.scale, a.beta
+  if a.gspo:
+    o.importance_sampling_level, o.epsilon_low, o.epsilon_high = "sequence", 3e-4, 4e-4
   o.num_generations, o.num_iterations, o.temperature = a.G, a.mu, a.temperature
   o.rewards = a.rewards or ("model" if a.rlhf else "sort_digits")
   o.reward_model = a.reward_model

@@ -228,6 +228,7 @@ VALUES = [
     ("objective.num_generations", 0, "> 0"), ("objective.num_iterations", 0, "> 0"),
     ("objective.max_completion_length", 0, "> 0"), ("objective.top_p", 0.0, "(0, 1]"),
     ("objective.loss_type", "ppo", "dr_grpo"), ("objective.scale_rewards", "std", "rloo"),
+    ("objective.importance_sampling_level", "seq", "sequence_token"),
     ("objective.epsilon_low", 1.0, "[0, 1)"), ("objective.epsilon_high", -0.1, ">= 0"),
     ("objective.kl_coef", -0.1, ">= 0"),
     ("init_from.step", -2, ">= -1"),

@@ -143,7 +143,7 @@ def test_dr_grpo_normaliser_does_not_depend_on_the_lengths():
 
 # --- TRL's own loss code ------------------------------------------------------------------------------------------
 
-def trl_loss(loss_type, logp, old, ref, adv, mask, beta, eps_low, eps_high, max_len):
+def trl_loss(loss_type, logp, old, ref, adv, mask, beta, eps_low, eps_high, max_len, level="token"):
   torch = pytest.importorskip("torch")
   from trl.trainer.grpo_trainer import GRPOTrainer
 
@@ -151,7 +151,7 @@ def trl_loss(loss_type, logp, old, ref, adv, mask, beta, eps_low, eps_high, max_
   B, C = logp.shape
   stub = types.SimpleNamespace(
       _get_per_token_logps_and_entropies=lambda *a, **k: (t(logp), torch.zeros(B, C, dtype=torch.float64), None),
-      top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+      top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
       args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
       loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False,
       vllm_importance_sampling_correction=False, model=types.SimpleNamespace(training=True),
@@ -165,21 +165,51 @@ def trl_loss(loss_type, logp, old, ref, adv, mask, beta, eps_low, eps_high, max_
   return float(GRPOTrainer._compute_loss(stub, None, inputs))
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
-def test_the_loss_equals_trls_grpo_trainer_loss(loss_type):
+def test_the_loss_equals_trls_grpo_trainer_loss(loss_type, level):
+  """GRPO's token ratios and GSPO's sequence ratios (TRL's importance_sampling_level), under each normaliser."""
   pytest.importorskip("trl")
   rng = np.random.default_rng(5)
   B, C = 6, 7
   logp, ref = -rng.uniform(0.1, 3, (B, C)), -rng.uniform(0.1, 3, (B, C))
-  old = logp + rng.normal(scale=0.3, size=(B, C))  # ratios on both sides of the clip range
+  old = logp + rng.normal(scale=0.5, size=(B, C))  # ratios on both sides of the clip range
   adv = rng.normal(size=B)
   mask = (np.arange(C)[None] < rng.integers(1, C + 1, B)[:, None]).astype(np.float64)
-  cfg = grpo_cfg(kl_coef=0.04, epsilon_low=0.2, epsilon_high=0.28, num_iterations=2, loss_type=loss_type)
+  eps = (0.2, 0.28) if level == "token" else (0.05, 0.08)  # sequence ratios spread less: some rows still clip
+  cfg = grpo_cfg(kl_coef=0.04, epsilon_low=eps[0], epsilon_high=eps[1], num_iterations=2, loss_type=loss_type,
+                 importance_sampling_level=level)
   f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-  per_token, _ = grpo.policy_loss(f32(logp), f32(old), f32(ref), f32(np.repeat(adv[:, None], C, 1)), f32(mask), cfg)
+  per_token, values = grpo.policy_loss(f32(logp), f32(old), f32(ref), f32(np.repeat(adv[:, None], C, 1)), f32(mask),
+                                       cfg)
   total, weight = grpo.normalise(per_token, f32(mask), jnp.ones(B), loss_type, C)
-  want = trl_loss(loss_type, logp, old, ref, adv, mask, 0.04, 0.2, 0.28, C)
+  want = trl_loss(loss_type, logp, old, ref, adv, mask, 0.04, *eps, C, level)
   np.testing.assert_allclose(float(total / weight), want, rtol=2e-6)
+  clipped = np.asarray(values["clip_ratio/low"] + values["clip_ratio/high"]) * mask
+  assert 0 < clipped.sum() < mask.sum()  # the clip is in play, on some tokens only
+
+
+def test_gspo_token_is_gspo_with_one_advantage_per_completion_and_on_policy_the_mean_score_function():
+  """GSPO-token has GSPO's value and, with one advantage per completion, its gradient; on-policy (ρ = 1) GSPO's
+  gradient for completion i is −Â_i ∇ mean_t log π_t (float64 closed form), whatever the loss's clipping."""
+  rng = np.random.default_rng(6)
+  B, C = 5, 6
+  logp = jnp.asarray(-rng.uniform(0.1, 3, (B, C)))
+  old = logp + jnp.asarray(rng.normal(scale=0.05, size=(B, C)))
+  adv = np.repeat(rng.normal(size=B)[:, None], C, 1)
+  mask = jnp.asarray((np.arange(C)[None] < rng.integers(1, C + 1, B)[:, None]).astype(np.float64))
+
+  def loss(level, logp, old):
+    cfg = grpo_cfg(loss_type="grpo", importance_sampling_level=level, epsilon_low=3e-4, epsilon_high=4e-4)
+    total, weight = grpo.normalise(grpo.policy_loss(logp, old, None, jnp.asarray(adv), mask, cfg)[0], mask,
+                                   jnp.ones(B), "grpo", C)
+    return total / weight
+
+  for f in (loss, jax.grad(loss, argnums=1)):
+    np.testing.assert_allclose(f("sequence_token", logp, old), f("sequence", logp, old), rtol=1e-5, atol=1e-7)
+  on_policy = jax.grad(lambda lp: loss("sequence", lp, jax.lax.stop_gradient(lp)))(logp)
+  m = np.asarray(mask)
+  np.testing.assert_allclose(on_policy, -adv * m / m.sum(1, keepdims=True) / B, rtol=1e-5, atol=1e-8)
 
 
 # --- reward functions ---------------------------------------------------------------------------------------------

@@ -5,16 +5,22 @@ params: G sampled completions per prompt, their rewards and advantages). Per com
   loss_t = −min(ρ·Â, clip(ρ, 1 − ε_low, 1 + ε_high)·Â) + β·k3_t,   k3_t = e^(ref − logπ) − (ref − logπ) − 1 ≥ 0
 
 where β = objective.kl_coef and ref is the log-prob under the reference (the starting policy; under a
-parameterisation the base with it off); β = 0 builds no reference at all. π_old is the rollout params' log-prob (the batch's `old_logps`); with one
-optimizer step per rollout (objective.num_iterations = 1) it is the current log-prob without gradient, so ρ = 1
-exactly, as in TRL. Normalisations (objective.loss_type), as (sum, weight) pairs so that gradient accumulation and
-several hosts give exactly the full-batch value:
+parameterisation the base with it off); β = 0 builds no reference at all. π_old is the rollout params' log-prob
+(the batch's `old_logps`); with one optimizer step per rollout (objective.num_iterations = 1) it is the current
+log-prob without gradient, so ρ = 1 exactly, as in TRL. Normalisations (objective.loss_type), as (sum, weight)
+pairs so that gradient accumulation and several hosts give exactly the full-batch value:
   grpo     mean over completions of each one's token mean          (Σ_i Σ_t loss·m / n_i,  weight: completions)
   dr_grpo  Σ loss·m / (completions · max_completion_length)        (a constant normaliser: no length bias)
   dapo     Σ loss·m / Σ m, a token mean over the global batch      (weight: completion tokens)
 m is the completion mask (through the first EOS; zero for a truncated completion under
 objective.mask_truncated_completions). Metrics, token means weighted like the loss: kl, entropy,
 clip_ratio/low (ρ < 1 − ε_low where Â < 0), clip_ratio/high (ρ > 1 + ε_high where Â > 0).
+
+With objective.importance_sampling_level='sequence' (GSPO) every token of a completion takes its sequence's ratio
+s = exp(mean_t log ρ_t), clipped as one (GSPO's clip ranges are ~1e-3: objective.epsilon_low/high); 'sequence_token'
+(GSPO-token) takes sg[s]·π(t)/sg[π(t)]: the same value, each token's own gradient, so per-token advantages may differ
+(with one advantage per completion its gradient is GSPO's). GSPO optimises per sequence: loss_type 'grpo' is its
+normaliser (a token-sum normaliser weights each sequence by its length, as TRL warns).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from fmjax.objectives.base import REFERENCE, REWARD_MODEL, Head, LossContext, Lo
 from fmjax.rl import advantages, rewards
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+RATIO_LEVELS = ("token", "sequence", "sequence_token")
 _field = options.field
 
 
@@ -55,6 +62,9 @@ class Options(options.Options):
                           checks.one_of(LOSS_TYPES))
   scale_rewards: str = _field("group", "advantages ÷ std of the group | batch | none, or rloo (leave-one-out)",
                               checks.one_of(advantages.SCALES))
+  importance_sampling_level: str = _field("token", "the ratio clipped: token (GRPO) | sequence (GSPO: exp of the "
+                                          "completion's mean log-ratio) | sequence_token (GSPO-token)",
+                                          checks.one_of(RATIO_LEVELS))
   epsilon_low: float = _field(0.2, "the ratio's lower clip 1 − ε_low",
                               checks.in_range(0, 1, "[)", "the ratio's lower clip 1 − ε_low"))
   epsilon_high: float = _field(0.28, "the upper clip 1 + ε_high (DAPO's clip-higher; 0.2 = symmetric)",
@@ -67,7 +77,13 @@ class Options(options.Options):
 def policy_loss(logp: jax.Array, old: jax.Array, ref: jax.Array | None, advantages: jax.Array, mask: jax.Array,
                 cfg: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(per-token loss [B,T], per-token metric values) of the clipped surrogate plus β·k3; all arrays [B,T]."""
-  ratio = jnp.exp(logp - old)
+  log_ratio = logp - old
+  if cfg.importance_sampling_level != "token":  # GSPO: one length-normalised ratio per completion
+    log_ratio = jnp.broadcast_to(jnp.sum(log_ratio * mask, axis=1, keepdims=True)
+                                 / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0), logp.shape)
+    if cfg.importance_sampling_level == "sequence_token":  # its value, each token's own gradient
+      log_ratio = jax.lax.stop_gradient(log_ratio) + logp - jax.lax.stop_gradient(logp)
+  ratio = jnp.exp(log_ratio)
   clipped = jnp.clip(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
   loss = -jnp.minimum(ratio * advantages, clipped * advantages)
   values = {"clip_ratio/low": ((ratio < 1 - cfg.epsilon_low) & (advantages < 0)).astype(jnp.float32),
