@@ -7,6 +7,7 @@ size, and one size per group may be -1 to take the remaining devices. Model code
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Sequence
@@ -102,14 +103,18 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str
       shapes, specs)
 
 
+def logical_axes(name: str) -> tuple[str, ...]:
+  """The mesh axes the logical axis `name` maps to under the current rules. Asked one name at a time: flax resolves
+  the names of one call as one array's dims, each mesh axis used once, and 'act_batch' already takes fsdp and
+  expert."""
+  axes = nn.logical_to_mesh_axes((name,))[0]
+  return tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a)
+
+
 def logical_ways(name: str) -> int:
   """Devices the logical axis `name` splits over under the current mesh and rules (1 outside a mesh)."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  axes = nn.logical_to_mesh_axes((name,))[0]
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return math.prod(mesh.shape[a] for a in axes if a)
+  return 1 if mesh.empty else math.prod(mesh.shape[a] for a in logical_axes(name))
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -130,6 +135,13 @@ def data_shard(mesh: Mesh, process: int | None = None) -> tuple[int, int]:
   """(index, count): which of the `count` distinct row sets this process's devices hold. Processes whose devices
   hold the same batch shards (a context or tensor group spanning hosts) read the same rows; otherwise each process
   is its own set, as (process_index, process_count) would give."""
+  index, count = _row_sets(mesh)
+  return index[jax.process_index() if process is None else process], count
+
+
+@functools.lru_cache(maxsize=8)
+def _row_sets(mesh: Mesh) -> tuple[dict[int, int], int]:
+  """Process -> index of its row set, and the number of sets (once per mesh: every batch asks)."""
   names = list(mesh.axis_names)
   devices = np.moveaxis(mesh.devices, [names.index(a) for a in BATCH_AXES], range(len(BATCH_AXES)))
   holders = devices.reshape(math.prod(mesh.shape[a] for a in BATCH_AXES), -1)  # row r: the devices of batch shard r
@@ -138,8 +150,7 @@ def data_shard(mesh: Mesh, process: int | None = None) -> tuple[int, int]:
     for d in group:
       rows.setdefault(d.process_index, set()).add(r)
   sets = sorted({tuple(sorted(s)) for s in rows.values()})
-  mine = tuple(sorted(rows[jax.process_index() if process is None else process]))
-  return sets.index(mine), len(sets)
+  return {p: sets.index(tuple(sorted(s))) for p, s in rows.items()}, len(sets)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -76,6 +76,14 @@ def unbalance(x, shards: int, axis: int = 1):
   return xp.concatenate([front, back], axis=axis).reshape(x.shape)
 
 
+def original_position(p, seq_len: int, shards: int):
+  """The natural position of load-balanced position(s) `p`, by integer arithmetic alone, so the same function
+  serves NumPy and traced arrays (inside the splash kernel too): piece s holds chunks s and 2·shards-1-s."""
+  c = seq_len // (2 * shards)
+  s, w = p // (2 * c), p % (2 * c)
+  return s * c + w + (w >= c) * ((2 * shards - 2 - 2 * s) * c)
+
+
 def original_index(seq_len: int, shards: int) -> np.ndarray:
   """[T] int32: the natural position of each load-balanced position."""
-  return balance(np.arange(seq_len, dtype=np.int32), shards, axis=0)
+  return original_position(np.arange(seq_len, dtype=np.int32), seq_len, shards).astype(np.int32)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from fmjax import sharding
 from fmjax.model.config import ModelConfig
 from fmjax.model.layers import SwiGLU, dense_param, project, swiglu
 from fmjax.model.splash import target_platform
@@ -187,17 +188,10 @@ def _local_capacity(x_NxD, idx_NxK, gate_NxK, w_gate, w_up, w_down, *, axes: Axe
   return y_NxD, jnp.sum(~keep_M).astype(jnp.float32)
 
 
-def _mesh_axes(logical: str) -> tuple[str, ...]:
-  """The mesh axes one logical axis maps to. Asked one name at a time: flax resolves the names of one call as one
-  array's dims, each mesh axis used once, and 'act_batch' already takes fsdp and expert."""
-  axes = nn.logical_to_mesh_axes((logical,))[0]
-  return tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a)
-
-
 def mesh_axes() -> Axes:
   """The mesh axes of the tokens and the experts' weights under the current logical-axis rules."""
-  return Axes(batch=_mesh_axes("act_batch"), expert=_mesh_axes("exp"), embed=_mesh_axes("embed"),
-              mlp=_mesh_axes("mlp"))
+  axes = sharding.logical_axes
+  return Axes(batch=axes("act_batch"), expert=axes("exp"), embed=axes("embed"), mlp=axes("mlp"))
 
 
 def experts(x_BxTxD: jax.Array, idx_BxTxK: jax.Array, gate_BxTxK: jax.Array, w_gate: jax.Array, w_up: jax.Array,
@@ -222,7 +216,7 @@ def experts(x_BxTxD: jax.Array, idx_BxTxK: jax.Array, gate_BxTxK: jax.Array, w_g
   axes = mesh_axes()
   if B % math.prod(mesh.shape[a] for a in axes.batch):
     axes = dataclasses.replace(axes, batch=())  # rows the batch axes do not divide (a sampler's): on every device
-  length = _mesh_axes("act_len")  # a sequence split over context devices: more tokens each device routes alone
+  length = sharding.logical_axes("act_len")  # a sequence split over context devices: more tokens, each routed alone
   if T % math.prod(mesh.shape[a] for a in length):
     length = ()
   batch, exp, embed, mlp = (getattr(axes, f) or None for f in ("batch", "expert", "embed", "mlp"))

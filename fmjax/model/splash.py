@@ -92,13 +92,7 @@ def _balanced_causal() -> type:
   class BalancedCausalMask(sm._ComputableMask):
     def __init__(self, seq_len: int, shards: int):
       self.seq_len, self.shards = seq_len, shards
-      c = seq_len // (2 * shards)  # chunk length; piece s holds chunks s and 2·shards-1-s
-
-      def original(p):  # numpy here, jax inside the kernel
-        s, w = p // (2 * c), p % (2 * c)
-        return s * c + w + (w >= c) * ((2 * shards - 2 - 2 * s) * c)
-
-      super().__init__((seq_len, seq_len), lambda q, k: q >= original(k))
+      super().__init__((seq_len, seq_len), lambda q, k: q >= context.original_position(k, seq_len, shards))
       self.q_sequence = context.original_index(seq_len, shards)
 
     def __eq__(self, other: object) -> bool:
@@ -111,11 +105,11 @@ def _balanced_causal() -> type:
 
 
 def _local(kernel, q_BxNxTxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, segment_ids_BxT: jax.Array,
-           split: context.Plan | None = None, length_axes: tuple[str, ...] = ()) -> jax.Array:
+           length_axes: tuple[str, ...] = ()) -> jax.Array:
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
   kv_segments_BxS = segment_ids_BxT
-  if split:  # this shard's queries against every key of the sequence (its transpose reduce-scatters the gradients)
+  if length_axes:  # this shard's queries against every key (its transpose reduce-scatters the gradients)
     gather = lambda x, axis: jax.lax.all_gather(x, length_axes, axis=axis, tiled=True)  # noqa: E731
     k_BxKxSxH, v_BxKxSxH, kv_segments_BxS = gather(k_BxKxSxH, 2), gather(v_BxKxSxH, 2), gather(segment_ids_BxT, 1)
   one = lambda q, k, v, s, t: kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=t))  # noqa: E731
@@ -135,7 +129,8 @@ def attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, 
   N, T = q.shape[1], q.shape[2]
   if mesh.empty:
     return jnp.swapaxes(_local(_kernel(N, T, interpret), q, k, v, segments), 1, 2).astype(q_BxTxNxH.dtype)
-  length = nn.logical_to_mesh_axes(("act_len",))[0] if split else None  # a sequence not split stays whole
+  length_axes = sharding.logical_axes("act_len") if split else ()  # a sequence not split stays whole
+  length = length_axes or None
   heads = P(*nn.logical_to_mesh_axes(("act_batch", "act_heads"))[:2], length, None)
   kv_heads = P(*nn.logical_to_mesh_axes(("act_batch", "act_kv_heads"))[:2], length, None)
   seg = P(nn.logical_to_mesh_axes(("act_batch",))[0], length)
@@ -146,9 +141,8 @@ def attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, 
                     "or use model.attention_impl=xla.")
   # the kernel for this shard's heads (its tables are per query block, so they shard with the queries' sequence)
   kernel = _kernel(N // sharding.logical_ways("act_heads"), T, interpret, split)
-  length_axes = (length,) if isinstance(length, str) else tuple(length or ())
   kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(None, length)))
-  run = functools.partial(_local, split=split, length_axes=length_axes)
+  run = functools.partial(_local, length_axes=length_axes)
   run = jax.shard_map(run, in_specs=(kernel_spec, heads, kv_heads, kv_heads, seg), out_specs=heads, check_vma=False)
   out = run(kernel, q, k, v, segments)
   return jnp.swapaxes(out, 1, 2).astype(q_BxTxNxH.dtype)
