@@ -26,28 +26,14 @@ def get_config(arg: str | None = None):
                            loss="",
                            scale="group", G=8, mu=1, beta=0.0, rank=0, temperature=1.0, completion=0, steps=200,
                            lr=1e-5, model="small")
-  data = "embedded:preference" if a.rlhf else "embedded:sort"
-  c = config_lib.finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, data, __file__)
-  if not a.init_from:  # the base: pre-training, then SFT on the task's own records
-    c.init_from.bootstrap = config_lib.sibling(__file__, "sft.py:smoke" if a.smoke else "sft.py")
-    if not a.rlhf:
-      c.init_from.bootstrap += (",data=embedded:sort" if a.smoke else ":data=embedded:sort")
-  o = config_lib.use_head(c, "grpo")
+  c, o = config_lib.rollout_task(a, "grpo", __file__, "sft.py")
+  c.lora.rank = a.rank
   o.loss_type, o.scale_rewards, o.kl_coef = a.loss or ("grpo" if a.gspo else "dapo"), a.scale, a.beta
   if a.gspo:
     o.importance_sampling_level, o.epsilon_low, o.epsilon_high = "sequence", 3e-4, 4e-4
   o.num_generations, o.num_iterations, o.temperature = a.G, a.mu, a.temperature
-  o.rewards = a.rewards or ("model" if a.rlhf else "sort_digits")
-  o.reward_model = a.reward_model
-  if a.rlhf and not a.reward_model:  # standalone: a reward model over the same base first
-    o.reward_model_bootstrap = config_lib.sibling(__file__, "reward.py:smoke" if a.smoke else "reward.py")
-  o.max_completion_length = a.completion or (48 if a.rlhf else 16)
-  c.lora.rank = a.rank
   c.train.batch_size = 4 * a.G  # 4 prompts per rollout
-  c.train.seq_len = 128 if a.rlhf else 48
-  c.eval.every_steps, c.eval.at_start = 0, False  # progress is the rollouts' reward (metrics.jsonl)
   c.checkpoint.every_steps = max(a.mu, a.steps // 4 // a.mu * a.mu)
-  c.log.every_steps = 1 if a.smoke else 5
   if a.smoke:
     c.train.steps, c.optimizer.lr, c.optimizer.warmup_steps = 20, 3e-4, 0
     c.checkpoint.every_steps = 10 // a.mu * a.mu or a.mu

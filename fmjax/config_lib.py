@@ -82,6 +82,32 @@ def sibling(config_file: str, spec: str) -> str:
   return os.path.join(os.path.dirname(os.path.abspath(config_file)), spec)
 
 
+def rollout_task(a: Any, head: str, config_file: str,
+                 base_config: str) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """(config, its objective section) of an RL stage that trains head `head` on its own samples, from the parsed
+  variant `a` (its keys smoke, rlhf, init_from, reward_model, rewards, completion, steps, lr, model). Task `sort`
+  (embedded:sort, reward sort_digits; with no init_from the base is `base_config`, a fine-tuning config beside
+  `config_file`, trained on the task's records) or with `rlhf` the prompts of embedded:preference scored by the
+  reward model `reward_model` (or, with none, one trained first). Held-out loss is off: progress is the rollouts'
+  reward."""
+  data = "embedded:preference" if a.rlhf else "embedded:sort"
+  c = finetune(a.init_from, a.smoke, a.model, a.steps, a.lr, data, config_file)
+  if not a.init_from:  # the base: pre-training, then fine-tuning on the task's own records
+    c.init_from.bootstrap = sibling(config_file, base_config + (":smoke" if a.smoke else ""))
+    if not a.rlhf:
+      c.init_from.bootstrap += (",data=embedded:sort" if a.smoke else ":data=embedded:sort")
+  o = use_head(c, head)
+  o.rewards = a.rewards or ("model" if a.rlhf else "sort_digits")
+  o.reward_model = a.reward_model
+  if a.rlhf and not a.reward_model:  # standalone: a reward model over the same base first
+    o.reward_model_bootstrap = sibling(config_file, "reward.py:smoke" if a.smoke else "reward.py")
+  o.max_completion_length = a.completion or (48 if a.rlhf else 16)
+  c.train.seq_len = 128 if a.rlhf else 48
+  c.eval.every_steps, c.eval.at_start = 0, False
+  c.log.every_steps = 1 if a.smoke else 5
+  return c, o
+
+
 def finetune(init_from: str, smoke: bool, model: str, steps: int, lr: float, data: str,
              config_file: str, smoke_lr: float = 1e-3) -> ml_collections.ConfigDict:
   """The base of the fine-tuning stages: start from the params of pre-trained (or imported) run

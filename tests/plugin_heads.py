@@ -19,6 +19,7 @@ import numpy as np
 
 from fmjax import checks, objectives
 from fmjax.objectives import Head, Part, Rollout, options
+from fmjax.objectives.ppo import ValueHead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,18 +41,6 @@ def make_smoothed(o: SmoothedOptions) -> Head:
   return Head(loss, reports_nll=True)
 
 
-class Value(nn.Module):
-  """A scalar per position from the trunk's final hidden states."""
-  d_model: int
-
-  @nn.compact
-  def __call__(self, hidden_BxTxD: jax.Array) -> jax.Array:
-    w = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros, ("embed", None)),
-                   (self.d_model, 1), jnp.float32)
-    b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (1,), jnp.float32)
-    return (hidden_BxTxD.astype(jnp.float32) @ w + b)[..., 0]
-
-
 @dataclasses.dataclass(frozen=True)
 class ReinforceOptions(options.Options):
   rewards: str = options.field("sort_digits", "reward functions, 'name[:weight],...'")
@@ -61,7 +50,7 @@ class ReinforceOptions(options.Options):
   value_coef: float = options.field(0.5, "weight of the value loss", checks.non_negative())
 
 
-VALUE = Part("value", lambda cfg: Value(cfg.d_model))
+VALUE = Part("value", lambda cfg: ValueHead(cfg.d_model))  # the library's linear value head (configs/ppo.py's)
 
 
 def make_reinforce(o: ReinforceOptions) -> Head:

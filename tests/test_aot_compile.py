@@ -65,13 +65,31 @@ def test_smoke_fits_on_v5p_8_with_memory_by_category_and_a_projected_mfu(v5p_8):
                                          ("configs/reft.py:smoke", "frozen REFT base"),
                                          ("configs/dpo.py:smoke", "frozen reference"),
                                          ("configs/grpo.py:smoke,beta=0.04", "frozen reference"),
+                                         ("configs/grpo.py:smoke,gspo,beta=0.04", "frozen reference"),
+                                         ("configs/online_dpo.py:smoke", "frozen reference"),
                                          ("configs/distill.py:smoke", "frozen teacher")])
 def test_every_stage_compiles_with_its_frozen_trees(v5p_8, spec, frozen):
   topo, devices = v5p_8
   report = aot.analyse(config_lib.load(spec), topo, devices=devices, cost=False)
   assert report.verdict == "fits" and report.memory.arguments[frozen] > 0
-  if spec.startswith(("configs/dpo", "configs/grpo")):
+  if spec.startswith(("configs/dpo", "configs/grpo", "configs/online_dpo")):
     assert report.memory.arguments[frozen] == report.memory.arguments["params (trained)"]
+
+
+@pytest.mark.parametrize("critic", ["trunk", "separate"])
+def test_ppo_compiles_with_its_critic_and_reference(v5p_8, critic):
+  """The trained params hold the policy and its critic: a value head (d_model + 1 floats) or a second network."""
+  topo, devices = v5p_8
+  c = config_lib.load(f"configs/ppo.py:smoke,critic={critic}")
+  report = aot.analyse(c, topo, devices=devices, cost=False)
+  args = report.memory.arguments
+  assert report.verdict == "fits" and args["frozen reference"] > 0
+  extra = args["params (trained)"] - args["frozen reference"]
+  d = config_lib.resolved_model(c).d_model
+  if critic == "trunk":  # per chip: the kernel is sharded like the embedding
+    assert 0 < extra <= 4 * (d + 1)
+  else:  # a second network of the policy's shape with a score head for its unembedding
+    assert extra == pytest.approx(args["frozen reference"], rel=0.5)
 
 
 def test_smoke_compiles_for_v5p_8_with_splash_attention_by_default(v5p_8, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 from fmjax import config_lib, objectives
 from fmjax.errors import UserError
 from fmjax.objectives import LossContext
-from fmjax.objectives import grpo
+from fmjax.objectives import grpo, sampling
 from fmjax.rl import advantages, rewards
 from fmjax.train import rollout
 
@@ -143,7 +143,7 @@ def test_dr_grpo_normaliser_does_not_depend_on_the_lengths():
 
 # --- TRL's own loss code ------------------------------------------------------------------------------------------
 
-def trl_loss(loss_type, logp, old, ref, adv, mask, beta, eps_low, eps_high, max_len, level="token"):
+def trl_loss(loss_type, logp, old, ref, adv, mask, beta, eps_low, eps_high, max_len, level="token", is_ratio=None):
   torch = pytest.importorskip("torch")
   from trl.trainer.grpo_trainer import GRPOTrainer
 
@@ -153,8 +153,8 @@ def trl_loss(loss_type, logp, old, ref, adv, mask, beta, eps_low, eps_high, max_
       _get_per_token_logps_and_entropies=lambda *a, **k: (t(logp), torch.zeros(B, C, dtype=torch.float64), None),
       top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
       args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
-      loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False,
-      vllm_importance_sampling_correction=False, model=types.SimpleNamespace(training=True),
+      loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=is_ratio is not None,
+      vllm_importance_sampling_correction=is_ratio is not None, model=types.SimpleNamespace(training=True),
       current_gradient_accumulation_steps=1, max_completion_length=max_len, _entropy_bonus_enabled=False,
       aux_loss_enabled=False, _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
       accelerator=types.SimpleNamespace(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x))
@@ -162,6 +162,8 @@ def trl_loss(loss_type, logp, old, ref, adv, mask, beta, eps_low, eps_high, max_
             "completion_ids": torch.zeros(B, C, dtype=torch.long), "completion_mask": t(mask),
             "advantages": t(adv), "old_per_token_logps": t(old), "ref_per_token_logps": t(ref),
             "num_items_in_batch": t(mask).sum()}
+  if is_ratio is not None:
+    inputs["importance_sampling_ratio"] = t(is_ratio)
   return float(GRPOTrainer._compute_loss(stub, None, inputs))
 
 
@@ -235,3 +237,31 @@ def test_sort_rewards():
   p = "Sort: 3 1 2\n"
   assert tasks.sort_exact([p, p], ["1 2 3", "1 3 2"]) == [1.0, 0.0]
   np.testing.assert_allclose(tasks.sort_digits([p, p, p], ["1 2 3", "1 3 2", "1 2 3 4 5"]), [1.0, 1 / 3, 0.8])
+
+
+@pytest.mark.parametrize("mode", [m for m in sampling.CORRECTIONS if m != "none"])
+def test_the_sampler_correction_is_tis_and_weighs_the_surrogate_as_trl(mode):
+  """TIS weights (float64 formulas of TRL's vllm_importance_sampling_mode), applied to the clipped surrogate before
+  the KL term, as TRL's GRPOTrainer applies its importance_sampling_ratio."""
+  pytest.importorskip("trl")
+  rng = np.random.default_rng(11)
+  B, C = 6, 7
+  logp, ref = -rng.uniform(0.1, 3, (B, C)), -rng.uniform(0.1, 3, (B, C))
+  old = logp + rng.normal(scale=0.5, size=(B, C))
+  sampler = old + rng.normal(scale=0.6, size=(B, C))  # the sampler's numerics differ from the trainer's
+  adv = rng.normal(size=B)
+  mask = (np.arange(C)[None] < rng.integers(1, C + 1, B)[:, None]).astype(np.float64)
+  cfg = grpo_cfg(kl_coef=0.04, num_iterations=2, loss_type="dapo", sampler_correction=mode,
+                 sampler_correction_min=0.5, sampler_correction_max=2.0)
+  diff = (old - sampler) * mask
+  w = np.exp(diff.sum(1, keepdims=True) if mode.startswith("sequence") else diff) * np.ones((B, C))
+  want_w = np.clip(w, 0.5, 2.0) if mode.endswith("truncate") else np.where((w < 0.5) | (w > 2.0), 0.0, w)
+  assert 0 < np.mean(want_w != w) < 1  # the bounds are in play
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  weight = sampling.correction(f32(old), f32(sampler), f32(mask), cfg)
+  np.testing.assert_allclose(np.asarray(weight) * mask, want_w * mask, rtol=1e-5)
+  per_token, _ = grpo.policy_loss(f32(logp), f32(old), f32(ref), f32(np.repeat(adv[:, None], C, 1)), f32(mask), cfg,
+                                  weight)
+  total, norm = grpo.normalise(per_token, f32(mask), jnp.ones(B), "dapo", C)
+  want = trl_loss("dapo", logp, old, ref, adv, mask, 0.04, 0.2, 0.28, C, is_ratio=want_w)
+  np.testing.assert_allclose(float(total / norm), want, rtol=2e-6)

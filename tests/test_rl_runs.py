@@ -38,15 +38,16 @@ def tiny(repo, **overrides):
 
 def test_the_samplers_log_probs_are_the_training_forwards(repo):
 
-  exp = from_config.build(tiny(repo, **{"objective.temperature": 0.7}), devices=jax.devices()[:1])
+  exp = from_config.build(tiny(repo, **{"objective.temperature": 0.7, "objective.sampler_correction": "token_mask"}),
+                          devices=jax.devices()[:1])
   batch, made = exp.batch(exp.state, 1)
   assert made["completions/mean_length"] > 0 and "rewards/checksum/mean" in made
   logits = exp.run.model.apply({"params": exp.state.params}, batch["tokens"], batch["segment_ids"], batch["positions"])
   logp = from_logits(logits, batch["targets"], 0.7).logp
   mask = np.asarray(batch["loss_mask"]) > 0
   assert mask.sum() >= 8
-  np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(batch["old_logps"])[mask], atol=1e-5)
-  exp.rollout.iterations = 2  # step 2 of a 2-step rollout trains on the same batch; step 3 draws a new one
+  np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(batch["sampler_logps"])[mask], atol=1e-5)
+  exp.rollout.steps = 2  # step 2 of a 2-step rollout trains on the same batch; step 3 draws a new one
   assert exp.batch(exp.state, 2) == (batch, {}) and exp.batch(exp.state, 3)[0] is not batch
 
 

@@ -5,8 +5,9 @@
   unpaired  one packed row per labelled response, plus `label` (+1 desirable / −1 undesirable)
   labelled  one packed row per classified sequence, plus `label` (its class id)
   rollouts  one row per sampled completion (prompt + completion; loss_mask on the completion), plus the per-token
-            columns the head's rollout declares (e.g. `advantages`, the completion's advantage, and `old_logps`, the
-            sampler's log-probs); made by fmjax/train/rollout.py from prompt records, never packed
+            columns the head's rollout declares (e.g. `advantages`, the completion's advantage, `sampler_logps`, the
+            sampler's log-probs, `old_logps`, the trainer's under the params that sampled); made by
+            fmjax/train/rollout.py from prompt records, never packed
 Per-example columns (`ref_logps`, `label`) travel as per-token arrays holding the value at each example's first
 position, so they stay right under packing; a parameterisation's columns are per-token int32.
 """

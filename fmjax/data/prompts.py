@@ -24,12 +24,13 @@ def prompt_width(seq_len: int, spec: Rollout) -> int:
 
 
 def prompts_per_step(rows: int, spec: Rollout) -> int:
-  """Prompts of one rollout: train.batch_size rows hold the head's `group` completions of each."""
+  """Prompts of one rollout: its `minibatches` × train.batch_size rows hold the head's `group` completions of
+  each."""
   group = spec.group
   if rows % group:
     raise UserError(f"train.batch_size={rows} must be a multiple of objective.{spec.group_key}={group} (the rows of "
                     "a rollout are G completions of each prompt).")
-  return rows // group
+  return rows // group * int(spec.minibatches)
 
 
 class _Prompt:

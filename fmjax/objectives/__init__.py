@@ -7,13 +7,13 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from fmjax.errors import UserError
-from fmjax.objectives import classify, distill, grpo, lm, preference, reward, sft
+from fmjax.objectives import classify, distill, grpo, lm, online_dpo, ppo, preference, reward, sft
 from fmjax.objectives.base import Frozen, Head, LossContext, LossOutput, Part, Rollout
 from fmjax.objectives.options import HeadType, Options
 
 REGISTRY: dict[str, HeadType] = {
     "lm": lm.HEAD, "sft": sft.HEAD, **preference.HEADS, "distill": distill.HEAD, "reward": reward.HEAD,
-    "classify": classify.HEAD, "grpo": grpo.HEAD}
+    "classify": classify.HEAD, "grpo": grpo.HEAD, "ppo": ppo.HEAD, "online_dpo": online_dpo.HEAD}
 
 
 def register(name: str, make: Callable[[Any], Head], options: type[Options] = Options) -> None:

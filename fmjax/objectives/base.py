@@ -61,8 +61,16 @@ class Rollout:
   `rewards` ('name[:weight],...'; 'model' is the frozen REWARD_MODEL), and lays them out one per row (prompt +
   completion, loss on the completion). `per_completion(rewards [N], group)` gives the head's columns, one value per
   completion, written on its completion's tokens; `sampler_logps` names the per-token column that receives the
-  sampler's log-probs ('' = none). The next `iterations` optimizer steps train on one rollout. A reward function
-  that runs longer than `reward_timeout` seconds (0 = no limit) stops the run with an error naming it."""
+  sampler's log-probs ('' = none).
+
+  A head that needs more than per-completion values (PPO's critic values and GAE, a trainer-side log-prob) adds
+  `prepare(params, batch, ctx) -> {column: [B,T]}`: run on the device over the laid-out rollout, train.batch_size
+  rows at a time, under the params that sampled it, before any optimizer step on it (names: `prepared`); and/or
+  `finish(rows, rewards) -> ({column: [N,T]}, {metric: float})`: on the host in numpy over the whole rollout (`rows`:
+  every column so far; names: `finished`). A rollout holds `minibatches` train batches; the next
+  `iterations` × `minibatches` optimizer steps train on it, one minibatch each, `iterations` passes (epochs) in a
+  fresh order each. A reward function that runs longer than `reward_timeout` seconds (0 = no limit) stops the run
+  with an error naming it."""
   group: int
   max_completion_length: int
   rewards: str
@@ -70,28 +78,50 @@ class Rollout:
   columns: tuple[str, ...]  # the names per_completion returns
   sampler_logps: str = ""
   iterations: int = 1
+  minibatches: int = 1
+  prepare: Callable[..., Mapping[str, jax.Array]] | None = None
+  prepared: tuple[str, ...] = ()
+  finish: Callable[..., tuple[Mapping[str, np.ndarray], Mapping[str, float]]] | None = None
+  finished: tuple[str, ...] = ()
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
   mask_truncated: bool = False  # no loss on completions that hit the length limit
+  missing_eos_penalty: float = 0.0  # subtracted from the reward of a completion that hit the length limit
   reward_timeout: float = 300.0  # seconds per reward function call (objective.reward_timeout)
   group_key: str = "num_generations"  # the head's option keys behind `group` and `iterations`, for messages
   iterations_key: str = "num_iterations"
+  minibatches_key: str = "num_mini_batches"
 
   @property
   def batch_columns(self) -> tuple[str, ...]:
     """Every column the rollout adds to the five sequence keys."""
-    return self.columns + ((self.sampler_logps,) if self.sampler_logps else ())
+    return self.columns + ((self.sampler_logps,) if self.sampler_logps else ()) + self.prepared + self.finished
+
+  @property
+  def steps(self) -> int:
+    """Optimizer steps on one rollout."""
+    return int(self.iterations) * int(self.minibatches)
 
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-  """A trainable module a head adds over the trunk's final hidden states [B,T,D] (a value head, a second score
-  head): `make(model_cfg)` builds it; its params live under the trained params' PARTS subtree, train, checkpoint and
-  resume with the rest, and are read through `ctx.forward(..., parts=(name,))`."""
+  """A trainable module a head adds: `make(model_cfg)` builds it; its params live under the trained params' PARTS
+  subtree, train, checkpoint and resume with the rest, and are read through `ctx.forward(..., parts=(name,))`. It
+  reads the trunk's final hidden states [B,T,D] (a value head, a second score head) or, with `reads="inputs"`, the
+  tokens, segment ids and positions: a network of its own (a separate critic), which a fresh run starts from the
+  checkpoint of run `init` at `init_step` (objective.<init_key>; '' = the run the policy starts from, if any), a
+  task head that run lacks fresh."""
   name: str
   make: Callable[[Any], nn.Module]
+  reads: str = "hidden"  # hidden | inputs
+  init: str = ""
+  init_step: int = -1
+  init_key: str = ""
 
+  def __post_init__(self):
+    if self.reads not in ("hidden", "inputs"):
+      raise ValueError(f"Part({self.name!r}).reads={self.reads!r} must be 'hidden' or 'inputs'.")
 
 
 

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 
 from fmjax import checks
-from fmjax.objectives import options
+from fmjax.objectives import options, sampling
 from fmjax.objectives.base import REFERENCE, REWARD_MODEL, Head, LossContext, LossOutput, Rollout
-from fmjax.rl import advantages, rewards
+from fmjax.rl import advantages
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 RATIO_LEVELS = ("token", "sequence", "sequence_token")
@@ -42,22 +42,11 @@ _field = options.field
 
 
 @dataclasses.dataclass(frozen=True)
-class Options(options.Options):
-  rewards: str = _field("sort_digits", "'name[:weight],...': built-ins, 'model' (reward_model), 'pkg.mod:fn'")
-  reward_model: str = _field("", "with rewards 'model': a reward-model run directory (configs/reward.py)")
-  reward_model_step: int = _field(-1, "its checkpoint step; -1 = newest", checks.STEP)
-  reward_model_bootstrap: str = _field("", "with no directory: train this reward config into WORKDIR/reward_model")
-  reward_timeout: float = _field(300.0, "seconds a reward function may run per rollout (else an error); 0 = no limit",
-                                 checks.non_negative("seconds; 0 = no limit"))
+class Options(sampling.Corrected):
   num_generations: int = _field(4, "completions sampled per prompt (G); train.batch_size = prompts × G",
                                 checks.positive("completions sampled per prompt"))
   num_iterations: int = _field(1, "optimizer steps on each rollout (μ); > 1 reuses it with clipping",
                                checks.positive("optimizer steps per rollout"))
-  max_completion_length: int = _field(32, "tokens sampled per completion at most",
-                                      checks.positive("tokens per completion"))
-  temperature: float = _field(1.0, "sampling temperature (also of the log-probs trained on)", checks.positive())
-  top_k: int = _field(0, "sample among the top k; 0 = all", checks.non_negative("0 = the whole vocabulary"))
-  top_p: float = _field(1.0, "nucleus sampling", checks.in_range(0, 1, "(]", "1 = no nucleus filtering"))
   loss_type: str = _field("dapo", "grpo (per-sequence token mean) | dr_grpo (÷ G·L_max) | dapo (token mean)",
                           checks.one_of(LOSS_TYPES))
   scale_rewards: str = _field("group", "advantages ÷ std of the group | batch | none, or rloo (leave-one-out)",
@@ -75,8 +64,9 @@ class Options(options.Options):
 
 
 def policy_loss(logp: jax.Array, old: jax.Array, ref: jax.Array | None, advantages: jax.Array, mask: jax.Array,
-                cfg: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(per-token loss [B,T], per-token metric values) of the clipped surrogate plus β·k3; all arrays [B,T]."""
+                cfg: Any, weight: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(per-token loss [B,T], per-token metric values) of the clipped surrogate (times the sampler correction
+  `weight`, if any) plus β·k3; all arrays [B,T]."""
   log_ratio = logp - old
   if cfg.importance_sampling_level != "token":  # GSPO: one length-normalised ratio per completion
     log_ratio = jnp.broadcast_to(jnp.sum(log_ratio * mask, axis=1, keepdims=True)
@@ -86,6 +76,8 @@ def policy_loss(logp: jax.Array, old: jax.Array, ref: jax.Array | None, advantag
   ratio = jnp.exp(log_ratio)
   clipped = jnp.clip(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
   loss = -jnp.minimum(ratio * advantages, clipped * advantages)
+  if weight is not None:
+    loss = loss * weight
   values = {"clip_ratio/low": ((ratio < 1 - cfg.epsilon_low) & (advantages < 0)).astype(jnp.float32),
             "clip_ratio/high": ((ratio > 1 + cfg.epsilon_high) & (advantages > 0)).astype(jnp.float32)}
   if ref is not None:
@@ -107,22 +99,23 @@ def normalise(loss_BxT: jax.Array, mask_BxT: jax.Array, rows_B: jax.Array, loss_
   return jnp.sum(loss_BxT), jnp.sum(mask_BxT)
 
 
-def uses_reward_model(cfg: Any) -> bool:
-  return rewards.MODEL in [name for name, _ in rewards.parse(cfg.rewards)]
-
-
 def make(cfg: Options) -> Head:
   temperature, reuse = float(cfg.temperature), int(cfg.num_iterations) > 1
+  corrected = cfg.sampler_correction != "none"
 
   def loss(params, batch: dict[str, jax.Array], ctx: LossContext) -> LossOutput:
     mask = batch["loss_mask"].astype(jnp.float32)
     stats = ctx.token_stats(params, batch, temperature, extra=("entropy",))
     logp, entropy = stats.logp, stats.entropy
+    # the trainer's log-probs under the params that sampled: with one step per rollout, the current ones
     old = batch["old_logps"] if reuse else jax.lax.stop_gradient(logp)
+    weight = sampling.correction(old, batch["sampler_logps"], mask, cfg) if corrected else None
     ref = None
     if cfg.kl_coef:
       ref = jax.lax.stop_gradient(ctx.frozen_stats(REFERENCE.role, batch, temperature).logp)
-    per_token, values = policy_loss(logp, old, ref, batch["advantages"], mask, cfg)
+    per_token, values = policy_loss(logp, old, ref, batch["advantages"], mask, cfg, weight)
+    if weight is not None:
+      values["sampler_correction"] = weight
     rows = (jnp.sum(batch["segment_ids"] > 0, axis=1) > 0).astype(jnp.float32)
     loss_sum, weight = normalise(per_token, mask, rows, cfg.loss_type, int(cfg.max_completion_length))
     tokens = jnp.maximum(jnp.sum(mask), 1.0)
@@ -130,13 +123,17 @@ def make(cfg: Options) -> Head:
     metrics = {k: jnp.sum(v * mask) / tokens * weight for k, v in {**values, "entropy": entropy}.items()}
     return loss_sum, weight, metrics
 
+  def prepare(params, batch: dict[str, jax.Array], ctx: LossContext) -> dict[str, jax.Array]:
+    return {"old_logps": ctx.token_stats(params, batch, temperature).logp}
+
   rollout = Rollout(
       group=cfg.num_generations, max_completion_length=cfg.max_completion_length, rewards=cfg.rewards,
       per_completion=lambda r, group: {"advantages": advantages.compute(r, group, cfg.scale_rewards)},
-      columns=("advantages",), sampler_logps="old_logps", iterations=cfg.num_iterations, temperature=cfg.temperature,
+      columns=("advantages",), sampler_logps="sampler_logps" if corrected else "", iterations=cfg.num_iterations,
+      prepare=prepare if reuse else None, prepared=("old_logps",) if reuse else (), temperature=cfg.temperature,
       top_k=cfg.top_k, top_p=cfg.top_p, mask_truncated=cfg.mask_truncated_completions,
-      reward_timeout=cfg.reward_timeout)
-  return Head(loss, frozen=((REFERENCE,) if cfg.kl_coef else ()) + ((REWARD_MODEL,) if uses_reward_model(cfg) else ()),
+      missing_eos_penalty=cfg.missing_eos_penalty, reward_timeout=cfg.reward_timeout)
+  return Head(loss, frozen=((REFERENCE,) if cfg.kl_coef else ()) + ((REWARD_MODEL,) if cfg.uses_reward_model() else ()),
               rollout=rollout)
 
 

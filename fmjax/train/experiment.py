@@ -131,7 +131,7 @@ def build(spec: Spec, devices: list | None = None) -> Experiment:
   exp = Experiment(run, state, iter(dataset))
   if head.rollout is not None:
     exp.rollout = rollout_lib.Driver(head.rollout, t.seq_len, spec.data.chat_template, model, tokenizer, records,
-                                     exp.stream, mesh, plan.frozen)
+                                     exp.stream, mesh, plan.frozen, t.batch_size, rules)
   base = train_state.count_params(state.base)
   notes = ([model.adapter.describe(run.num_params)] if model.adapter else []) + \
       [f"+ frozen {s.role}" + (" (a copy)" if s.role in state.frozen and s.source == "policy" else "")

@@ -67,6 +67,7 @@ def plan(head: Head, model: Transformer, params: Any, param_shardings: Any, mesh
   """`params` / `param_shardings`: the run's own (abstract) model weights, which a 'policy' copy mirrors. Under a
   parameterisation the policy is the frozen base with it off: no tree is added for it."""
   networks, abstract, shardings = {}, {}, {}
+  params, param_shardings = model_weights(params), model_weights(param_shardings)
   for spec in head.frozen:
     if spec.source == "policy":
       if model.adapter is None:
@@ -88,7 +89,13 @@ def policy_roles(p: Plan) -> tuple[str, ...]:
 def policy_copies(p: Plan, start: Any) -> dict[str, Any]:
   """Role -> a copy of the starting weights, for each 'policy' copy the state holds (new buffers: a donated state
   must not hold one buffer twice)."""
-  return {role: jax.tree.map(jnp.copy, start) for role in policy_roles(p)}
+  return {role: jax.tree.map(jnp.copy, model_weights(start)) for role in policy_roles(p)}
+
+
+def model_weights(tree: Any) -> Any:
+  """The model's own weights of a params tree: without the head's parts (a reference copies the policy, not its
+  critic)."""
+  return {k: v for k, v in tree.items() if k != PARTS} if isinstance(tree, dict) else tree
 
 
 def load_runs(runs: tuple[FrozenRun, ...], p: Plan, tokenizer_id: str) -> dict[str, Any]:
@@ -112,6 +119,7 @@ def make_context(model: Transformer, p: Plan) -> Callable[..., LossContext]:
   plain = type(model)(model.cfg)  # the same network with no parameterisation
   columns = () if model.adapter is None else model.adapter.columns
   parts = {part.name: part.make(model.cfg) for part in p.parts}
+  reads = {part.name: part.reads for part in p.parts}
 
   def context(base: Any, frozen: Any, rng: jax.Array | None = None) -> LossContext:
     router_stats = []  # of this context's calls: read by model_terms in the same trace
@@ -133,7 +141,8 @@ def make_context(model: Transformer, p: Plan) -> Callable[..., LossContext]:
     def forward(params, inputs, temperature=1.0, extra=(), names=()):
       out, hidden_BxTxD = apply(params, inputs, targets_BxT=inputs["targets"], temperature=temperature,
                                 extra_stats=extra, return_hidden=True)
-      return out, {n: parts[n].apply({"params": params[PARTS][n]}, hidden_BxTxD) for n in names}
+      args = {"inputs": model_inputs(inputs), "hidden": (hidden_BxTxD,)}
+      return out, {n: parts[n].apply({"params": params[PARTS][n]}, *args[reads[n]]) for n in names}
 
     fns, stats_fns = {}, {}
     for spec in p.specs:

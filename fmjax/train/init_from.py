@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from fmjax import adapters, data
+from fmjax.adapters.base import PARTS
 from fmjax.train import checkpoint, integrity
 from fmjax.train import state as train_state
 from fmjax.errors import UserError
@@ -159,3 +160,24 @@ def load(state: Any, shardings: Any, workdir: str, step: int = -1, frozen_only: 
                os.path.join(checkpoint_dir(workdir, step), "state"),
                "" if frozen_only else " (optimizer state, step and data position start fresh)")
   return train_state.with_base_params(state, params, frozen_only), params
+
+
+def start_parts(state: Any, shardings: Any, parts: tuple, source: str, tokenizer: dict) -> Any:
+  """`state` with each head part that is a network of its own (`Part.reads == "inputs"`) read from its `init` run,
+  else from `source` (the run the policy starts from; '' = none: it keeps its initialisation). A language model's
+  run leaves the part's score head fresh. For a fresh start only: a resume restores the parts with the rest."""
+  params = dict(state.params[PARTS])
+  for part in parts:
+    workdir, step = (part.init, part.init_step) if part.init else (source, -1)
+    if part.reads != "inputs" or not workdir:
+      continue
+    key = f"objective.{part.init_key}" if part.init else "init_from"
+    check_tokenizer(workdir, tokenizer, key=key)
+    current = params[part.name]
+    target = checkpoint.abstract(current, shardings.params[PARTS][part.name])
+    net = next(iter(current))  # the part's one network
+    read_net = read(workdir, step, target[net], key=key, new_head=True)
+    params[part.name] = {net: {**current[net], **read_net}}
+    logging.info("initialised the head's %s from %s", part.name, os.path.join(checkpoint_dir(workdir, step, key),
+                                                                                "state"))
+  return state.replace(params={**state.params, PARTS: params})

@@ -2,11 +2,13 @@
 (`objectives.Rollout`): sample G completions of each prompt with the CURRENT params (KV-cache decoding, one compiled
 step: fmjax/sample.py), score them (reward functions on the host, the reward model on the device), give each its
 head's per-completion columns (e.g. group advantages), and lay the completions out as one `rollouts` batch
-(fmjax/data/layout.py) that the next `iterations` steps train on.
+(fmjax/data/layout.py) that the next `iterations` × `minibatches` steps train on, one minibatch each. A head's
+`prepare` runs on the device over the rollout under the params that sampled it (a critic's values, the trainer's own
+log-probs), its `finish` on the host over the whole rollout (GAE, whitening).
 
 Every process draws the same global rollout (every process reads the same prompt stream; the sampling key is the
-train state's, folded with the step), then keeps its own rows; so a run stopped at a rollout boundary and resumed repeats
-it exactly. Checkpoints are taken at those boundaries only (every num_iterations steps).
+train state's, folded with the step), then keeps its own rows of each minibatch; so a run stopped at a rollout
+boundary and resumed repeats it exactly. Checkpoints are taken at those boundaries only.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import functools
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from fmjax import sample, sharding
 from fmjax.data.chat import ChatTemplate
@@ -72,42 +76,84 @@ def check(head_name: str, spec: Rollout, eval_every: int, checkpoint_every: int)
   if eval_every:
     raise UserError(f"objective.name={head_name!r} trains on rollouts, which have no held-out loss: set "
                     "eval.every_steps=0, and compare held-out rewards with tools/evaluate.py rewards.")
-  if checkpoint_every % spec.iterations:
-    raise UserError(f"checkpoint.every_steps={checkpoint_every} must be a multiple of objective.{spec.iterations_key}="
-                    f"{spec.iterations}: checkpoints are taken where a rollout's optimizer steps end.")
+  if checkpoint_every % spec.steps:
+    per = f"objective.{spec.iterations_key}={spec.iterations}" + (
+        f" × objective.{spec.minibatches_key}={spec.minibatches}" if spec.minibatches > 1 else "")
+    raise UserError(f"checkpoint.every_steps={checkpoint_every} must be a multiple of {per}: checkpoints are taken "
+                    "where a rollout's optimizer steps end.")
 
 
 class Driver:
   """Makes each rollout batch of a run (see the module docstring)."""
 
   def __init__(self, spec: Rollout, seq_len: int, chat_template: str, model: Any, tokenizer: Any, records: Any,
-               stream: Any, mesh: Any, frozen_plan: frozen_lib.Plan):
+               stream: Any, mesh: Any, frozen_plan: frozen_lib.Plan, batch_size: int, rules: tuple = ()):
     self.spec, self.seq_len, self.model, self.tokenizer, self.records, self.stream, self.mesh = (
         spec, seq_len, model, tokenizer, records, stream, mesh)
-    self.group, self.iterations = int(spec.group), int(spec.iterations)
+    self.group, self.steps, self.batch_size, self.rules = int(spec.group), spec.steps, int(batch_size), rules
     self.functions = rewards.functions(spec.rewards)
     self.reward_net = frozen_plan.networks.get(REWARD_MODEL.role)
     self.stops = stop_ids(tokenizer, chat_template)
-    self.cached: tuple[dict, dict] | None = None
+    self.rows: dict[str, np.ndarray] = {}  # the rollout being trained on, global, on the host
+    self.start = 0  # the step that drew it
+    self.whole: dict[str, jax.Array] | None = None  # with one minibatch: the rollout as one global batch
+    self._prepare = None
+    if spec.prepare is not None:
+      context = frozen_lib.make_context(model, frozen_plan)
+      self._prepare = jax.jit(lambda params, base, frozen, batch: spec.prepare(params, batch, context(base, frozen)))
 
   def boundary(self, step: int) -> bool:
     """Whether `step` ends a rollout's optimizer steps (checkpoints and stops happen only there)."""
-    return step % self.iterations == 0
+    return step % self.steps == 0
 
   def batch(self, state: Any, step: int) -> tuple[dict[str, jax.Array], dict[str, float]]:
     """The batch of `step` (1-based) and its rollout metrics (empty on steps that reuse the last rollout)."""
-    if (step - 1) % self.iterations and self.cached is not None:
-      return self.cached[0], {}
+    k = (step - 1) % self.steps
+    if k and self.rows:
+      return self._minibatch(k), {}
     jax.block_until_ready(state.params)  # the previous train step's time is the step's, not the rollout's
     t0 = time.perf_counter()
     position = self.stream.get_state()
     try:
-      return self._rollout(state, step, t0)
+      metrics = self._rollout(state, step, t0)
     except preemption.Interrupted:  # stopped before its steps: a resume draws these prompts again
       self.stream.set_state(position)
       raise
+    return self._minibatch(k), metrics
 
-  def _rollout(self, state: Any, step: int, t0: float) -> tuple[dict[str, jax.Array], dict[str, float]]:
+  def _minibatch(self, k: int) -> dict[str, jax.Array]:
+    """Minibatch k of the rollout's steps: with one minibatch, the whole rollout; else pass k // minibatches takes
+    the rows in an order drawn for that pass (from the rollout's step: a resume draws the same), in batch-size runs."""
+    n, minibatches = len(self.rows["tokens"]), int(self.spec.minibatches)
+    if minibatches == 1:
+      if self.whole is None:
+        self.whole = self._global(self.rows)
+      return self.whole
+    order = np.random.default_rng([self.start, k // minibatches]).permutation(n)
+    part = k % minibatches
+    return self._global({c: v[np.sort(order[part * self.batch_size:(part + 1) * self.batch_size])]
+                         for c, v in self.rows.items()})
+
+  def _global(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Global rows as one global batch: each process passes its own share."""
+    n, (pi, pc) = len(rows["tokens"]), sharding.data_shard(self.mesh)
+    return sharding.global_batch({k: v[pi * n // pc:(pi + 1) * n // pc] for k, v in rows.items()}, self.mesh)
+
+  def _prepared(self, state: Any, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The head's `prepare` columns of the global rollout rows, a train batch at a time, back on every host."""
+    out: dict[str, list[np.ndarray]] = {c: [] for c in self.spec.prepared}
+    for start in range(0, len(rows["tokens"]), self.batch_size):
+      chunk = self._global({k: v[start:start + self.batch_size] for k, v in rows.items()})
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        columns = self._prepare(state.params, state.base, state.frozen, chunk)
+      if sorted(columns) != sorted(self.spec.prepared):
+        raise UserError(f"the head's rollout declares the prepared columns {list(self.spec.prepared)} but its prepare "
+                        f"gave {sorted(columns)}; make them the same.")
+      for c, v in columns.items():
+        out[c].append(np.asarray(multihost_utils.process_allgather(v, tiled=True), np.float32))
+    return {c: np.concatenate(v) for c, v in out.items()}
+
+  def _rollout(self, state: Any, step: int, t0: float) -> dict[str, float]:
     drawn = next(self.stream)  # the same global prompts on every process
     prompts = [ids[:n] for ids, n in zip(drawn["prompt_ids"], drawn["prompt_length"])]
     records = [self.records[int(i)] for i in drawn["index"]]
@@ -119,6 +165,7 @@ class Driver:
                                  stop_ids=self.stops, rng=jax.random.fold_in(state.rng, step), with_logps=True)
     terminated = np.asarray([len(c) > 0 and int(c[-1]) in self.stops for c in ids])
     total, metrics = self._rewards(state, records, repeated, ids)
+    total = total - float(spec.missing_eos_penalty) * ~terminated
     trained = terminated | (not spec.mask_truncated)
     columns = {k: np.asarray(v) for k, v in spec.per_completion(total, self.group).items()}
     if sorted(columns) != sorted(spec.columns):
@@ -128,6 +175,15 @@ class Driver:
     adapter = self.model.adapter
     for k in adapter.columns if adapter is not None else ():
       out[k] = np.stack([adapter.batch_columns({q: v[i] for q, v in out.items()})[k] for i in range(len(ids))])
+    if self._prepare is not None:
+      out.update(self._prepared(state, out))
+    if spec.finish is not None:
+      finished, more = spec.finish(out, total)
+      if sorted(finished) != sorted(spec.finished):
+        raise UserError(f"the head's rollout declares the finished columns {list(spec.finished)} but its finish gave "
+                        f"{sorted(finished)}; make them the same.")
+      out.update({k: np.asarray(v, np.float32) for k, v in finished.items()})
+      metrics.update({k: float(v) for k, v in more.items()})
     lengths, seconds = np.asarray([len(c) for c in ids]), time.perf_counter() - t0
     groups = total.reshape(-1, self.group)
     metrics.update({
@@ -137,10 +193,8 @@ class Driver:
         "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()), "completions/terminated": float(terminated.mean()),
         "rollout_seconds": seconds, "rollout_tokens_per_sec": float(lengths.sum()) / max(seconds, 1e-9)})
-    n, (pi, pc) = len(ids), sharding.data_shard(self.mesh)
-    mine = {k: v[pi * n // pc:(pi + 1) * n // pc] for k, v in out.items()}
-    self.cached = (sharding.global_batch(mine, self.mesh), metrics)
-    return self.cached
+    self.rows, self.start, self.whole = out, step, None
+    return metrics
 
   def _rewards(self, state: Any, records: list[dict], prompts: list[np.ndarray],
                ids: list[np.ndarray]) -> tuple[np.ndarray, dict[str, float]]:

@@ -32,9 +32,10 @@ def init_trained(model: nn.Module, parts: tuple[Part, ...], rng: jax.Array, boxe
   params = init_params(model.cfg, rng, boxed=boxed, adapter=model.adapter)
   if not parts:
     return params
-  hidden = jnp.zeros((1, 1, model.cfg.d_model), jnp.dtype(model.cfg.dtype))
-  made = {p.name: p.make(model.cfg).init(jax.random.fold_in(rng, 2 + i), hidden)["params"]
-          for i, p in enumerate(parts)}
+  hidden = (jnp.zeros((1, 1, model.cfg.d_model), jnp.dtype(model.cfg.dtype)),)
+  inputs = (jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32))
+  made = {p.name: p.make(model.cfg).init(jax.random.fold_in(rng, 2 + i), *(inputs if p.reads == "inputs" else hidden))
+          ["params"] for i, p in enumerate(parts)}
   return {**params, PARTS: made if boxed else nn.unbox(made)}
 
 
