@@ -9,6 +9,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -146,3 +147,44 @@ def test_two_processes_train_as_one(repo, tmp_path, cpu_env, config):
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), a["step"]
   assert "reward" in rows["one"][-1] and rows["one"][-1]["step"] > 1  # a second rollout, after an update
+
+
+@pytest.mark.parametrize("penalty", ["reward", "loss"])
+def test_the_kl_penalty_is_in_the_reward_or_in_the_loss(penalty):
+  """'reward': −β·kl_t in each token's reward, none in the loss; 'loss': the rewards are the scores alone and β·k3 to
+  the reference (grpo's term) joins the token mean, with its gradient. Float64 references."""
+  from fmjax import objectives
+  from fmjax.model.token_stats import TokenStats
+  from fmjax.objectives import LossContext, ppo
+  from fmjax.rl import gae
+
+  rng = np.random.default_rng(3)
+  B, T, beta = 3, 6, 0.3
+  mask = (np.arange(T)[None] >= np.array([[1], [2], [3]])).astype(np.float64)
+  old, ref, logp = rng.normal(-1, 0.3, (3, B, T))
+  values, new_values = rng.normal(size=(2, B, T))
+  head_cfg = objectives.resolve({**objectives.section("ppo"), "kl_coef": beta, "kl_penalty": penalty})
+  scores = rng.normal(size=B)
+  rows = {"loss_mask": mask, "old_logps": old, "ref_logps": ref, "old_values": values}
+  finished, metrics = ppo.finish(rows, scores, head_cfg)
+  kl_coef = beta if penalty == "reward" else 0.0
+  adv, returns = gae.advantages(gae.rewards(scores, (old - ref) * mask, mask, kl_coef), values, mask, 1.0, 0.95)
+  np.testing.assert_allclose(finished["returns"], returns, rtol=1e-12)
+  assert metrics["objective/kl"] == pytest.approx(((old - ref) * mask).sum(1).mean())  # logged either way
+  head = objectives.get({**objectives.section("ppo"), "kl_coef": beta, "kl_penalty": penalty})
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  batch = {"loss_mask": f32(mask), "old_logps": f32(old), "ref_logps": f32(ref), "old_values": f32(values),
+           "advantages": f32(finished["advantages"]), "returns": f32(finished["returns"])}
+
+  def forward(params, inputs, temperature, extra, parts):
+    return TokenStats(logp=f32(logp), logz=jnp.zeros((B, T)), entropy=jnp.zeros((B, T))), {parts[0]: f32(new_values)}
+
+  loss_sum, weight, _ = head.loss(None, batch, LossContext(apply=None, forward_fn=forward))
+  ratio, a = np.exp(logp - old), finished["advantages"]
+  policy = np.maximum(-a * ratio, -a * np.clip(ratio, 0.8, 1.2))
+  clipped = np.clip(new_values, values - 0.2, values + 0.2)
+  value = 0.5 * np.maximum((new_values - finished["returns"]) ** 2, (clipped - finished["returns"]) ** 2)
+  k3 = np.exp(ref - logp) - (ref - logp) - 1
+  want = policy + 0.1 * value + (beta * k3 if penalty == "loss" else 0.0)
+  np.testing.assert_allclose(float(loss_sum), (want * mask).sum(), rtol=1e-5)
+  assert float(weight) == mask.sum()

@@ -23,7 +23,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (config and variant, extra flags, per-rollout optimizer steps, the KL metric it logs)
+# name -> (config and variant, extra flags, per-rollout optimizer steps, the KL metric it logs: a token mean, or
+# (ppo, online_dpo: TRL's objective/kl) a sum over the completion, which the table divides by the mean length)
 ALGORITHMS = {
     "GRPO": ("grpo.py:smoke,loss=grpo,beta=0.02", {}, 1, "kl"),
     "DAPO": ("grpo.py:smoke,loss=dapo,beta=0.02", {}, 1, "kl"),
@@ -33,6 +34,7 @@ ALGORITHMS = {
     "online DPO": ("online_dpo.py:smoke", {}, 1, "objective/kl"),
     "DPO (offline)": ("dpo.py:smoke,sort", {}, 1, ""),
 }
+PER_COMPLETION_KL = ("PPO", "online DPO")
 
 
 def flags(name: str, base: str, rollouts: int, completions: int, reward_model: str) -> list[str]:
@@ -82,17 +84,63 @@ def score(model: str, out: str, args: argparse.Namespace) -> dict:
     return json.load(f)["means"]
 
 
-def curve(workdir: str) -> list[dict]:
+def curves(name: str, workdir: str) -> dict[str, list[float]]:
+  """Per rollout: the sampled reward, the reward functions' means, and the KL per completion token (each
+  algorithm's own estimate: grpo's k3, ppo's and online DPO's log-ratio, whose per-completion sums are divided by the
+  rollout's mean length)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+    rows = [json.loads(line) for line in f]
+  key = ALGORITHMS[name][3]
+  out: dict[str, list[float]] = {"reward": [], "kl": [], "rewards/model/mean": [], "rewards/sort_digits/mean": []}
+  for r in rows:
+    if "reward" not in r:
+      continue
+    for k in ("reward", "rewards/model/mean", "rewards/sort_digits/mean"):
+      if k in r:
+        out[k].append(r[k])
+    if key in r:
+      out["kl"].append(r[key] / r["completions/mean_length"] if name in PER_COMPLETION_KL else r[key])
+  return out
 
 
-def summary(rows: list[dict], key: str, n: int = 3) -> str:
-  """'first → last': means over the first and the last n logged values of `key`."""
-  values = [r[key] for r in rows if key in r]
+def summary(values: list[float], n: int = 5) -> str:
+  """'first → last': means over the first and the last n values."""
   if not values:
     return "—"
   return f"{sum(values[:n]) / len(values[:n]):.3f} → {sum(values[-n:]) / len(values[-n:]):.3f}"
+
+
+def _smooth(values: list[float], n: int = 10) -> list[float]:
+  return [sum(values[max(0, i - n + 1):i + 1]) / len(values[max(0, i - n + 1):i + 1]) for i in range(len(values))]
+
+
+def draw(series: dict[str, dict[str, list[float]]], completions: int, reward_model: bool, output: str) -> None:
+  """Sampled reward and KL per token against completions sampled; with a reward model, its score and the true reward
+  against completions sampled, and the true reward against the reward model's score (over-optimisation)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  panels = ([("rewards/model/mean", "reward-model score (sampled)"), ("rewards/sort_digits/mean", "true reward "
+             "(sort_digits, sampled)"), ("over", "true reward vs reward-model score")] if reward_model else
+            [("reward", "sampled reward (sort_digits)"), ("kl", "KL to the reference per token")])
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+  for ax, (key, title) in zip(axes[0], panels):
+    for name, s in series.items():
+      if key == "over":  # each a moving mean over 10 rollouts: the sampled means are noisy
+        ax.plot(_smooth(s["rewards/model/mean"]), _smooth(s["rewards/sort_digits/mean"]), label=name, alpha=0.8)
+        ax.set_xlabel("reward-model score (mean of 10 rollouts)")
+      elif s[key]:
+        x = [completions * (i + 1) for i in range(len(s[key]))]
+        ax.plot(x, s[key], label=name, alpha=0.8)
+        ax.set_xlabel("completions sampled")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(output, dpi=110)
+  plt.close(fig)
 
 
 def main() -> None:
@@ -110,16 +158,22 @@ def main() -> None:
   os.makedirs(args.out, exist_ok=True)
   dirs = {n: os.path.join(args.out, n.lower().replace(" ", "_").replace("(", "").replace(")", "")) for n in names}
   results = {"base": {"eval": score(args.base, os.path.join(args.out, "base"), args)}}
+  series: dict[str, dict[str, list[float]]] = {}
   for name in names:
     seconds = train(name, dirs[name], args)
-    rows = curve(dirs[name])
-    results[name] = {"seconds": seconds, "eval": score(dirs[name], dirs[name], args),
-                     "reward": summary(rows, "reward"), "kl": summary(rows, ALGORITHMS[name][3]),
-                     "truth": summary(rows, "rewards/sort_digits/mean"), "model": summary(rows, "rewards/model/mean"),
-                     "eval_accuracy": summary(rows, "eval_rewards/accuracy", 1)}
+    results[name] = {"seconds": seconds, "eval": score(dirs[name], dirs[name], args)}
+    if name.startswith("DPO"):
+      with open(os.path.join(dirs[name], "metrics.jsonl")) as f:
+        evals = [r["eval_rewards/accuracy"] for r in map(json.loads, f) if "eval_rewards/accuracy" in r]
+      results[name]["eval_accuracy"] = evals[-1]
+      continue
+    s = series[name] = curves(name, dirs[name])
+    results[name].update(reward=summary(s["reward"]), kl=summary(s["kl"]),
+                         truth=summary(s["rewards/sort_digits/mean"]), model=summary(s["rewards/model/mean"]))
   head = "| algorithm | held-out `sort_digits` (greedy) | `sort_exact` |" + (
-      " reward-model score (greedy) | RM score, sampled first → last | `sort_digits`, sampled first → last |"
-      if args.reward_model else " sampled reward first → last | KL first → last |") + " wall time |"
+      " reward-model score (greedy) | RM score, sampled, first → last 5 | `sort_digits`, sampled, first → last 5 |"
+      if args.reward_model else " sampled reward, first → last 5 rollouts | KL per token, first → last 5 |"
+  ) + " wall time |"
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for name, r in results.items():
     e = r["eval"]
@@ -127,7 +181,7 @@ def main() -> None:
     if args.reward_model:
       cells += [f"{e.get('model', float('nan')):.2f}", r.get("model", "—"), r.get("truth", "—")]
     elif name.startswith("DPO"):
-      cells += [f"held-out pair accuracy {r['eval_accuracy'].split(' → ')[-1]}", "—"]
+      cells += [f"held-out pair accuracy {r['eval_accuracy']:.3f}", "—"]
     else:
       cells += [r.get("reward", "—"), r.get("kl", "—")]
     cells.append(f"{r['seconds']:.0f} s" if "seconds" in r else "—")
@@ -138,14 +192,8 @@ def main() -> None:
     f.write(table + "\n")
   with open(os.path.join(args.out, "compare.json"), "w") as f:
     json.dump(results, f, indent=2)
-  sys.path.insert(0, os.path.join(REPO, "tools"))
-  import plot
-
-  on_policy = [n for n in names if not n.startswith("DPO")]
-  keys = ["rewards/model/mean", "rewards/sort_digits/mean"] if args.reward_model else ["reward", "kl", "objective/kl"]
-  drawn = plot.plot([dirs[n] for n in on_policy], keys, os.path.join(args.out, "compare.png"), on_policy)
-  print(f"wrote {args.out}/table.md, compare.json, compare.png ({', '.join(drawn)})")
-
+  draw(series, args.completions, bool(args.reward_model), os.path.join(args.out, "compare.png"))
+  print(f"wrote {args.out}/table.md, compare.json, compare.png")
 
 if __name__ == "__main__":
   main()

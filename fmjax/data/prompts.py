@@ -28,8 +28,9 @@ def prompts_per_step(rows: int, spec: Rollout) -> int:
   each."""
   group = spec.group
   if rows % group:
-    raise UserError(f"train.batch_size={rows} must be a multiple of objective.{spec.group_key}={group} (the rows of "
-                    "a rollout are G completions of each prompt).")
+    count = f"objective.{spec.group_key}={group}" if spec.group_key else f"{group}"
+    raise UserError(f"train.batch_size={rows} must be a multiple of {count} (the rows of a rollout are the "
+                    f"{group} completions of each prompt).")
   return rows // group * int(spec.minibatches)
 
 

@@ -89,7 +89,7 @@ class Rollout:
   mask_truncated: bool = False  # no loss on completions that hit the length limit
   missing_eos_penalty: float = 0.0  # subtracted from the reward of a completion that hit the length limit
   reward_timeout: float = 300.0  # seconds per reward function call (objective.reward_timeout)
-  group_key: str = "num_generations"  # the head's option keys behind `group` and `iterations`, for messages
+  group_key: str = "num_generations"  # the head's option keys behind `group` and `iterations`, for messages ('': fixed)
   iterations_key: str = "num_iterations"
   minibatches_key: str = "num_mini_batches"
 

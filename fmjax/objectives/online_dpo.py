@@ -118,7 +118,7 @@ def make(cfg: Options) -> Head:
   rollout = Rollout(
       group=2, max_completion_length=cfg.max_completion_length, rewards=cfg.rewards, per_completion=judge,
       columns=JUDGED, prepare=prepare, prepared=PREPARED, temperature=cfg.temperature, top_k=cfg.top_k,
-      top_p=cfg.top_p, missing_eos_penalty=cfg.missing_eos_penalty, reward_timeout=cfg.reward_timeout)
+      top_p=cfg.top_p, missing_eos_penalty=cfg.missing_eos_penalty, reward_timeout=cfg.reward_timeout, group_key="")
   return Head(loss, frozen=(REFERENCE,) + ((REWARD_MODEL,) if cfg.uses_reward_model() else ()), rollout=rollout)
 
 

@@ -3,9 +3,10 @@ policy (fmjax/train/rollout.py).
 
 Each rollout, under the params that sampled it (`prepare`): the policy's log-probs π_old, the critic's values V_old
 and, with β = objective.kl_coef > 0, the reference's log-probs. Then on the host (`finish`, fmjax/rl/gae.py): the
-per-token reward −β·kl_t plus the completion's score on its last token, GAE(γ, λ) advantages and returns, the
-advantages whitened over the rollout (and the rewards, with whiten_rewards). The next num_ppo_epochs passes over
-num_mini_batches minibatches train, per completion token:
+per-token reward −β·kl_t (objective.kl_penalty='reward'; with 'loss', β·k3 joins the loss instead, as in grpo) plus
+the completion's score on its last token, GAE(γ, λ) advantages and returns, the advantages whitened over the rollout
+(and the rewards, with whiten_rewards). The next num_ppo_epochs passes over num_mini_batches minibatches train, per
+completion token:
 
   policy  max(−Â·ρ, −Â·clip(ρ, 1 − ε, 1 + ε)),   ρ = π/π_old   (times objective.sampler_correction's weight)
   value   ½·max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²)
@@ -37,6 +38,7 @@ from fmjax.objectives.base import REFERENCE, REWARD_MODEL, Head, LossContext, Lo
 from fmjax.rl import gae
 
 CRITICS = ("trunk", "separate")
+KL_PENALTIES = ("reward", "loss")
 _field = options.field
 
 
@@ -57,6 +59,8 @@ class Options(sampling.Corrected):
                           checks.non_negative("0 = no KL penalty and no reference model"))
   kl_estimator: str = _field("k1", "k1 (log-ratio) | k3 (non-negative) for the penalty",
                              checks.one_of(gae.KL_ESTIMATORS))
+  kl_penalty: str = _field("reward", "reward (−β·kl_t in each token's reward: InstructGPT, TRL) | loss (β·k3 added to "
+                           "the loss, as grpo)", checks.one_of(KL_PENALTIES))
   whiten_rewards: bool = _field(False, "scale the per-token rewards to unit variance over the rollout")
   whiten_advantages: bool = _field(True, "advantages to zero mean, unit variance over the rollout")
   critic: str = _field("trunk", "trunk (a value head over the policy's hidden states) | separate (its own network)",
@@ -101,13 +105,13 @@ def finish(rows: dict[str, np.ndarray], scores: np.ndarray, cfg: Any) -> tuple[d
   """Advantages and returns of a rollout (host, float64) and its per-rollout metrics."""
   mask = rows["loss_mask"] > 0
   kl = gae.kl(rows["old_logps"], rows["ref_logps"], cfg.kl_estimator) * mask if cfg.kl_coef else np.zeros(mask.shape)
-  rewards = gae.rewards(scores, kl, mask, cfg.kl_coef)
+  rewards = gae.rewards(scores, kl, mask, cfg.kl_coef if cfg.kl_penalty == "reward" else 0.0)
   if cfg.whiten_rewards:
     rewards = gae.whiten(rewards, mask, shift_mean=False)
   adv, returns = gae.advantages(rewards, rows["old_values"], mask, cfg.gamma, cfg.lam)
   if cfg.whiten_advantages:
     adv = gae.whiten(adv, mask)
-  non_score = float((-cfg.kl_coef * kl).sum(axis=1).mean())
+  non_score = float((-cfg.kl_coef * kl).sum(axis=1).mean()) if cfg.kl_penalty == "reward" else 0.0
   metrics = {"objective/kl": float(kl.sum(axis=1).mean()), "objective/non_score_reward": non_score,
              "objective/scores": float(np.mean(scores)), "objective/rlhf_reward": non_score + float(np.mean(scores)),
              "val/returns": float(returns[mask].mean()) if mask.any() else 0.0,
@@ -151,12 +155,18 @@ def make(cfg: Options) -> Head:
     weight = sampling.correction(batch["old_logps"], batch["sampler_logps"], mask, cfg) if corrected else None
     per_token = losses(stats.logp, batch["old_logps"], batch["advantages"], value, batch["old_values"],
                        batch["returns"], cfg, weight)
+    if cfg.kl_coef and cfg.kl_penalty == "loss":  # k3 to the reference, with gradient, as grpo's
+      delta = batch["ref_logps"] - stats.logp
+      per_token["loss/kl"] = jnp.exp(delta) - delta - 1
     total = lambda x: jnp.sum(x * mask)  # noqa: E731
     metrics = {k: total(v) for k, v in per_token.items()}
     metrics.update({"policy/entropy": total(stats.entropy), "val/values": total(jax.lax.stop_gradient(value))})
     if weight is not None:
       metrics["sampler_correction"] = total(weight)
-    return total(per_token["loss/policy"] + cfg.vf_coef * per_token["loss/value"]), jnp.sum(mask), metrics
+    loss_BxT = per_token["loss/policy"] + cfg.vf_coef * per_token["loss/value"]
+    if "loss/kl" in per_token:
+      loss_BxT = loss_BxT + cfg.kl_coef * per_token["loss/kl"]
+    return total(loss_BxT), jnp.sum(mask), metrics
 
   prepared = ("old_logps", "old_values") + (("ref_logps",) if cfg.kl_coef else ())
   rollout = Rollout(
