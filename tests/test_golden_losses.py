@@ -33,6 +33,7 @@ STEPS = 5
 CONFIGS = {
     "cpt": "base", "sft": "base", "lora": "base", "reft": "base", "dpo": "base", "reward": "base",
     "classify": "base", "distill": "teacher", "grpo": "base/base",  # grpo: pre-train -> SFT on sort -> RL
+    "ppo": "base/base", "online_dpo": "base/base",  # recorded when they were added, on the machine named
 }
 
 

@@ -188,3 +188,45 @@ def test_the_kl_penalty_is_in_the_reward_or_in_the_loss(penalty):
   want = policy + 0.1 * value + (beta * k3 if penalty == "loss" else 0.0)
   np.testing.assert_allclose(float(loss_sum), (want * mask).sum(), rtol=1e-5)
   assert float(weight) == mask.sum()
+
+
+@pytest.mark.slow
+def test_a_separate_critic_starts_from_a_reward_models_run_or_the_policys_start(repo, tmp_path):
+  """critic_init=a reward model's run: every critic weight is that run's (its score head too); with none, the run the
+  policy starts from gives every weight but the score head, which it lacks."""
+  import fmjax
+  from fmjax.data import tokenizers
+  from fmjax.train import init_from, loop
+  import from_config
+
+  def tiny_run(config, workdir, **over):
+    c = config_lib.load(f"{repo}/configs/{config}")
+    c.init_from.bootstrap, c.data.tokenizer, c.data.tokenizer_source, c.model.vocab_size = "", "bytes", "", 384
+    c.train.steps, c.train.batch_size, c.train.seq_len, c.checkpoint.every_steps = 2, 8, 40, 2
+    c.eval.every_steps, c.eval.at_start, c.data.source = 0, False, "embedded:sort_pairs"
+    c.optimizer.warmup_steps = 0
+    for key, value in over.items():
+      c[key.split(".")[0]][key.split(".")[1]] = value
+    loop.train(c, str(tmp_path / workdir))
+    return str(tmp_path / workdir), fmjax.load(str(tmp_path / workdir)).params
+
+  rm_dir, rm = tiny_run("reward.py:smoke", "rm")
+  lm_dir, lm = tiny_run("sft.py:smoke", "lm", **{"data.source": "embedded:sort"})
+  def flat(tree):
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  for source, critic_init, want in ((lm_dir, rm_dir, rm), (lm_dir, "", lm)):
+    exp = from_config.build(tiny(repo, **{"objective.critic": "separate", "objective.critic_init": critic_init}),
+                            devices=jax.devices()[:1])
+    fresh = flat(exp.state.params["parts"]["critic"]["net"])
+    state = init_from.start_parts(exp.state, exp.run.state_shardings, exp.run.frozen_plan.parts, source,
+                                  {"id": tokenizers.tokenizer_id(exp.run.tokenizer)})
+    got, theirs = flat(state.params["parts"]["critic"]["net"]), flat(want)
+    for path, value in got.items():
+      if path in theirs:
+        np.testing.assert_array_equal(value, theirs[path], err_msg=path)
+      else:  # the language model has no score head: the critic's stays as initialised
+        assert "score" in path and not critic_init
+        np.testing.assert_array_equal(value, fresh[path])
+    score = [p for p in got if "score" in p]
+    assert score and sum(p in theirs for p in got) == len(got) - (0 if critic_init else len(score))

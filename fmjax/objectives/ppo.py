@@ -120,7 +120,9 @@ def finish(rows: dict[str, np.ndarray], scores: np.ndarray, cfg: Any) -> tuple[d
 
 
 class Critic(nn.Module):
-  """A separate critic: a network of the policy's architecture (or its starting run's) with one score per position."""
+  """A separate critic: a network of the policy's architecture with one score per position (so a run it starts from,
+  objective.critic_init, has the policy's architecture: a reward model trained from the same base, as in TRL's
+  examples)."""
   cfg: Any
 
   @nn.compact

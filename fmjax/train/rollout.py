@@ -146,9 +146,7 @@ class Driver:
       chunk = self._global({k: v[start:start + self.batch_size] for k, v in rows.items()})
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
         columns = self._prepare(state.params, state.base, state.frozen, chunk)
-      if sorted(columns) != sorted(self.spec.prepared):
-        raise UserError(f"the head's rollout declares the prepared columns {list(self.spec.prepared)} but its prepare "
-                        f"gave {sorted(columns)}; make them the same.")
+      _check_columns("prepare", self.spec.prepared, columns)
       for c, v in columns.items():
         out[c].append(np.asarray(multihost_utils.process_allgather(v, tiled=True), np.float32))
     return {c: np.concatenate(v) for c, v in out.items()}
@@ -168,9 +166,7 @@ class Driver:
     total = total - float(spec.missing_eos_penalty) * ~terminated
     trained = terminated | (not spec.mask_truncated)
     columns = {k: np.asarray(v) for k, v in spec.per_completion(total, self.group).items()}
-    if sorted(columns) != sorted(spec.columns):
-      raise UserError(f"the head's rollout declares the columns {list(spec.columns)} but its per_completion gave "
-                      f"{sorted(columns)}; make them the same.")
+    _check_columns("per_completion", spec.columns, columns)
     out = rows(repeated, ids, trained, self.seq_len, columns, {spec.sampler_logps: logps} if spec.sampler_logps else {})
     adapter = self.model.adapter
     for k in adapter.columns if adapter is not None else ():
@@ -179,9 +175,7 @@ class Driver:
       out.update(self._prepared(state, out))
     if spec.finish is not None:
       finished, more = spec.finish(out, total)
-      if sorted(finished) != sorted(spec.finished):
-        raise UserError(f"the head's rollout declares the finished columns {list(spec.finished)} but its finish gave "
-                        f"{sorted(finished)}; make them the same.")
+      _check_columns("finish", spec.finished, finished)
       out.update({k: np.asarray(v, np.float32) for k, v in finished.items()})
       metrics.update({k: float(v) for k, v in more.items()})
     lengths, seconds = np.asarray([len(c) for c in ids]), time.perf_counter() - t0
@@ -235,6 +229,13 @@ def score_completions(net: Any, weights: Any, prompts: list[np.ndarray], ids: li
     tokens[i, :len(seq)], seg[i, :len(seq)] = seq, 1
   positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
   return np.asarray(_score(net, weights, tokens, seg, positions), np.float64)
+
+
+def _check_columns(hook: str, declared: tuple[str, ...], given: Any) -> None:
+  """A head's rollout hook must give exactly the columns its Rollout declares for it."""
+  if sorted(given) != sorted(declared):
+    raise UserError(f"the head's rollout declares the columns {list(declared)} for its {hook} but it gave "
+                    f"{sorted(given)}; make them the same.")
 
 
 def _std(values: np.ndarray) -> float:
