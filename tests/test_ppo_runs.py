@@ -193,7 +193,7 @@ def test_the_kl_penalty_is_in_the_reward_or_in_the_loss(penalty):
 @pytest.mark.slow
 def test_a_separate_critic_starts_from_a_reward_models_run_or_the_policys_start(repo, tmp_path):
   """critic_init=a reward model's run: every critic weight is that run's (its score head too); with none, the run the
-  policy starts from gives every weight but the score head, which it lacks."""
+  policy starts from, at the policy's step, gives every weight but the score head, which it lacks."""
   import fmjax
   from fmjax.data import tokenizers
   from fmjax.train import init_from, loop
@@ -211,7 +211,8 @@ def test_a_separate_critic_starts_from_a_reward_models_run_or_the_policys_start(
     return str(tmp_path / workdir), fmjax.load(str(tmp_path / workdir)).params
 
   rm_dir, rm = tiny_run("reward.py:smoke", "rm")
-  lm_dir, lm = tiny_run("sft.py:smoke", "lm", **{"data.source": "embedded:sort"})
+  lm_dir, _ = tiny_run("sft.py:smoke", "lm", **{"data.source": "embedded:sort", "train.steps": 4})
+  lm = fmjax.load(lm_dir, step=2).params  # the step the policy starts from, not the run's newest
   def flat(tree):
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -219,7 +220,7 @@ def test_a_separate_critic_starts_from_a_reward_models_run_or_the_policys_start(
     exp = from_config.build(tiny(repo, **{"objective.critic": "separate", "objective.critic_init": critic_init}),
                             devices=jax.devices()[:1])
     fresh = flat(exp.state.params["parts"]["critic"]["net"])
-    state = init_from.start_parts(exp.state, exp.run.state_shardings, exp.run.frozen_plan.parts, source,
+    state = init_from.start_parts(exp.state, exp.run.state_shardings, exp.run.frozen_plan.parts, source, 2,
                                   {"id": tokenizers.tokenizer_id(exp.run.tokenizer)})
     got, theirs = flat(state.params["parts"]["critic"]["net"]), flat(want)
     for path, value in got.items():

@@ -162,13 +162,14 @@ def load(state: Any, shardings: Any, workdir: str, step: int = -1, frozen_only: 
   return train_state.with_base_params(state, params, frozen_only), params
 
 
-def start_parts(state: Any, shardings: Any, parts: tuple, source: str, tokenizer: dict) -> Any:
+def start_parts(state: Any, shardings: Any, parts: tuple, source: str, source_step: int, tokenizer: dict) -> Any:
   """`state` with each head part that is a network of its own (`Part.reads == "inputs"`) read from its `init` run,
-  else from `source` (the run the policy starts from; '' = none: it keeps its initialisation). A language model's
-  run leaves the part's score head fresh. For a fresh start only: a resume restores the parts with the rest."""
+  else from `source` at `source_step` (the run and step the policy starts from; '' = none: it keeps its
+  initialisation). A language model's run leaves the part's score head fresh. For a fresh start only: a resume
+  restores the parts with the rest."""
   params = dict(state.params[PARTS])
   for part in parts:
-    workdir, step = (part.init, part.init_step) if part.init else (source, -1)
+    workdir, step = (part.init, part.init_step) if part.init else (source, source_step)
     if part.reads != "inputs" or not workdir:
       continue
     key = f"objective.{part.init_key}" if part.init else "init_from"

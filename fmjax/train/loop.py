@@ -103,7 +103,7 @@ def _starting_state(exp: Experiment, ckpt: checkpoint.Checkpointer, workdir: str
     exp.state = exp.state.replace(frozen={**exp.state.frozen, **frozen.policy_copies(exp.run.frozen_plan, start)})
   if restored is None and any(p.reads == "inputs" for p in exp.run.frozen_plan.parts):
     exp.state = init_from.start_parts(exp.state, exp.run.state_shardings, exp.run.frozen_plan.parts, source,
-                                      tokenizer)
+                                      init.step, tokenizer)
   return int(jax.device_get(exp.state.step))
 
 
