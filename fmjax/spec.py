@@ -14,7 +14,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from fmjax import adapters, checks, objectives, sharding
+from fmjax import adapters, checks, objectives, quant, sharding
 from fmjax.checks import non_negative, one_of, option, positive
 from fmjax.data import chat, formats, pipeline, sp_tokenizer
 from fmjax.errors import UserError
@@ -168,8 +168,25 @@ class Log:
   batch_digests: bool = option(False, "debug: each process records a hash of every batch row it holds, per step")
 
 
+@dataclasses.dataclass(frozen=True)
+class Quant:
+  base: str = option("none", "the frozen base under a parameterisation stored as none | nf4 (QLoRA's 4-bit "
+                     "NormalFloat) | int8 (per output channel); dequantized blockwise in each projection",
+                     one_of(quant.SCHEMES))
+  frozen: str = option("none", "every frozen model the head declares (reference, teacher, reward model) stored as "
+                       "none | nf4 | int8", one_of(quant.SCHEMES))
+  blocksize: int = option(64, "NF4 block: inputs of one output channel sharing an absmax scale",
+                          one_of((16, 32, 64, 128, 256, 512, 1024, 2048, 4096)))
+  double: bool = option(False, "NF4 double quantisation: the block scales as 8 bits in blocks of 256 (QLoRA)")
+  embeddings: bool = option(True, "also quantize the embedding and unembedding tables (bitsandbytes keeps them in "
+                            "16 bits: False)")
+
+  def scheme(self, kind: str) -> "quant.Scheme":
+    return quant.Scheme(kind, self.blocksize, self.double, self.embeddings)
+
+
 SECTIONS: dict[str, type] = {"data": Data, "optimizer": Optimizer, "train": Train, "mesh": Mesh,
-                             "checkpoint": Checkpoint, "init_from": InitFrom, "eval": Eval, "log": Log}
+                             "checkpoint": Checkpoint, "init_from": InitFrom, "eval": Eval, "log": Log, "quant": Quant}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +217,7 @@ class Spec:
   init_from: InitFrom
   eval: Eval
   log: Log
+  quant: Quant
   record: Mapping[str, Any]  # every section's values, the model filled in from its preset: config.json
 
   def with_frozen(self, role: str, workdir: str | None = None, step: int | None = None) -> "Spec":
@@ -248,6 +266,18 @@ def _plain(value: Any) -> Any:
   return value.to_dict() if hasattr(value, "to_dict") else value
 
 
+def _check_blocks(q: Quant, model: model_config.ModelConfig) -> None:
+  """NF4 blocks must tile each quantized kernel's inputs (a frozen model of another shape is checked when planned)."""
+  key = "quant.base" if q.base == "nf4" else "quant.frozen" if q.frozen == "nf4" else ""
+  inputs = {"model.d_model": model.d_model, "model.num_heads·head_dim": model.num_heads * model.head_dim}
+  if not model.num_experts:
+    inputs["model.mlp_dim"] = model.mlp_dim
+  for name, n in inputs.items():
+    if key and n % q.blocksize:
+      raise UserError(f"quant.blocksize={q.blocksize} does not divide {name}={n}, whose inputs {key}=nf4 stores in "
+                      "blocks; choose a blocksize that divides it (e.g. 32 or 16), or use int8.")
+
+
 def resolve(config: Any) -> Spec:
   """Checks every value of `config` (a ConfigDict: its key, its value and what it must be, in one line) and
   returns the run's spec. Reads no file: tools/aot_compile.py resolves configs of runs on other machines; the files
@@ -274,6 +304,11 @@ def resolve(config: Any) -> Spec:
       if section in config and key in config[section]:
         checks.Rule(ok, what).check(f"{section}.{key}", config[section][key])
   adapter = adapters.get(config)  # the one switched on, with its own checks
+  if sections["quant"].base != "none" and adapter is None:
+    raise UserError(f"quant.base={sections['quant'].base!r} stores the frozen base under a parameterisation, and this "
+                    "run trains every weight; switch one on (docs/fine-tuning.md), or set quant.base=none "
+                    "(quant.frozen quantizes the frozen models a head reads).")
+  _check_blocks(sections["quant"], model)
   options = objectives.resolve(config.objective)  # the head's options: fmjax/objectives/<head>.py's checks
   name = config.objective.name
   head = objectives.head_type(name).make(options)

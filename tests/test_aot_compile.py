@@ -76,6 +76,39 @@ def test_every_stage_compiles_with_its_frozen_trees(v5p_8, spec, frozen):
     assert report.memory.arguments[frozen] == report.memory.arguments["params (trained)"]
 
 
+@pytest.mark.parametrize("stage,key,tree", [("configs/dpo.py:smoke", "quant.frozen", "frozen reference"),
+                                            ("configs/lora.py:smoke", "quant.base", "frozen LoRA base")])
+def test_quantized_frozen_trees_hold_a_fraction_of_their_bf16_bytes(v5p_8, stage, key, tree):
+  """Per chip, in the AOT report: NF4 holds a frozen tree in at most 30% of its bf16 bytes (4 bits + a float32 scale
+  per 64 weights), int8 in at most 55%; the step compiles over them."""
+  topo, devices = v5p_8
+
+  def frozen_bytes(scheme):
+    c = config_lib.load(stage)
+    c.model.param_dtype = "bfloat16"
+    c.quant[key.split(".")[1]] = scheme
+    report = aot.analyse(c, topo, devices=devices, cost=False)
+    assert report.verdict == "fits"
+    return report.memory.arguments[tree]
+
+  bf16 = frozen_bytes("none")
+  assert 0 < frozen_bytes("nf4") <= 0.30 * bf16
+  assert 0.5 * bf16 < frozen_bytes("int8") <= 0.55 * bf16
+
+
+def test_int8_matmuls_compile_for_tpu(v5p_8):
+  """model.matmul=int8: every projection's three matmuls (forward, both cotangents) multiply int8 operands into
+  int32, and the step compiles for the TPU."""
+  topo, devices = v5p_8
+  c = config_lib.load("configs/pretrain.py:smoke")
+  c.model.matmul = "int8"
+  step = aot.plan(spec.resolve(c), devices, None)
+  text = step.lower().as_text()
+  int8_dots = [line for line in text.splitlines() if "dot_general" in line and "xi8>" in line and "xi32>" in line]
+  assert len(int8_dots) >= 7 * 3  # q, k, v, o, gate, up, down: forward, dx, dw (one scanned layer)
+  assert aot.analyse(c, topo, devices=devices, cost=False).verdict == "fits"
+
+
 @pytest.mark.parametrize("critic", ["trunk", "separate"])
 def test_ppo_compiles_with_its_critic_and_reference(v5p_8, critic):
   """The trained params hold the policy and its critic: a value head (d_model + 1 floats) or a second network."""

@@ -217,3 +217,28 @@ def test_a_checkpoint_from_before_a_state_field_existed_resumes_with_its_fresh_v
   np.testing.assert_array_equal(state.params["w"], np.arange(3.0))
   assert np.isnan(np.asarray(state.recent_losses)).all() and state.recent_losses.shape == (4,)
   assert not any(d.endswith("unreadable") or ".unreadable." in d for d in os.listdir(ckpt.directory))
+
+
+def test_init_from_casts_float_params_to_the_models_dtype(tmp_path):
+  """A float32 run read into a bfloat16 model (QLoRA over a base saved in float32) is cast, rounding to nearest even
+  as numpy's bfloat16 does; integer and shape differences stay errors."""
+  import jax.numpy as jnp
+  import ml_collections
+  import ml_dtypes
+
+  from fmjax.errors import UserError
+  from fmjax.train import init_from, weights
+
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(4, 8)).astype(np.float32), "n": np.arange(3, dtype=np.int32)}
+  weights.write_run(str(tmp_path / "run"), params, ml_collections.ConfigDict({"model": {}}), 5, "")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = {"w": jax.ShapeDtypeStruct((4, 8), jnp.bfloat16, sharding=device),
+            "n": jax.ShapeDtypeStruct((3,), jnp.int32, sharding=device)}
+  got = init_from.read(str(tmp_path / "run"), -1, target)
+  assert got["w"].dtype == jnp.bfloat16
+  want = params["w"].astype(ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(np.asarray(got["w"]).view(np.uint16), want.view(np.uint16))
+  floats = {**target, "n": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=device)}
+  with pytest.raises(UserError, match=r"\['n'\] is \(3,\) int32 there but \(3,\) float32 in this model"):
+    init_from.read(str(tmp_path / "run"), -1, floats)

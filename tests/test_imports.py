@@ -199,7 +199,7 @@ def test_plug_ins_are_named_only_in_their_own_package():
 LAYERS = (
     ("core", ("fmjax.errors", "fmjax.checks", "fmjax.version", "fmjax.startup", "fmjax.sharding",
               "fmjax.distributed", "fmjax.topology")),
-    ("model", ("fmjax.model", "fmjax.adapters", "fmjax.sample", "fmjax.rl")),
+    ("model", ("fmjax.model", "fmjax.quant", "fmjax.adapters", "fmjax.sample", "fmjax.rl")),
     ("heads", ("fmjax.objectives",)),
     ("data", ("fmjax.data", "fmjax.curation", "fmjax.governance")),
     ("spec", ("fmjax.spec", "fmjax.config_lib")),

@@ -327,7 +327,11 @@ def test_a_key_added_since_a_run_started_counts_as_its_default():
 
   stored = {"model": {"d_model": 64}, "data": {"source": "embedded:prose"}}
   identity.check("/w", stored, {"model": {"d_model": 64, "num_experts": 0},
-                                "data": {"source": "embedded:prose", "text_packing": "documents"}})
+                                "data": {"source": "embedded:prose", "text_packing": "documents"},
+                                "quant": {"base": "none", "frozen": "none"}})
+  with pytest.raises(UserError, match=r"holds another run: quant.base: \(unset\) -> 'nf4'"):
+    identity.check("/w", stored, {"model": {"d_model": 64}, "data": {"source": "embedded:prose"},
+                                  "quant": {"base": "nf4", "frozen": "none", "blocksize": 64}})
   with pytest.raises(UserError, match=r"holds another run: data.text_packing: \(unset\) -> 'stream'"):
     identity.check("/w", stored, {"model": {"d_model": 64}, "data": {"source": "embedded:prose",
                                                                      "text_packing": "stream"}})

@@ -26,6 +26,7 @@ from fmjax.adapters.base import Adapter
 from fmjax.adapters.base import combine
 from fmjax.adapters.base import split as _split
 from fmjax.checks import is_regex, option
+from fmjax.model import layers, projection
 from fmjax.errors import UserError
 
 __all__ = ["ADAPTABLE", "DEFAULT_TARGETS", "LoraConfig", "combine", "delta", "merge", "project", "split",
@@ -107,7 +108,7 @@ def project(module: nn.Module, name: str, spec: str, x: jax.Array, w: jax.Array,
 
   `spec` is e.g. 'BTD,DNH->BTNH': the kernel's letters that also occur in x's are its input dims (they come first),
   the rest its output dims; `axes` are the kernel's logical axis names."""
-  y = jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+  y = projection.apply(spec, x, w, out_dtype, int8=layers.int8_matmul(module, name))
   if lora is None or not lora.changes_projection(module, name):
     return y
   lhs, out = spec.split("->")

@@ -39,6 +39,9 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = True  # nn.scan over blocks: compile time flat in depth
   remat: str = "none"  # rematerialisation: none | full | dots | dots_no_batch | projections | qkv_proj (saved outputs)
+  # default | int8: the attention and MLP projections' matmuls in int8, forward and backward (AQT style: each operand
+  # scaled per row/column by its absmax over the contracted dims, int32 accumulation; for TPU's int8 MXU rate)
+  matmul: str = "default"
   # auto (splash on TPU where it applies, else xla) | xla | cudnn (GPU; jax.nn.dot_product_attention) | splash (TPU
   # Pallas kernel; Pallas's interpret mode elsewhere, exact but slow)
   attention_impl: str = "auto"
@@ -70,6 +73,9 @@ class ModelConfig:
       raise UserError(f"model.head_dim={self.head_dim} must be even for RoPE.")
     if self.remat not in REMAT_POLICIES:
       raise UserError(f"model.remat={self.remat!r} is not one of {REMAT_POLICIES}.")
+    if self.matmul not in ("default", "int8"):
+      raise UserError(f"model.matmul={self.matmul!r}: use 'default' (the compute dtype) or 'int8' (quantized "
+                      "projection matmuls, forward and backward).")
     if self.attention_impl not in ("auto", "xla", "cudnn", "splash"):
       raise UserError(f"model.attention_impl={self.attention_impl!r}: use 'auto' (splash on TPU, else xla), 'xla' "
                       "(any device), 'cudnn' (GPU) or 'splash' (TPU).")

@@ -19,14 +19,28 @@ from jax.ad_checkpoint import checkpoint_name
 from fmjax.model import context, projection, splash, xla_attention
 from fmjax.model.config import ModelConfig
 from fmjax.adapters.base import Adapter
+from fmjax.quant import Quantized
 
 constrain = nn.with_logical_constraint
 ACT_BTD = ("act_batch", "act_len", "act_embed")
 
 
+def stored_quantized(module: nn.Module, name: str) -> Quantized | None:
+  """Parameter `name` of `module` where it is stored quantized (a frozen model's, fmjax/quant), else None."""
+  if module.has_variable("params", name):
+    stored = module.get_variable("params", name)
+    if isinstance(stored, Quantized):
+      return stored
+  return None
+
+
 def dense_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
                 std: float | None = None) -> jax.Array:
-  """A normally initialised kernel with logical axes, cast to the compute dtype."""
+  """A normally initialised kernel with logical axes, cast to the compute dtype; a quantized frozen kernel
+  (fmjax/quant) as stored, for the projection to dequantize."""
+  stored = stored_quantized(module, name)
+  if stored is not None:
+    return stored
   init = nn.initializers.normal(cfg.init_std if std is None else std)
   w = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
   return w.astype(cfg.dtype)
@@ -102,12 +116,20 @@ def write_cache(cache_BxSxKxH: jax.Array, x_BxTxKxH: jax.Array, positions_BxT: j
   return cache_BxSxKxH.at[rows_Bx1, positions_BxT].set(x_BxTxKxH.astype(cache_BxSxKxH.dtype))
 
 
+PROJECTIONS = ("q_kernel", "k_kernel", "v_kernel", "o_kernel", "gate_kernel", "up_kernel", "down_kernel")
+
+
+def int8_matmul(module: nn.Module, name: str) -> bool:
+  """Whether projection `name` of `module` multiplies in int8 (model.matmul=int8: the attention and MLP kernels)."""
+  return name in PROJECTIONS and getattr(module, "cfg", None) is not None and module.cfg.matmul == "int8"
+
+
 def project(module: nn.Module, adapter: Adapter | None, name: str, spec: str, x: jax.Array, w: jax.Array,
             axes: tuple[str, ...], out_dtype=None) -> jax.Array:
   """The projection hook: einsum(spec, x, w) for kernel `name` of `module`, as the active parameterisation computes
   it (`axes`: the kernel's logical axis names). The output is named `name` for the remat policies that save it."""
   if adapter is None or not adapter.changes_projection(module, name):
-    out = projection.einsum(spec, x, w, out_dtype)
+    out = projection.apply(spec, x, w, out_dtype, int8=int8_matmul(module, name))
   else:
     out = adapter.project(module, name, spec, x, w, axes, out_dtype)
   return checkpoint_name(out, name)

@@ -11,18 +11,18 @@ from fmjax.model.config import ModelConfig
 from fmjax.adapters.base import Adapter, combine, split
 from fmjax.model import context, projection, splash, token_stats
 from fmjax.model.moe import MoE
-from fmjax.model.layers import (ACT_BTD, Attention, RMSNorm, SwiGLU, attention_mask, cache_mask, constrain, project,
-                                rope_tables)
+from fmjax.model.layers import (ACT_BTD, PROJECTIONS, Attention, RMSNorm, SwiGLU, attention_mask, cache_mask,
+                                constrain, project, rope_tables, stored_quantized)
+from fmjax.quant import Quantized
 
-_PROJECTIONS = ("q_kernel", "k_kernel", "v_kernel", "o_kernel", "gate_kernel", "up_kernel", "down_kernel")
 _POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # by name (layers.project names each projection's output after its kernel): the attention scores, softmax,
     # norms and activations are recomputed
-    "projections": jax.checkpoint_policies.save_only_these_names(*_PROJECTIONS),
-    "qkv_proj": jax.checkpoint_policies.save_only_these_names(*_PROJECTIONS[:3]),
+    "projections": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS[:3]),
 }
 
 
@@ -85,10 +85,15 @@ class Transformer(nn.Module):
   def _forward(self, tokens_BxT, segment_ids_BxT, positions_BxT, return_hidden, cache, adapter_inputs, targets_BxT,
                temperature, extra_stats, split):
     cfg = self.cfg
-    embedding_VxD = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                                                         ("vocab", "embed")),
-                               (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))
-    x_BxTxD = constrain(jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(cfg.dtype), ACT_BTD)
+    embedding_VxD = stored_quantized(self, "embedding")  # a frozen model's table may be stored quantized
+    if embedding_VxD is None:
+      embedding_VxD = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                                           ("vocab", "embed")),
+                                 (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))
+      x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(cfg.dtype)
+    else:
+      x_BxTxD = embedding_VxD.take(tokens_BxT, cfg.dtype)
+    x_BxTxD = constrain(x_BxTxD, ACT_BTD)
     if cache is not None:
       mask = cache_mask(positions_BxT, cache["k"].shape[2])
     elif splash.applies(cfg.attention_impl, tokens_BxT.shape[1], cfg.num_kv_heads, split=split):
@@ -131,18 +136,23 @@ class Transformer(nn.Module):
       logits_BxTxV = constrain(logits_BxTxV, ("act_batch", "act_len", None))
     else:
       if cfg.tie_embeddings:
-        unembed_DxV = embedding_VxD.T
+        unembed_DxV = embedding_VxD.kernel() if isinstance(embedding_VxD, Quantized) else embedding_VxD.T
       else:
-        unembed_DxV = self.param("unembed", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                                                        ("embed", "vocab")),
-                                 (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+        unembed_DxV = stored_quantized(self, "unembed")
+        if unembed_DxV is None:
+          unembed_DxV = self.param("unembed", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                                          ("embed", "vocab")),
+                                   (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
       adapter = None if cfg.tie_embeddings else self.adapter
       if targets_BxT is not None and not (adapter and adapter.changes_projection(self, "unembed")):
         # fused with the unembedding, a chunk at a time: the [B,T,V] logits never exist
+        if isinstance(unembed_DxV, Quantized):
+          unembed_DxV = unembed_DxV.kernel(cfg.dtype)
         stats = token_stats.unembed_stats(h_BxTxD, unembed_DxV, targets_BxT, cfg.loss_chunk, cfg.dtype, temperature,
                                           extra_stats)
         return (stats, h_BxTxD) if return_hidden else stats
-      logits_BxTxV = project(self, adapter, "unembed", "BTD,DV->BTV", h_BxTxD, unembed_DxV.astype(cfg.dtype),
+      logits_BxTxV = project(self, adapter, "unembed", "BTD,DV->BTV", h_BxTxD,
+                             unembed_DxV if isinstance(unembed_DxV, Quantized) else unembed_DxV.astype(cfg.dtype),
                              ("embed", "vocab"), out_dtype=jnp.float32)
       logits_BxTxV = constrain(logits_BxTxV, ("act_batch", "act_len", "act_vocab"))
     if targets_BxT is not None:

@@ -37,7 +37,8 @@ class Run:
   head: objectives.Head
   layout: layout_lib.Layout  # of the training batches; its rows_per_example count in tokens/s and MFU
   frozen_plan: frozen_lib.Plan  # the frozen models the head declared, its parts
-  state_shardings: train_state.TrainState
+  state_shardings: train_state.TrainState  # of the state as its weights are read (frozen trees unquantized)
+  quantize: Callable  # state as read -> the state the step takes (quant.*: frozen trees stored quantized)
   step: Callable  # compiled (state, batch) -> (state, metrics); donates state
   compile_seconds: float  # of the train step
   num_params: int  # trained parameters (under a parameterisation: its tree)
@@ -126,8 +127,8 @@ def build(spec: Spec, devices: list | None = None) -> Experiment:
                         out_shardings=sharding.replicated(mesh)).lower(plan.state, plan.batch).compile()
   trained = train_state.count_params(state.params)
   flops_per_token = adapters.train_flops_per_token(model_cfg, t.seq_len, model.adapter, trained)
-  run = Run(spec, model_cfg, mesh, model, tokenizer, dataset, head, batch_layout, plan.frozen, plan.shardings, compiled,
-            compile_seconds, trained, flops_per_token, eval_fn, eval_batches)
+  run = Run(spec, model_cfg, mesh, model, tokenizer, dataset, head, batch_layout, plan.frozen, plan.plain_shardings,
+            plan.quantize, compiled, compile_seconds, trained, flops_per_token, eval_fn, eval_batches)
   exp = Experiment(run, state, iter(dataset))
   if head.rollout is not None:
     exp.rollout = rollout_lib.Driver(head.rollout, t.seq_len, spec.data.chat_template, model, tokenizer, records,

@@ -23,7 +23,7 @@ from fmjax.train import init_from
 
 FILE = "identity.json"
 # Keys that change how a run computes or reads, not what it trains.
-_MODEL_FREE = {"name", "remat", "attention_impl", "context_load_balance", "loss_chunk", "dtype", "moe_matmul",
+_MODEL_FREE = {"name", "remat", "attention_impl", "context_load_balance", "loss_chunk", "dtype", "matmul", "moe_matmul",
                "moe_aux_loss", "moe_z_loss"}
 _DATA_FREE = {"workers", "tfds_data_dir", "tokenizer_path"}
 _OBJECTIVE_FREE = {"reward_timeout"}
@@ -67,6 +67,7 @@ def of(spec: Spec, workdir: str, tokenizer_id: str | None) -> dict:
                        if k not in _OBJECTIVE_FREE and k not in {f'{run.key}{suffix}' for run in spec.frozen_runs
                                                                           for suffix in ('', '_step', '_bootstrap')}},
          "adapter": {"name": spec.adapter.section, **r[spec.adapter.section]} if spec.adapter is not None else None,
+         "quant": _quant(r["quant"]),
          "pins": {}}
   if tokenizer_id is None:
     del out["tokenizer"], out["pins"]
@@ -78,6 +79,12 @@ def of(spec: Spec, workdir: str, tokenizer_id: str | None) -> dict:
     key = f"objective.{run.key}"
     out["pins"].update({key: os.path.abspath(run.workdir), f"{key}_step": run.step})
   return json.loads(json.dumps(out))  # as read back from the file: lists, not tuples
+
+
+def _quant(values: dict) -> dict:
+  """How the frozen weights are stored: the format's settings only where something is quantized."""
+  on = values["base"] != "none" or values["frozen"] != "none"
+  return {k: v for k, v in values.items() if on or k in ("base", "frozen")}
 
 
 def read(workdir: str) -> dict | None:
@@ -125,10 +132,11 @@ _UNSET = object()
 
 
 def _default(key: str) -> Any:
-  """The default of a model or data key, as identity.json holds it; _UNSET for others. A key that a later version of
-  fmjax adds is absent from an older run's record: at its default it changes nothing that run trained."""
+  """The default of a model, data or quant key, as identity.json holds it; _UNSET for others. A key that a later
+  version of fmjax adds is absent from an older run's record: at its default it changes nothing that run trained."""
   section, _, name = key.partition(".")
-  keys = checks.docs({"model": ModelConfig, "data": spec_lib.Data}[section]) if section in ("model", "data") else {}
+  classes = {"model": ModelConfig, "data": spec_lib.Data, "quant": spec_lib.Quant}
+  keys = checks.docs(classes[section]) if section in classes else {}
   return json.loads(json.dumps(keys[name][0])) if name in keys else _UNSET
 
 

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from fmjax import adapters, data
@@ -67,10 +68,10 @@ def checkpoint_dir(workdir: str, step: int = -1, key: str = "init_from") -> str:
 
 def read(workdir: str, step: int, target: Any, key: str = "init_from", new_head: bool = False) -> Any:
   """The params of `workdir`'s checkpoint at `step`, restored straight into `target` (abstract arrays with
-  shardings); another tree, shape or dtype, or a run under a parameterisation (its checkpoints hold only its
-  trained tree), is an error naming the parameter and the fix. With `new_head` (a score model started from a
-  language model), the run's LM head is not read and the target's task head, which it lacks, is left out of the
-  result for the caller's fresh one."""
+  shardings, float parameters cast to the target's dtype); another tree or shape, or a run under a
+  parameterisation (its checkpoints hold only its trained tree), is an error naming the parameter and the fix. With
+  `new_head` (a score model started from a language model), the run's LM head is not read and the target's task
+  head, which it lacks, is left out of the result for the caller's fresh one."""
   path = state_dir(workdir, step, key)
   checkpointer = ocp.PyTreeCheckpointer()
   with reading(path, key):
@@ -96,8 +97,9 @@ def read(workdir: str, step: int, target: Any, key: str = "init_from", new_head:
     extra = sorted(set(jax.tree_util.keystr(p) for p in theirs) - {jax.tree_util.keystr(p) for p, _ in ours})
     raise UserError(f"{key} {path}: the parameter trees differ (only here: {missing[:5]}, only there: "
                     f"{extra[:5]}); {key} needs the same model architecture (model.* settings).")
-  for p, x in ours:
-    if tuple(theirs[p].shape) != tuple(x.shape) or theirs[p].dtype != x.dtype:
+  for p, x in ours:  # a float dtype may change (a float32 run read into a bfloat16 model): the restore casts
+    floats = jnp.issubdtype(theirs[p].dtype, jnp.floating) and jnp.issubdtype(x.dtype, jnp.floating)
+    if tuple(theirs[p].shape) != tuple(x.shape) or (theirs[p].dtype != x.dtype and not floats):
       raise UserError(f"{key} {path}: parameter {jax.tree_util.keystr(p)} is {tuple(theirs[p].shape)} "
                       f"{theirs[p].dtype} there but {tuple(x.shape)} {x.dtype} in this model; use the same "
                       "model.* settings (and tokenizer / model.vocab_size) as the run you start from.")

@@ -104,6 +104,7 @@ def _starting_state(exp: Experiment, ckpt: checkpoint.Checkpointer, workdir: str
   if restored is None and any(p.reads == "inputs" for p in exp.run.frozen_plan.parts):
     exp.state = init_from.start_parts(exp.state, exp.run.state_shardings, exp.run.frozen_plan.parts, source,
                                       init.step, tokenizer)
+  exp.state = exp.run.quantize(exp.state)
   return int(jax.device_get(exp.state.step))
 
 

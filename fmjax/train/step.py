@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fmjax import objectives, sharding
+from fmjax import objectives, quant, sharding
 from fmjax.data.layout import Layout
 from fmjax.model import ModelConfig, Transformer
 from fmjax.objectives import LossContext, LossOutput
@@ -122,10 +122,39 @@ class Plan:
   shardings: TrainState
   batch: dict[str, jax.ShapeDtypeStruct]  # one global batch
   jitted: Callable  # (state, batch) -> (state, metrics), state donated
+  plain_shardings: TrainState | None = None  # before quant.* stores frozen trees quantized: what weights are read into
+  schemes: dict = dataclasses.field(default_factory=dict)  # 'base' / frozen role -> quant.Scheme of that tree
 
   def lower(self) -> jax.stages.Lowered:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self.jitted.lower(self.state, self.batch)
+
+  def quantize(self, state: TrainState) -> TrainState:
+    """`state` (its frozen trees as read) with the trees `schemes` names stored quantized, as the step takes them;
+    each plain tree's buffers are freed as it is quantized."""
+    if "base" in self.schemes:
+      state = state.replace(base=quant.quantizer(self.schemes["base"], self.shardings.base)(state.base))
+    frozen = {role: quant.quantizer(self.schemes[role], self.shardings.frozen[role])(tree)
+              if role in self.schemes else tree for role, tree in state.frozen.items()}
+    return state.replace(frozen=frozen)
+
+
+def _quantized(spec: Spec, state: TrainState, shardings: TrainState, mesh) -> tuple[TrainState, TrainState, dict]:
+  """The abstract state and shardings with the frozen trees that quant.* stores quantized, and their schemes."""
+  q, schemes = spec.quant, {}
+  if q.base != "none" and state.base is not None:
+    schemes["base"] = q.scheme(q.base)
+    quant.check(state.base, schemes["base"], "quant.base")
+    base, base_sh = quant.plan(state.base, shardings.base, schemes["base"], mesh)
+    state, shardings = state.replace(base=base), shardings.replace(base=base_sh)
+  if q.frozen != "none":
+    frozen, frozen_sh = dict(state.frozen), dict(shardings.frozen)
+    for role in frozen:
+      schemes[role] = q.scheme(q.frozen)
+      quant.check(frozen[role], schemes[role], "quant.frozen")
+      frozen[role], frozen_sh[role] = quant.plan(frozen[role], frozen_sh[role], schemes[role], mesh)
+    state, shardings = state.replace(frozen=frozen), shardings.replace(frozen=frozen_sh)
+  return state, shardings, schemes
 
 
 def plan(spec: Spec, mesh: jax.sharding.Mesh, layout: Layout, archs: dict[str, ModelConfig] | None = None) -> Plan:
@@ -143,6 +172,8 @@ def plan(spec: Spec, mesh: jax.sharding.Mesh, layout: Layout, archs: dict[str, M
   fp = frozen_lib.plan(head, model, start, start_sh, mesh, rules, archs)
   state = state.replace(frozen={**state.frozen, **fp.abstract})
   shardings = shardings.replace(frozen={**shardings.frozen, **fp.shardings})
+  plain_shardings = shardings
+  state, shardings, schemes = _quantized(spec, state, shardings, mesh)
   context = frozen_lib.make_context(model, fp)
   pure = make(head.loss, context, tx, schedule, grad_accum=t.grad_accum, skip_nonfinite=t.skip_nonfinite,
               spike_factor=t.spike_factor, mesh=mesh)
@@ -151,4 +182,5 @@ def plan(spec: Spec, mesh: jax.sharding.Mesh, layout: Layout, archs: dict[str, M
                    donate_argnums=0)
   batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), dtype, sharding=batch_sh)
            for k, dtype in layout.dtypes().items()}
-  return Plan(mesh, rules, model, head, layout, fp, tx, context, state, shardings, batch, jitted)
+  return Plan(mesh, rules, model, head, layout, fp, tx, context, state, shardings, batch, jitted, plain_shardings,
+              schemes)

@@ -14,7 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fmjax import config_lib, data, objectives
-from fmjax import adapters
+from fmjax import adapters, quant
+from fmjax import spec as spec_lib
 from fmjax.model import ModelConfig, init_params
 from fmjax.train import init_from
 
@@ -100,8 +101,17 @@ def load(workdir: str, step: int = -1, key: str = "--workdir") -> RunWeights:
       base, _ = read_params(source, config.init_from.step)
     else:
       base = jax.device_get(init_params(model_cfg, jax.random.split(jax.random.PRNGKey(config.train.seed))[0]))
-    params = adapters.combine(base, params)
+    params = adapters.combine(as_trained(base, spec_lib.Quant(**config.quant.to_dict())), params)
   return RunWeights(config, model_cfg, adapter, params, step, data.run_tokenizer_file(workdir))
+
+
+def as_trained(base: dict, q: spec_lib.Quant) -> dict:
+  """The base weights as a run computed with them: under quant.base, quantized and dequantized back to their dtype
+  (the values each projection multiplied by, so a merge or an export of the run is exact)."""
+  scheme = q.scheme(q.base)
+  if not scheme.on:
+    return base
+  return jax.device_get(jax.jit(lambda t: quant.dequantize_tree(quant.quantize_tree(t, scheme)))(base))
 
 
 def write_run(output: str, params: dict, run_config: ml_collections.ConfigDict, step: int,
