@@ -182,10 +182,6 @@ def dequantize_tree(tree: Any) -> Any:
                       is_leaf=lambda x: isinstance(x, Quantized))
 
 
-def is_quantized(tree: Any) -> bool:
-  return any(isinstance(x, Quantized) for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Quantized)))
-
-
 def count(tree: Any) -> int:
   """Parameters a tree stands for (a quantized kernel counts its kernel's)."""
   return sum(x.size for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Quantized)))
@@ -236,29 +232,6 @@ def shardings(q: Any, plain: Any, mesh) -> Any:
                      scales2=fit(x.scales2, (*lead_spec, None)), offset=fit(x.offset, lead_spec))
 
   return jax.tree.map(one, q, plain, is_leaf=lambda x: isinstance(x, Quantized))
-
-
-def plain_shardings(q_shardings: Any, q: Any) -> Any:
-  """The inverse of `shardings` for reading a plain tree that is then quantized: a kernel's merged input axes on its
-  first input dim."""
-
-  def one(x, s):
-    if not isinstance(x, Quantized):
-      return s
-    codes = tuple(s.codes.spec) + (None,) * (x.codes.ndim - len(s.codes.spec))
-    lead = len(x.lead)
-    spec = (*codes[:lead], codes[lead], *(None,) * (len(x.in_shape) - 1), *codes[lead + 1:])
-    return NamedSharding(s.codes.mesh, P(*(spec[::-1] if x.transposed else spec)))
-
-  return jax.tree.map(one, q, q_shardings, is_leaf=lambda x: isinstance(x, Quantized))
-
-
-def plain_abstract(q: Any, q_shardings: Any) -> Any:
-  """The plain tree's abstract leaves (shapes, stored dtypes, shardings) that `q` quantizes."""
-  sh = plain_shardings(q_shardings, q)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype), sharding=s)
-                      if isinstance(x, Quantized) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      q, sh, is_leaf=lambda x: isinstance(x, Quantized))
 
 
 def nbytes(tree: Any) -> int:
