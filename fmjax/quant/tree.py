@@ -96,11 +96,12 @@ class Quantized:
     """The kernel [*lead, *in, *out] in `dtype` (default: the stored dtype)."""
     dtype = jnp.dtype(dtype or self.dtype)
     codes = self.codes.reshape(*self.codes.shape[:len(self.lead) + 1], math.prod(self.out_shape))
-    if self.kind == "int8":
-      w = blockwise.int8_dequantize(codes, self._flat_scales(), dtype)
-    else:
-      w = blockwise.nf4_dequantize(codes, self._flat_scales(), dtype)
-    return w.reshape(self.kernel_shape)
+    return self._values(codes, self._flat_scales(), dtype).reshape(self.kernel_shape)
+
+  def _values(self, codes: jax.Array, scales: jax.Array, dtype: Any) -> jax.Array:
+    """[..., I, O] codes with their flat scales, dequantized by this kernel's format."""
+    fn = blockwise.int8_dequantize if self.kind == "int8" else blockwise.nf4_dequantize
+    return fn(codes, scales, dtype)
 
   def dequantize(self, dtype: Any = None) -> jax.Array:
     """The leaf in `dtype` (default: the stored dtype)."""
@@ -113,8 +114,7 @@ class Quantized:
     dtype = jnp.dtype(dtype or self.dtype)
     flat = ids.reshape(-1)
     codes, scales = jnp.take(self.codes, flat, axis=1), jnp.take(self._flat_scales(), flat, axis=-1)
-    w = (blockwise.int8_dequantize(codes, scales, dtype) if self.kind == "int8"
-         else blockwise.nf4_dequantize(codes, scales, dtype))
+    w = self._values(codes, scales, dtype)
     return w.T.reshape(*ids.shape, w.shape[0])
 
 
